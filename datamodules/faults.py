@@ -15,7 +15,8 @@ log = logging.getLogger("clbd.data")
 
 # The kinds a stream counts, so reports always show every one (zeros included).
 FAULT_KINDS = (
-    "shard_unreadable",  # a tar that could not be opened or was truncated/corrupt (rest of that shard lost)
+    "shard_unreadable",  # a tar that could not be opened or is corrupt (the rest of that shard is lost)
+    "shard_truncated",  # a tar that ended before the samples its index lists (cut at a member boundary)
     "image_undecodable",  # bytes that are not an image PIL can read
     "image_too_small",  # below the minimum side (e.g. 1x1)
     "image_too_large",  # above the pixel limit (decompression-bomb guard)

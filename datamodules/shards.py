@@ -169,16 +169,20 @@ def _index_from_tars(urls: list[str], name: str) -> ShardIndex:
     return ShardIndex(shards=[ShardInfo(u, count_samples(u)) for u in urls], counted_from="scan")
 
 
+def regular_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Regular-file headers in order; on a seekable file tarfile seeks past the data instead of reading it."""
+    while True:
+        info = tar.next()
+        if info is None:
+            return
+        tar.members = []  # keep memory flat on big shards
+        if info.isreg():
+            yield info
+
+
 def iter_member_names(url: str) -> Iterator[tarfile.TarInfo]:
-    """Tar headers in order, seeking past the data (nothing is read but headers)."""
     with tarfile.open(url, mode="r:") as tar:
-        while True:
-            info = tar.next()
-            if info is None:
-                return
-            tar.members = []  # keep memory flat on big shards
-            if info.isreg():
-                yield info
+        yield from regular_members(tar)
 
 
 def sample_key(member_name: str) -> tuple[str, str]:

@@ -1,0 +1,431 @@
+"""LightningDataModules over WebDataset shards: SimCLR (two views + label) and CLIP (image + tokens + label).
+
+Constructor arguments map one-to-one onto the YAML under ``data:`` (LightningCLI), so ``--print_config`` shows
+everything a run used. The attack (a ``poisoning.Attack``) is one of those arguments: the poisoner is a stage of
+the training stream, and evaluation streams carry each test image with the attack's test-time trigger applied.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from poisoning import Attack, FolderReferenceSource
+
+from .builtin import resolve_builtin
+from .catalog import KeyEntry, ShardReferenceSource, scan_catalog
+from .shards import ShardIndex, ShardSpecError, resolve_shards
+from .stream import ShardStream, default_collate
+from .views import CIFAR10_MEAN, CIFAR10_STD, CLIPPreprocess, SimCLRAugmentation, SimCLRViews, eval_transform
+
+log = logging.getLogger("clbd.data")
+
+MANIFEST_NAME = "poison_manifest.jsonl"
+
+
+class StreamLoader(StatefulDataLoader):
+    """A stateful loader (torchdata) whose stream learns the epoch just before its workers start."""
+
+    def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epoch_fn())
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """What SimCLR and CLIP data have in common: shard sets, batching across ranks, the poisoner, eval triggers.
+
+    Args:
+        train_shards: index file, folder, brace pattern or glob of the training shards;
+            ``builtin:shapes/train`` is the embedded procedural dataset (generated on first use, no download).
+        val_shards: clean evaluation shards used by the monitors each epoch (labelled).
+        test_shards: shards for ``clbd test`` (labelled); defaults to ``val_shards``.
+        batch_size: GLOBAL batch size (what papers quote); each of N ranks gets ``batch_size / N``.
+        eval_batch_size: per-rank batch size of evaluation streams.
+        num_workers: loader processes per rank; the training shards must number at least ranks x workers.
+        seed: seeds shard order, shuffle buffers, augmentations (per key) and nothing else.
+        shuffle_buffer: samples (raw bytes) held for shuffling per worker.
+        attack: the poisoning attack (``configs/attack/*.yaml``), or None for a clean run.
+        reference_shards: labelled shards holding the attacker's reference images; default: the training shards
+            (their reference keys are then removed from the clean stream).
+        reference_folder: a folder of target-class images to use as the reference pool instead.
+        class_names: names of the labels, when the shard index does not carry them.
+        max_val_samples: read at most this many samples of the val shards (fast monitors on big sets).
+        min_image_size: images with a smaller side are skipped (and counted).
+    """
+
+    modality: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        train_shards: str | None = "builtin:shapes/train",
+        val_shards: str | None = "builtin:shapes/val",
+        test_shards: str | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 256,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 2000,
+        attack: Attack | None = None,
+        reference_shards: str | None = None,
+        reference_folder: str | None = None,
+        class_names: list[str] | None = None,
+        max_val_samples: int | None = None,
+        min_image_size: int = 8,
+    ):
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if attack is not None and attack.modality != self.modality:
+            raise ValueError(
+                f"data.attack: attack {attack.name!r} is for {attack.modality} runs but this is a {self.modality} run"
+            )
+        if reference_shards and reference_folder:
+            raise ValueError("data.reference_shards and data.reference_folder: give one, not both")
+        self.train_shards = train_shards
+        self.val_shards = val_shards
+        self.test_shards = test_shards or val_shards
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.attack = attack
+        self.reference_shards = reference_shards
+        self.reference_folder = reference_folder
+        self._class_names = list(class_names) if class_names else None
+        self.max_val_samples = max_val_samples
+        self.min_image_size = min_image_size
+        self.plan = None
+        self._indexes: dict[str, ShardIndex] = {}
+
+    # ---- what the modules ask -----------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        raise NotImplementedError
+
+    def index(self, split: str) -> ShardIndex:
+        """The resolved shard index of ``train`` / ``val`` / ``test`` (resolved once; errors name the field)."""
+        if split not in self._indexes:
+            spec = {"train": self.train_shards, "val": self.val_shards, "test": self.test_shards}[split]
+            if not spec:
+                raise ShardSpecError(f"data.{split}_shards: not set, but the {split} split is needed")
+            self._indexes[split] = resolve_shards(resolve_builtin(spec), name=f"data.{split}_shards")
+        return self._indexes[split]
+
+    @property
+    def class_names(self) -> list[str] | None:
+        if self._class_names:
+            return self._class_names
+        for split in ("val", "test", "train"):
+            try:
+                names = self.index(split).classes
+            except ShardSpecError:
+                continue
+            if names:
+                return list(names)
+        return None
+
+    @property
+    def target_index(self) -> int | None:
+        """The attack's target class as an index into ``class_names`` (None without an attack)."""
+        if self.attack is None:
+            return None
+        return self.attack.target_index(self.class_names)
+
+    def world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def per_rank_batch_size(self) -> int:
+        _, world_size = self.world()
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} (global) does not divide by the {world_size} ranks of this run"
+            )
+        return self.batch_size // world_size
+
+    # ---- set-up -------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.per_rank_batch_size()
+            self.index("train")
+            if self.attack is not None:
+                self.attack.validate(self.modality, self.class_names, self.image_size)
+                self.plan = self.build_plan()
+                self._write_manifest()
+        if stage in ("fit", "validate") and self.val_shards:
+            self.index("val")
+        if stage == "test":
+            self.index("test")
+        if self.attack is not None and stage != "fit":
+            self.attack.validate(self.modality, self.class_names, self.image_size)
+
+    def catalog(self) -> list[KeyEntry]:
+        return scan_catalog(self.index("train"))
+
+    def build_plan(self):
+        """The poison plan: which keys, which references, which layout. Pure function of config and shards."""
+        assert self.attack is not None
+        catalog = self.catalog()
+        if self.reference_folder:
+            references = FolderReferenceSource(self.reference_folder)
+        elif self.reference_shards:
+            index = resolve_shards(resolve_builtin(self.reference_shards), name="data.reference_shards")
+            references = ShardReferenceSource(index)
+        else:
+            references = ShardReferenceSource(self.index("train"), catalog)
+        plan = self.attack.plan(catalog, references, image_size=self.image_size, class_names=self.class_names)
+        summary = plan.summary()
+        log.info("poisoning: %s", json.dumps(summary))
+        return plan
+
+    def _write_manifest(self) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.global_rank != 0 or self.plan is None:
+            return
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / MANIFEST_NAME
+        fresh = run_dir / (MANIFEST_NAME + ".new")
+        self.plan.write_manifest(fresh)
+        if path.exists() and path.read_bytes() != fresh.read_bytes():
+            fresh.unlink()
+            raise ValueError(
+                f"{path} was written by a different attack or data config; use a new run directory "
+                "(trainer.default_root_dir) rather than mixing two poisoned runs"
+            )
+        os.replace(fresh, path)
+        (run_dir / "poison_summary.json").write_text(json.dumps(self.plan.summary(), indent=1) + "\n")
+
+    def _excluded_per_shard(self, catalog: list[KeyEntry]) -> dict[str, int]:
+        if self.plan is None or not self.plan.excluded_keys:
+            return {}
+        counts: dict[str, int] = {}
+        for entry in catalog:
+            if entry.key in self.plan.excluded_keys:
+                counts[entry.shard] = counts.get(entry.shard, 0) + 1
+        return counts
+
+    # ---- streams ------------------------------------------------------------------------------------------
+    def _loader(self, dataset: ShardStream) -> StreamLoader:
+        rank, world_size = self.world()
+        dataset.configure(rank=rank, world_size=world_size, num_workers=self.num_workers)
+        return StreamLoader(
+            dataset,
+            epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers > 0 else None,
+        )
+
+    def train_stream(self) -> ShardStream:
+        plan = self.plan
+        if self.attack is not None and plan is None:
+            plan = self.plan = self.build_plan()
+        excluded = plan.excluded_keys if plan is not None else frozenset()
+        return ShardStream(
+            self.index("train"),
+            batch_size=self.per_rank_batch_size(),
+            to_item=self.train_item,
+            collate=default_collate,
+            train=True,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            need_label=False,
+            need_text=self.modality == "clip",
+            poison=plan.apply if plan is not None else _mark_clean,
+            excluded_keys=excluded,
+            excluded_per_shard=self._excluded_per_shard(self.catalog()) if excluded else None,
+            min_image_size=self.min_image_size,
+            name="train",
+        )
+
+    def eval_stream(self, split: str, *, max_samples: int | None = None) -> ShardStream:
+        return ShardStream(
+            self.index(split),
+            batch_size=self.eval_batch_size,
+            to_item=self.eval_item,
+            collate=default_collate,
+            train=False,
+            seed=self.seed,
+            need_label=True,
+            max_samples=max_samples,
+            min_image_size=self.min_image_size,
+            name=split,
+        )
+
+    def train_dataloader(self) -> StreamLoader:
+        return self._loader(self.train_stream())
+
+    def val_dataloader(self):
+        if not self.val_shards:
+            return []
+        return self._loader(self.eval_stream("val", max_samples=self.max_val_samples))
+
+    def test_dataloader(self):
+        return self._loader(self.eval_stream("test"))
+
+    # ---- per-sample items ---------------------------------------------------------------------------------
+    def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def eval_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        transform = self._eval_transform()
+        item = {"image": transform(sample["image"]), "label": sample["label"], "key": sample["__key__"]}
+        if self.attack is not None:
+            item["image_triggered"] = transform(self.attack.test_trigger(sample["image"], sample["__key__"]))
+        return item
+
+    def _eval_transform(self):
+        raise NotImplementedError
+
+
+def _mark_clean(sample: dict[str, Any]) -> dict[str, Any]:
+    sample["poisoned"] = False
+    return sample
+
+
+class SimCLRDataModule(ShardDataModule):
+    """Two augmented views per sample (SimCLR), plus clean kNN-bank and eval streams for the monitors.
+
+    Args:
+        image_size: side of the views (32 for CIFAR-10).
+        augmentation: SimCLR augmentation parameters (crop scale/ratio, colour jitter, grayscale, blur, norm).
+        knn_bank_shards: labelled clean shards for the kNN monitor's memory bank; default: the training shards
+            read with the eval transform and no poisoning.
+        knn_bank_size: use at most this many bank samples.
+    """
+
+    modality: ClassVar[str] = "simclr"
+
+    def __init__(
+        self,
+        *args: Any,
+        image_size: int = 32,
+        augmentation: SimCLRAugmentation | None = None,
+        knn_bank_shards: str | None = None,
+        knn_bank_size: int | None = 10000,
+        **kwargs: Any,
+    ):
+        self._image_size = image_size
+        super().__init__(*args, **kwargs)
+        self.augmentation = augmentation or SimCLRAugmentation(image_size=image_size)
+        if self.augmentation.image_size != image_size:
+            raise ValueError(
+                f"data.augmentation.image_size={self.augmentation.image_size} differs from data.image_size={image_size}"
+            )
+        self.knn_bank_shards = knn_bank_shards
+        self.knn_bank_size = knn_bank_size
+        self._views: SimCLRViews | None = None
+        self._eval: Any = None
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        if self._views is None:
+            self._views = SimCLRViews(self.augmentation, seed=self.seed)
+        return {
+            "views": self._views(sample["image"], sample["__key__"], epoch),
+            "label": sample["label"],
+            "poisoned": bool(sample.get("poisoned", False)),
+            "key": sample["__key__"],
+        }
+
+    def _eval_transform(self):
+        if self._eval is None:
+            self._eval = eval_transform(self.image_size, self.augmentation.mean, self.augmentation.std)
+        return self._eval
+
+    def bank_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        return {"image": self._eval_transform()(sample["image"]), "label": sample["label"]}
+
+    def bank_stream(self) -> ShardStream:
+        index = (
+            resolve_shards(resolve_builtin(self.knn_bank_shards), name="data.knn_bank_shards")
+            if self.knn_bank_shards
+            else self.index("train")
+        )
+        return ShardStream(
+            index,
+            batch_size=self.eval_batch_size,
+            to_item=self.bank_item,
+            collate=default_collate,
+            train=False,
+            seed=self.seed,
+            need_label=True,
+            max_samples=self.knn_bank_size,
+            min_image_size=self.min_image_size,
+            name="knn_bank",
+        )
+
+    def val_dataloader(self):
+        """[kNN bank (clean train images), val images (+ triggered)]: the kNN monitor needs both."""
+        if not self.val_shards:
+            return []
+        return [self._loader(self.bank_stream()), super().val_dataloader()]
+
+    def test_dataloader(self):
+        """[probe training images (clean train), test images (+ triggered)]: for kNN and the linear probe."""
+        return [self._loader(self.bank_stream()), super().test_dataloader()]
+
+
+class CLIPDataModule(ShardDataModule):
+    """Image-text pairs for CLIP: open_clip's preprocess and tokenizer for ``model_name``.
+
+    Args:
+        model_name: the open_clip model this data feeds (image size, normalisation, tokenizer); must match
+            ``model.model_name``.
+    """
+
+    modality: ClassVar[str] = "clip"
+
+    def __init__(self, *args: Any, model_name: str = "clip-tiny-vit", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.model_name = model_name
+        self._train_pre: CLIPPreprocess | None = None
+        self._eval_pre: CLIPPreprocess | None = None
+        self._size = CLIPPreprocess(model_name, train=False).image_size  # fails early on an unknown model
+
+    @property
+    def image_size(self) -> int:
+        return self._size
+
+    def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        if self._train_pre is None:
+            self._train_pre = CLIPPreprocess(self.model_name, train=True, seed=self.seed)
+        return {
+            "image": self._train_pre.image(sample["image"], sample["__key__"], epoch),
+            "text": self._train_pre.tokens(sample["text"]),
+            "label": sample["label"],
+            "poisoned": bool(sample.get("poisoned", False)),
+            "key": sample["__key__"],
+        }
+
+    def _eval_transform(self):
+        if self._eval_pre is None:
+            self._eval_pre = CLIPPreprocess(self.model_name, train=False)
+        return self._eval_pre.transform
+
+    def tokenize(self, texts: list[str]):
+        if self._eval_pre is None:
+            self._eval_pre = CLIPPreprocess(self.model_name, train=False)
+        return self._eval_pre.tokenizer(texts)
+
+
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "CLIPDataModule", "SimCLRDataModule", "ShardDataModule", "StreamLoader"]

@@ -1,0 +1,330 @@
+"""The shard stream: one IterableDataset that reads, splits, shuffles, decodes, poisons, augments and batches.
+
+Per (rank, worker) the stream is, top to bottom::
+
+    shards for this epoch          shuffled by (seed, epoch), split by rank, then by worker
+    -> tar members -> samples      webdataset's iterators; corrupt tars skipped and counted
+    -> drop the attacker's pool    reference images never appear as clean samples
+    -> shuffle raw bytes           buffer holds bytes, not pixels; seeded by (seed, epoch, rank, worker)
+    -> skip consumed               on resume: raw samples are skipped without decoding
+    -> decode                      RGB; bad samples skipped and counted
+    -> poison                      deterministic per key (poisoning.PoisonPlan)
+    -> views                       SimCLR: two views; CLIP: preprocess + tokens; eval: clean + triggered
+    -> batches                     exactly the rank's share of the epoch, so every rank takes the same steps
+
+Equal work per rank: the number of batches per rank is computed from the index counts before reading, and a
+worker whose shards run short (skipped samples, uneven shards) starts another pass over its own shards until it
+has delivered its share. Evaluation streams read every sample once instead (split by sample, no wrap).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from .decode import decode_sample
+from .faults import FaultCounter
+from .seeding import derive_seed
+from .shards import ShardIndex, ShardSpecError
+
+SampleFn = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+@dataclass
+class StreamPosition:
+    """Where one (rank, worker) stream stands; what a checkpoint carries to resume exactly."""
+
+    epoch: int = 0
+    consumed: int = 0  # raw samples taken from the shuffle buffer this epoch (decoded or skipped)
+    batches: int = 0  # batches delivered this epoch
+    poisoned: int = 0  # poisoned samples delivered this epoch
+    excluded: int = 0  # reference-pool samples dropped this epoch
+    faults: dict[str, int] = field(default_factory=dict)
+
+
+def worker_quotas(stream_counts: list[int], batches_for_rank: int, batch_size: int) -> list[int]:
+    """Split a rank's batches among its workers: each its whole batches first, then trim or top up the largest."""
+    quotas = [count // batch_size for count in stream_counts]
+    order = sorted(range(len(quotas)), key=lambda i: (-stream_counts[i], i))
+    i = 0
+    while sum(quotas) > batches_for_rank:
+        worker = order[i % len(order)]
+        if quotas[worker] > 0:
+            quotas[worker] -= 1
+        i += 1
+    i = 0
+    while sum(quotas) < batches_for_rank:
+        quotas[order[i % len(order)]] += 1
+        i += 1
+    return quotas
+
+
+class ShardStream(IterableDataset):
+    """A WebDataset shard set as a resumable stream of ready batches (use with ``batch_size=None`` loaders).
+
+    ``to_item(sample, epoch)`` turns a decoded (and possibly poisoned) sample into the tensors of one item;
+    ``collate(items)`` stacks a batch. ``train=True``: shuffled, equal batches per rank, full batches only.
+    ``train=False``: every sample exactly once in shard order, split by sample across ranks and workers.
+    """
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        batch_size: int,
+        to_item: SampleFn,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        train: bool,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        need_label: bool = False,
+        need_text: bool = False,
+        poison: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        excluded_keys: frozenset[str] = frozenset(),
+        excluded_per_shard: dict[str, int] | None = None,
+        max_samples: int | None = None,
+        min_image_size: int = 8,
+        name: str = "train",
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.index = index
+        self.batch_size = batch_size
+        self.to_item = to_item
+        self.collate = collate
+        self.train = train
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.need_label = need_label
+        self.need_text = need_text
+        self.poison = poison
+        self.excluded_keys = excluded_keys
+        self.excluded_per_shard = excluded_per_shard or {}
+        self.max_samples = max_samples
+        self.min_image_size = min_image_size
+        self.name = name
+        self.rank = 0
+        self.world_size = 1
+        self.num_workers = 0
+        self.epoch = 0
+        self._position = StreamPosition()
+        self._resume: StreamPosition | None = None
+        self._faults = FaultCounter()
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def configure(self, *, rank: int, world_size: int, num_workers: int) -> None:
+        """Fix the layout before workers start, failing early when the shards cannot feed it."""
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        streams = world_size * max(num_workers, 1)
+        if self.train and len(self.index.shards) < streams:
+            raise ShardSpecError(
+                f"{self.name}: {len(self.index.shards)} shard(s) cannot feed {world_size} rank(s) x "
+                f"{max(num_workers, 1)} worker(s) = {streams} streams; write more, smaller shards "
+                f"(clbd data ... --maxcount) or lower num_workers"
+            )
+        if self.train and self.batches_per_rank() < 1:
+            raise ShardSpecError(
+                f"{self.name}: {self.usable_samples()} samples give no full batch of {self.batch_size} per rank "
+                f"on {world_size} rank(s); lower the batch size or add data"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def usable_samples(self) -> int:
+        total = self.index.total - sum(self.excluded_per_shard.values())
+        return min(total, self.max_samples) if self.max_samples is not None else total
+
+    def batches_per_rank(self) -> int:
+        if self.train:
+            return self.usable_samples() // (self.world_size * self.batch_size)
+        # Eval: sample i goes to stream i mod S; each worker ends with its own partial batch.
+        workers = max(self.num_workers, 1)
+        streams = self.world_size * workers
+        mine = range(self.rank * workers, (self.rank + 1) * workers)
+        return sum(-(-len(range(s, self.usable_samples(), streams)) // self.batch_size) for s in mine)
+
+    def __len__(self) -> int:
+        return self.batches_per_rank()
+
+    def _shard_order(self) -> list[int]:
+        order = list(range(len(self.index.shards)))
+        if self.train:
+            random.Random(derive_seed(self.seed, self.epoch, "shards")).shuffle(order)
+        return order
+
+    def _assignment(self, worker: int, workers: int) -> list[int]:
+        """Shards of this (rank, worker): split by rank first, then by worker (webdataset's node/worker rule)."""
+        return self._shard_order()[self.rank :: self.world_size][worker::workers]
+
+    def _stream_count(self, shards: list[int]) -> int:
+        return sum(
+            self.index.shards[s].count - self.excluded_per_shard.get(self.index.shards[s].url, 0) for s in shards
+        )
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        position = self._position
+        return {
+            "epoch": position.epoch,
+            "consumed": position.consumed,
+            "batches": position.batches,
+            "poisoned": position.poisoned,
+            "excluded": position.excluded,
+            "faults": self._faults.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = StreamPosition(
+            epoch=int(state["epoch"]),
+            consumed=int(state["consumed"]),
+            batches=int(state["batches"]),
+            poisoned=int(state.get("poisoned", 0)),
+            excluded=int(state.get("excluded", 0)),
+            faults=dict(state.get("faults", {})),
+        )
+
+    # ---- the pipeline ---------------------------------------------------------------------------------------
+    def _raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        """Samples of each shard in turn (webdataset's tar iterators); a shard that ends early is counted."""
+        expected = {shard.url: shard.count for shard in self.index.shards}
+        for url in urls:
+            stream = url_opener([{"url": url}], handler=self._faults.handler("shard_unreadable"))
+            stream = tar_file_expander(stream, handler=self._faults.handler("shard_unreadable"))
+            read = 0
+            for sample in group_by_keys(stream, handler=self._faults.handler("shard_unreadable")):
+                read += 1
+                yield sample
+            if read < expected.get(url, 0):
+                # tarfile reads a tar cut at a header boundary as a clean end: only the index tells.
+                self._faults.add("shard_truncated", f"{url}: read {read} of the {expected[url]} samples its index lists")
+
+    def _passes(self, urls: list[str], worker: int) -> Iterator[dict[str, Any]]:
+        """Train: shuffled pass after pass over this stream's shards (the quota decides when to stop).
+
+        Each pass is shuffled on its own (one generator across passes), so a pass never mixes with the next.
+        """
+        rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
+        while True:
+            delivered = 0
+            for raw in self._shuffled(self._without_pool(urls), rng):
+                delivered += 1
+                yield raw
+            if delivered == 0:
+                raise RuntimeError(f"{self.name}: shards {urls} hold no readable sample; check them with clbd data info")
+
+    def _without_pool(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        for raw in self._raw_samples(urls):
+            if raw["__key__"] in self.excluded_keys:
+                self._position.excluded += 1
+                continue
+            yield raw
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _eval_samples(self, stream_id: int, streams: int) -> Iterator[dict[str, Any]]:
+        """Eval: every sample once, in shard order, sample i going to stream i mod streams."""
+        urls = [self.index.shards[s].url for s in self._shard_order()]
+        for i, raw in enumerate(self._raw_samples(urls)):
+            if self.max_samples is not None and i >= self.max_samples:
+                return
+            if i % streams == stream_id:
+                yield raw
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.epoch == self.epoch:
+            self._position = resume
+            self._faults.counts = Counter(resume.faults)
+        else:
+            self._position = StreamPosition(epoch=self.epoch)
+            self._faults = FaultCounter()
+        position = self._position
+
+        if self.train:
+            shards = self._assignment(worker, workers)
+            counts = [self._stream_count(self._assignment(w, workers)) for w in range(workers)]
+            quota = worker_quotas(counts, self.batches_per_rank(), self.batch_size)[worker]
+            raw = self._passes([self.index.shards[s].url for s in shards], worker)
+        else:
+            quota = None
+            raw = self._eval_samples(self.rank * workers + worker, self.world_size * workers)
+
+        for _ in range(position.consumed):  # resume: replay the shuffle on raw bytes, decode nothing
+            next(raw, None)
+
+        items: list[dict[str, Any]] = []
+        for sample in raw:
+            if quota is not None and position.batches >= quota:
+                break
+            position.consumed += 1
+            sample = decode_sample(
+                sample,
+                self._faults,
+                need_label=self.need_label,
+                need_text=self.need_text,
+                min_size=self.min_image_size,
+            )
+            if sample is None:
+                continue
+            if self.poison is not None:
+                sample = self.poison(sample)
+                position.poisoned += int(sample.get("poisoned", False))
+            items.append(self.to_item(sample, self.epoch))
+            if len(items) == self.batch_size:
+                yield self._batch(items, worker)
+                items = []
+        if items and not self.train:
+            yield self._batch(items, worker)
+
+    def _batch(self, items: list[dict[str, Any]], worker: int) -> dict[str, Any]:
+        self._position.batches += 1
+        batch = self.collate(items)
+        batch["stream_stats"] = {
+            "stream": f"{self.name}/rank{self.rank}/worker{worker}",
+            "epoch": self._position.epoch,
+            "consumed": self._position.consumed,
+            "poisoned": self._position.poisoned,
+            "excluded": self._position.excluded,
+            "faults": self._faults.as_dict(),
+        }
+        return batch
+
+
+def default_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors, keep lists of strings; ``views`` (lists of tensors) become one tensor per view."""
+    batch: dict[str, Any] = {}
+    for name in items[0]:
+        values = [item[name] for item in items]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            batch[name] = torch.stack(values)
+        elif isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
+            batch[name] = [torch.stack([v[i] for v in values]) for i in range(len(first))]
+        elif isinstance(first, bool):
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(first, int):
+            batch[name] = torch.tensor(values, dtype=torch.long)
+        else:
+            batch[name] = values
+    return batch
