@@ -1,17 +1,24 @@
 """ASR and kNN monitor: exact values on hand-made inputs, and 2-rank gloo sync with uneven per-rank sizes equal to
-one process on all the data."""
+one process on all the data. Linear probe and stratified label subsets."""
 
 from __future__ import annotations
 
+import io
 import math
 import socket
+import tarfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from lightning_modules.metrics import AttackSuccessRate, KNNMonitor, weighted_knn_scores
+from lightning_modules.probes import fit_linear_probe, label_fraction_subset
+from lightning_modules.zero_shot import CIFAR10_CLASSNAMES
 
 # 5 triggered images, 3 classes, target 0. Top-1 predictions: 0, 0, 1, 0, 2; the target is 2nd for image 2.
 SCORES = torch.tensor(
@@ -203,3 +210,84 @@ def test_synced_metrics_equal_single_process_with_uneven_ranks(tmp_path):
     assert 0 < expected["knn_asr"] < 1  # the test data must exercise the ASR
     for result in per_rank:
         assert result == pytest.approx(expected)
+
+
+# ---- linear probe and label subsets ----
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def blobs(n_per_class: int, num_classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * 3
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    return centres[labels] + torch.randn(labels.numel(), dim, generator=g), labels
+
+
+def test_linear_probe_is_deterministic_and_leaves_global_rng_alone():
+    features, labels = blobs(50, 3, 16, seed=0)
+    rng = torch.random.get_rng_state()
+    a = fit_linear_probe(features, labels, 3, epochs=5, seed=1)
+    b = fit_linear_probe(features, labels, 3, epochs=5, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    c = fit_linear_probe(features, labels, 3, epochs=5, seed=2)
+    assert not torch.equal(a.weight, c.weight)
+
+
+def test_linear_probe_folds_standardisation_into_the_layer():
+    features, labels = blobs(40, 4, 8, seed=3)
+    scale, offset = torch.logspace(-2, 3, 8), torch.linspace(-500, 500, 8)
+    plain = fit_linear_probe(features, labels, 4, epochs=20)
+    affine = fit_linear_probe(features * scale + offset, labels, 4, epochs=20)
+    # standardising first makes the fit invariant to per-dimension affine maps of the raw features
+    torch.testing.assert_close(affine(features * scale + offset), plain(features), rtol=1e-3, atol=1e-3)
+    assert (affine(features * scale + offset).argmax(1) == labels).float().mean() > 0.95
+    assert not affine.weight.requires_grad
+
+
+def test_linear_probe_rejects_bad_input():
+    with pytest.raises(ValueError, match="train_labels must lie"):
+        fit_linear_probe(torch.randn(4, 3), torch.tensor([0, 1, 2, 5]), 3)
+    with pytest.raises(ValueError, match="train_features must be"):
+        fit_linear_probe(torch.randn(4), torch.tensor([0, 1, 2, 1]), 3)
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"real CIFAR-10 not found at {SHARED_CIFAR}")
+def test_linear_probe_on_real_cifar10_pixels():
+    # 16x16 RGB pixels as features: a linear classifier on raw pixels reaches ~39% on CIFAR-10 (chance 10%)
+    per_class = {"train": 300, "test": 60}
+    data = {"train": ([], []), "test": ([], [])}
+    classes = list(CIFAR10_CLASSNAMES)
+    with tarfile.open(SHARED_CIFAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) < 3 or parts[-3] not in data or parts[-2] not in classes:
+                continue
+            xs, ys = data[parts[-3]]
+            label = classes.index(parts[-2])
+            if ys.count(label) >= per_class[parts[-3]]:
+                continue
+            image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB").resize((16, 16))
+            xs.append(torch.from_numpy(np.asarray(image, dtype=np.float32).reshape(-1)))
+            ys.append(label)
+            if all(len(data[split][1]) == 10 * n for split, n in per_class.items()):
+                break
+    train_x, train_y = torch.stack(data["train"][0]), torch.tensor(data["train"][1])
+    test_x, test_y = torch.stack(data["test"][0]), torch.tensor(data["test"][1])
+    assert len(train_y) == 3000 and len(test_y) == 600
+    probe = fit_linear_probe(train_x, train_y, 10)
+    accuracy = (probe(test_x).argmax(1) == test_y).float().mean().item()
+    assert 0.3 < accuracy < 0.5
+
+
+def test_label_fraction_subset_is_stratified_and_seeded():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 7)[torch.randperm(87, generator=torch.Generator().manual_seed(0))]
+    subset = label_fraction_subset(labels, 0.1, seed=0)
+    assert torch.equal(subset, subset.sort().values) and subset.unique().numel() == subset.numel()
+    assert torch.bincount(labels[subset]).tolist() == [5, 3, 1]
+    assert torch.equal(subset, label_fraction_subset(labels.tolist(), 0.1, seed=0))
+    assert not torch.equal(subset, label_fraction_subset(labels, 0.1, seed=1))
+    assert torch.equal(label_fraction_subset(labels, 1.0, seed=0), torch.arange(87))
+    with pytest.raises(ValueError, match="fraction"):
+        label_fraction_subset(labels, 0.0, seed=0)
