@@ -71,6 +71,8 @@ def grads_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def ddp_worker(rank: int, port: int, out_path: str) -> None:
+    # built before the process group exists, as a LightningModule's __init__ would: rank/world are read at call time
+    early_clip_loss = clip_loss()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     local = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
@@ -80,10 +82,10 @@ def ddp_worker(rank: int, port: int, out_path: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(model)
         loss = simclr_step(ddp, views[local], NTXentLoss(temperature=0.5, gather_with_grad=with_grad))
         results[case] = (loss, grads_of(ddp))
-    for case, with_grad in [("clip", True), ("clip_nograd", False)]:
+    for case, loss_fn in [("clip", early_clip_loss), ("clip_nograd", clip_loss(gather_with_grad=False))]:
         model, images, tokens = clip_setup()
         ddp = nn.parallel.DistributedDataParallel(model)
-        loss = clip_step(ddp, images[local], tokens[local], clip_loss(gather_with_grad=with_grad))
+        loss = clip_step(ddp, images[local], tokens[local], loss_fn)
         results[case] = (loss, grads_of(ddp))
     # gather_with_grad: the concatenation is rank-major
     x = torch.full((2, 3), float(rank), requires_grad=True)
