@@ -116,7 +116,7 @@ def weighted_knn_scores(
         sims, idx = (chunk @ bank.T).topk(k, dim=1)
         weights = (sims / temperature).exp()
         votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
-        scores.append(votes.scatter_add_(1, bank_labels[idx], weights))
+        scores.append(votes.scatter_add_(1, bank_labels.long()[idx], weights))
     return torch.cat(scores) if scores else torch.zeros(0, num_classes, device=queries.device)
 
 
