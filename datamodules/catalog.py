@@ -55,20 +55,30 @@ class ShardReferenceSource:
         return [entry.key for entry in self.catalog if entry.label == target_label]
 
     def load(self, keys: Sequence[str]) -> dict[str, bytes]:
-        wanted = set(keys)
-        shards = {entry.shard for entry in self.catalog if entry.key in wanted}
-        found: dict[str, bytes] = {}
-        for shard in self.index.shards:
-            if shard.url not in shards:
-                continue
-            with tarfile.open(shard.url, mode="r:") as tar:
-                for info in regular_members(tar):
-                    key, ext = sample_key(info.name)
-                    if key in wanted and ext in IMAGE_EXTENSIONS and key not in found:
-                        member = tar.extractfile(info)
-                        if member is not None:
-                            found[key] = member.read()
-        missing = wanted - set(found)
+        raw = load_raw_samples(self.index, keys)
+        found = {
+            key: next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
+            for key, sample in raw.items()
+            if any(ext in sample for ext in IMAGE_EXTENSIONS)
+        }
+        missing = set(keys) - set(found)
         if missing:
             raise ValueError(f"reference pool: {len(missing)} key(s) have no image in the shards, e.g. {min(missing)}")
         return found
+
+
+def load_raw_samples(index: ShardIndex, keys: Sequence[str]) -> dict[str, dict[str, bytes | str]]:
+    """The raw members of the named samples (``{"__key__", "jpg": ..., "cls": ...}``), read from the shards."""
+    wanted = set(keys)
+    found: dict[str, dict[str, bytes | str]] = {}
+    for shard in index.shards:
+        if len(found) == len(wanted):
+            break
+        with tarfile.open(shard.url, mode="r:") as tar:
+            for info in regular_members(tar):
+                key, ext = sample_key(info.name)
+                if key in wanted:
+                    member = tar.extractfile(info)
+                    if member is not None:
+                        found.setdefault(key, {"__key__": key})[ext] = member.read()
+    return found

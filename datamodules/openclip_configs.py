@@ -10,19 +10,25 @@ from pathlib import Path
 from typing import Any
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "lightning_modules" / "model_configs"
-_registered = False
 
 
-def register_model_configs() -> None:
-    """Make clbd's tiny configs known to open_clip (idempotent)."""
-    global _registered
-    if _registered:
-        return
+def clbd_model_config_names() -> list[str]:
+    """Names of the open_clip model configs shipped in ``lightning_modules/model_configs``."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def register_model_configs() -> list[str]:
+    """Make clbd's tiny configs known to open_clip (idempotent); returns their names.
+
+    Afterwards ``open_clip.create_model("clip-tiny-vit")`` and ``open_clip.get_tokenizer("clip-tiny-vit")`` work
+    offline.
+    """
     import open_clip
 
-    if MODEL_CONFIG_DIR.is_dir():
+    names = clbd_model_config_names()
+    if not set(names) <= set(open_clip.list_models()):
         open_clip.add_model_config(MODEL_CONFIG_DIR)
-    _registered = True
+    return names
 
 
 def open_clip_config(model_name: str) -> dict[str, Any]:

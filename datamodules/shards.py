@@ -121,7 +121,9 @@ def resolve_shards(spec: str | os.PathLike | Sequence[str], *, name: str = "shar
         index = ShardIndex.load(path)
         missing = [s.url for s in index.shards if not os.path.exists(s.url)]
         if missing:
-            raise ShardSpecError(f"{name}: index {path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}")
+            raise ShardSpecError(
+                f"{name}: index {path} lists {len(missing)} shard(s) that do not exist, e.g. {missing[0]}"
+            )
         if not index.shards:
             raise ShardSpecError(f"{name}: index {path} lists no shards")
         return index

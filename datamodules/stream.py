@@ -205,7 +205,9 @@ class ShardStream(IterableDataset):
                 yield sample
             if read < expected.get(url, 0):
                 # tarfile reads a tar cut at a header boundary as a clean end: only the index tells.
-                self._faults.add("shard_truncated", f"{url}: read {read} of the {expected[url]} samples its index lists")
+                self._faults.add(
+                    "shard_truncated", f"{url}: read {read} of the {expected[url]} samples its index lists"
+                )
 
     def _passes(self, urls: list[str], worker: int) -> Iterator[dict[str, Any]]:
         """Train: shuffled pass after pass over this stream's shards (the quota decides when to stop).
@@ -219,7 +221,9 @@ class ShardStream(IterableDataset):
                 delivered += 1
                 yield raw
             if delivered == 0:
-                raise RuntimeError(f"{self.name}: shards {urls} hold no readable sample; check them with clbd data info")
+                raise RuntimeError(
+                    f"{self.name}: shards {urls} hold no readable sample; check them with clbd data info"
+                )
 
     def _without_pool(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         for raw in self._raw_samples(urls):

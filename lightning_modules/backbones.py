@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import open_clip
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+from datamodules.openclip_configs import clbd_model_config_names, register_model_configs
+
+__all__ = ["clbd_model_config_names", "projection_head", "register_model_configs", "resnet_backbone", "resnet_names"]
+
 
 # name -> (torchvision constructor, blocks per stage, residual block type)
 _RESNETS = {
@@ -106,20 +106,3 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
-
-
-def clbd_model_config_names() -> list[str]:
-    """Names of the open_clip model configs shipped in ``lightning_modules/model_configs``."""
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-
-
-def register_model_configs() -> list[str]:
-    """Make clbd's tiny open_clip configs known to open_clip (idempotent); returns their names.
-
-    Afterwards ``open_clip.create_model_and_transforms("clip-tiny-vit", pretrained=None)`` and
-    ``open_clip.get_tokenizer("clip-tiny-vit")`` work offline.
-    """
-    names = clbd_model_config_names()
-    if not set(names) <= set(open_clip.list_models()):
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-    return names

@@ -94,6 +94,16 @@ class AttackSuccessRate(Metric):
         }
 
 
+def asr_definition(summary: dict) -> str:
+    """The ASR definition in words, written next to every ASR number in results files."""
+    who = (
+        "triggered test images whose true class is not the target"
+        if summary["exclude_target_class"]
+        else ("all triggered test images (target-class images included)")
+    )
+    return f"share of {who} whose top-{summary['top_k']} prediction contains the target class {summary['target']}"
+
+
 def weighted_knn_scores(
     queries: Tensor,
     bank: Tensor,
@@ -196,8 +206,11 @@ class KNNMonitor(Metric):
         getattr(self, f"{kind}_features").append(features.flatten())
         getattr(self, f"{kind}_labels").append(labels.detach().to(self.dtype))
 
-    def _store(self, kind: str, feature_dim: int | None = None) -> tuple[Tensor, Tensor]:
-        """The ``[n, D]`` features and ``[n]`` labels of a store (a list before sync, one tensor after)."""
+    def store(self, kind: str, feature_dim: int | None = None) -> tuple[Tensor, Tensor]:
+        """The ``[n, D]`` features and ``[n]`` labels of a store (a list before sync, one tensor after).
+
+        Inside ``sync_context()`` these are every rank's; the linear probe reads them that way.
+        """
         flat, labels = getattr(self, f"{kind}_features"), getattr(self, f"{kind}_labels")
         if isinstance(labels, list) and not labels:
             return torch.zeros(0, feature_dim or 0, device=self.device), torch.zeros(0, dtype=torch.long)
@@ -210,14 +223,14 @@ class KNNMonitor(Metric):
         return flat.view(n, flat.numel() // n), labels.long()
 
     def compute(self) -> dict[str, Tensor]:
-        bank, bank_labels = self._store("bank")
+        bank, bank_labels = self.store("bank")
         if bank_labels.numel() == 0:
             raise ValueError("KNNMonitor: the feature bank is empty; call update_bank() with training features first")
         dim = bank.shape[1]
-        clean, clean_labels = self._store("clean", dim)
+        clean, clean_labels = self.store("clean", dim)
         if clean_labels.numel() == 0:
             raise ValueError("KNNMonitor: no query features; call update_query() with validation features first")
-        triggered, triggered_labels = self._store("triggered", dim)
+        triggered, triggered_labels = self.store("triggered", dim)
 
         def predict(queries: Tensor) -> Tensor:
             scores = weighted_knn_scores(queries, bank, bank_labels, self.num_classes, self.k, self.temperature)

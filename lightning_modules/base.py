@@ -1,0 +1,159 @@
+"""The base LightningModule: optimiser and schedule, stream bookkeeping, and evaluation results on disk.
+
+Each method (SimCLR, CLIP, the defenses) is a subclass that adds its model, loss and evaluation; everything a run
+shares lives here, after solo-learn's ``BaseMethod``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import SumMetric
+
+from datamodules.faults import FAULT_KINDS
+
+from .optim import LARS, param_groups_no_decay, warmup_cosine
+
+OPTIMIZERS = ("sgd", "lars", "adamw")
+
+
+class ContrastiveModule(L.LightningModule):
+    """Shared by every clbd module.
+
+    Args:
+        optimizer: ``sgd``, ``lars`` (SimCLR) or ``adamw`` (CLIP).
+        lr: peak learning rate, reached after warm-up.
+        weight_decay: not applied to biases, norms and the logit scale.
+        momentum: SGD / LARS momentum.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: linear warm-up length in optimiser steps (``warmup_fraction`` when 0).
+        warmup_fraction: warm-up as a fraction of all steps, used when ``warmup_steps`` is 0.
+        min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
+        compile: wrap the network in ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        warmup_fraction: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+    ):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"model.optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.run_config: dict[str, Any] | None = None  # set by the CLI; stored in checkpoints
+        self.poisoned_seen = SumMetric()
+        self.poisoned_seen_total = 0
+        self.data_report: dict[str, Any] = {"faults": {k: 0 for k in FAULT_KINDS}, "poisoned": 0, "excluded": 0}
+        self._stream_stats: dict[str, dict[str, Any]] = {}
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def optimized_module(self) -> torch.nn.Module:
+        """The parameters to train (a defense may train only part of the model)."""
+        return self
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = param_groups_no_decay(self.optimized_module(), hp.weight_decay)
+        if hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        elif hp.optimizer == "lars":
+            optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum)
+        else:
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = hp.warmup_steps or int(hp.warmup_fraction * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
+        return torch.compile(module) if self.hparams.compile else module
+
+    # ---- stream bookkeeping -------------------------------------------------------------------------------
+    def track_batch(self, batch: dict[str, Any]) -> None:
+        """Count poisoned samples and keep each stream's latest skip counts (they travel with the batch)."""
+        poisoned = batch.get("poisoned")
+        if poisoned is not None:
+            count = poisoned.sum()
+            self.poisoned_seen.update(count)
+            self.log("train/poisoned_in_batch", count.float(), on_step=True, on_epoch=False)
+        stats = batch.get("stream_stats")
+        if isinstance(stats, dict) and "stream" in stats:
+            self._stream_stats[stats["stream"]] = stats
+
+    def on_train_epoch_end(self) -> None:
+        seen = int(self.poisoned_seen.compute().item())  # summed over ranks by torchmetrics
+        self.poisoned_seen.reset()
+        self.poisoned_seen_total += seen
+        self.log("train/poisoned_seen_epoch", float(seen), sync_dist=False)
+        self.log("train/poisoned_seen_total", float(self.poisoned_seen_total), sync_dist=False)
+        local = torch.zeros(len(FAULT_KINDS) + 2, dtype=torch.long, device=self.device)
+        for stats in self._stream_stats.values():
+            for i, kind in enumerate(FAULT_KINDS):
+                local[i] += int(stats["faults"].get(kind, 0))
+            local[-2] += int(stats.get("poisoned", 0))
+            local[-1] += int(stats.get("excluded", 0))
+        totals = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        self._stream_stats.clear()
+        for i, kind in enumerate(FAULT_KINDS):
+            self.data_report["faults"][kind] += int(totals[i])
+            self.log(f"data/{kind}", float(self.data_report["faults"][kind]), sync_dist=False)
+        self.data_report["poisoned"] += int(totals[-2])
+        self.data_report["excluded"] += int(totals[-1])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["clbd_run_config"] = self.run_config
+        checkpoint["clbd_counters"] = {"poisoned_seen_total": self.poisoned_seen_total, "data_report": self.data_report}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("clbd_counters") or {}
+        self.poisoned_seen_total = counters.get("poisoned_seen_total", 0)
+        if "data_report" in counters:
+            self.data_report = counters["data_report"]
+
+    def finish_fit(self, trainer: L.Trainer) -> None:
+        """After fit: the data report (skips by kind, poisoned samples) beside the checkpoints."""
+        if trainer.is_global_zero:
+            report = dict(self.data_report, poisoned_seen=self.poisoned_seen_total, epochs=trainer.current_epoch)
+            path = Path(trainer.default_root_dir) / "data_report.json"
+            path.write_text(json.dumps(report, indent=1) + "\n")
+
+    # ---- evaluation results -------------------------------------------------------------------------------
+    @rank_zero_only
+    def write_metrics(self, results: dict[str, Any]) -> Path:
+        """``metrics.json`` beside the evaluated checkpoint (or in the run directory), one entry per checkpoint."""
+        ckpt = self.trainer.ckpt_path if self.trainer is not None else None
+        folder = Path(ckpt).parent if ckpt else Path(self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "metrics.json"
+        entries = json.loads(path.read_text()) if path.exists() else {}
+        entries[Path(ckpt).name if ckpt else "final"] = results
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def finite(value: float) -> float | None:
+        return value if math.isfinite(value) else None

@@ -1,0 +1,164 @@
+"""The ``clbd`` command: LightningCLI's fit / validate / test, plus the data, poison, demo and experiment tools.
+
+A run lives in one directory, ``trainer.default_root_dir``: ``config.yaml`` (everything the run used),
+``metrics.csv``, ``checkpoints/``, ``poison_manifest.jsonl``, ``data_report.json``, ``metrics.json``.
+A run directory is never reused silently: a new run where one exists is refused; ``--ckpt_path last`` resumes it,
+and only with the same model and data config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
+
+from datamodules import ShardDataModule
+
+from .base import ContrastiveModule
+from .run_dir import FINISHED_MARKER, check_run_dir, resolve_checkpoint, write_finished_marker
+
+TOOLS = {
+    "data": "convert datasets to WebDataset shards and inspect shard sets (clbd data --help)",
+    "poison": "poison manifest / preview / geometry, offline from a config (clbd poison --help)",
+    "demo": "the README's main job: clean vs NA-poisoned SimCLR on the built-in dataset, then CA / ASR",
+    "experiment": "attack x defense table on one poisoned checkpoint (clbd experiment --help)",
+}
+TRAINER_COMMANDS = {
+    "fit": "train (pretraining or a defense's fine-tuning); --ckpt_path last resumes a run",
+    "validate": "run the per-epoch monitors once on a checkpoint",
+    "test": "evaluate a checkpoint (kNN / linear probe / zero-shot CA and ASR); writes metrics.json",
+}
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Writes ``config.yaml`` into the run directory; the CLI checked beforehand that this overwrites nothing
+    a user made (a new run in a fresh directory, or a resume of the same config)."""
+
+
+class ClbdCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            ContrastiveModule,
+            ShardDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=RunConfigCallback,
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.filename": "{epoch}-{step}",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.every_n_epochs": 1,
+                "trainer.default_root_dir": "runs/default",
+            }
+        )
+
+    def instantiate_trainer(self, **kwargs: Any):
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True):
+            # Metrics land in the run directory itself (metrics.csv), not in lightning_logs/version_N.
+            kwargs["logger"] = CSVLogger(save_dir=config["default_root_dir"], name="", version="")
+        return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        # The model keeps the config that built it, so a checkpoint can be checked against a resume's config.
+        if self.subcommand is not None:
+            section = self.config[self.subcommand]
+            self.model.run_config = {
+                "model": _plain(section.get("model")),
+                "data": _plain(section.get("data")),
+            }
+
+    def before_fit(self) -> None:
+        run_dir = Path(self.trainer.default_root_dir)
+        ckpt_path = self.config["fit"].get("ckpt_path")
+        resolved = resolve_checkpoint(ckpt_path, run_dir)
+        check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
+
+    def after_fit(self) -> None:
+        self.model.finish_fit(self.trainer)
+        if self.trainer.is_global_zero:
+            write_finished_marker(Path(self.trainer.default_root_dir), self.trainer)
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (or anything) as plain YAML-able data."""
+    if value is None:
+        return None
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    return yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(value, default=str))))
+
+
+def _top_level_help() -> str:
+    lines = ["usage: clbd COMMAND [options]", "", "Training and evaluation (LightningCLI; clbd COMMAND --help):"]
+    lines += [f"  {name:<11}{text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += ["", "Tools:"]
+    lines += [f"  {name:<11}{text}" for name, text in TOOLS.items()]
+    lines += [
+        "",
+        "Examples:",
+        "  clbd data cifar10 --src cifar10-jpg.tar.gz --out data/cifar10",
+        "  clbd fit --config configs/pretrain/simclr_cifar10.yaml --config configs/attack/na_cifar10.yaml",
+        "  clbd test --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt",
+        f"Run directories hold config.yaml, checkpoints/, metrics.csv and {FINISHED_MARKER} once fit ends.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_level_help())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "data":
+        from datamodules.data_cli import main as data_main
+
+        return data_main(rest)
+    if command == "poison":
+        from .poison_cli import main as poison_main
+
+        return poison_main(rest)
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "experiment":
+        from defenses.experiment import main as experiment_main
+
+        return experiment_main(rest)
+    if command not in TRAINER_COMMANDS and command != "predict":
+        print(f"clbd: unknown command {command!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    try:
+        ClbdCLI(args=argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        # Configuration problems (found before compute starts): one clear line; CLBD_DEBUG=1 shows the traceback.
+        if os.environ.get("CLBD_DEBUG"):
+            raise
+        print(f"clbd {command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""CLIP: any open_clip model by name, open_clip's contrastive loss across ranks, zero-shot CA and ASR."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from datamodules.openclip_configs import open_clip_config
+
+from .base import ContrastiveModule
+from .losses import clip_loss
+from .metrics import AttackSuccessRate, asr_definition
+from .zero_shot import build_zero_shot_classifier, templates_by_name
+
+
+class CLIP(ContrastiveModule):
+    """Contrastive image-text pretraining / fine-tuning with open_clip models.
+
+    Args:
+        model_name: an open_clip model (``RN50``, ``ViT-B-32``, ...) or clbd's tiny ``clip-tiny-vit`` /
+            ``clip-tiny-rn`` for CPU runs and tests.
+        pretrained: a LOCAL checkpoint file to start from (nothing is downloaded); None trains from scratch.
+        grad_checkpointing: recompute activations in backward (less memory, ~30% more compute).
+        local_loss: each rank scores its own rows against the gathered batch (open_clip's ``--local-loss``).
+        gather_with_grad: gather features across ranks keeping the gradient (exact global-batch gradient).
+        max_logit_scale: the learned temperature is clamped to ``ln(max_logit_scale)`` after every step.
+        zero_shot_templates: prompt templates of the zero-shot monitor (``cifar10``, ``openai_imagenet``, ...).
+        asr_exclude_target: count only triggered images whose true class is not the target (DESIGN.md).
+        **optim: optimiser and schedule (``ContrastiveModule``); AdamW, no decay on norms, biases, logit scale.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "clip-tiny-vit",
+        pretrained: str | None = None,
+        grad_checkpointing: bool = False,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        max_logit_scale: float = 100.0,
+        zero_shot_templates: str = "cifar10",
+        asr_exclude_target: bool = True,
+        optimizer: str = "adamw",
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+    ):
+        super().__init__(
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            betas=betas,
+            eps=eps,
+            warmup_steps=warmup_steps,
+            warmup_fraction=warmup_fraction,
+            min_lr_ratio=min_lr_ratio,
+            compile=compile,
+        )
+        open_clip_config(model_name)  # a clear error for an unknown name, before anything is built
+        templates_by_name(zero_shot_templates)
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise FileNotFoundError(
+                f"model.pretrained: no checkpoint file at {pretrained} (clbd downloads nothing; give a local file)"
+            )
+        self.save_hyperparameters()
+        self.model = open_clip.create_model(model_name, pretrained=pretrained)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.loss = clip_loss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        self._classifier: torch.Tensor | None = None
+        self._metrics: dict[str, Any] = {}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images, normalize=True)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens, normalize=True)
+
+    def clip_outputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.encode_image(batch["image"]), self.encode_text(batch["text"]), self.model.logit_scale.exp()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.track_batch(batch)
+        image_features, text_features, scale = self.clip_outputs(batch)
+        loss = self.loss(image_features, text_features, scale)
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train/logit_scale", scale.detach(), on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # open_clip's rule: clamp the learned temperature after each step
+            self.model.logit_scale.clamp_(0, math.log(self.hparams.max_logit_scale))
+
+    # ---- zero-shot evaluation -----------------------------------------------------------------------------
+    def zero_shot_classifier(self) -> torch.Tensor:
+        names = self.trainer.datamodule.class_names
+        if not names:
+            raise ValueError("data: the eval set has no class names (index 'classes' or data.class_names)")
+        templates = templates_by_name(self.hparams.zero_shot_templates)
+        with torch.no_grad():
+            return build_zero_shot_classifier(self.model, self.tokenizer, names, templates, self.device)
+
+    def _start_eval(self) -> None:
+        datamodule = self.trainer.datamodule
+        num_classes = len(datamodule.class_names or [])
+        self._classifier = self.zero_shot_classifier()
+        target = datamodule.target_index
+        exclude = self.hparams.asr_exclude_target
+        self._metrics = {
+            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+        }
+        if target is not None:
+            self._metrics["asr_top1"] = AttackSuccessRate(target, top_k=1, exclude_target_class=exclude)
+            self._metrics["asr_top10"] = AttackSuccessRate(
+                target, top_k=min(10, num_classes), exclude_target_class=exclude
+            )
+        self._metrics = {k: m.to(self.device) for k, m in self._metrics.items()}
+        self._n_images = 0
+
+    def _eval_step(self, batch: dict[str, Any]) -> None:
+        logits = self.encode_image(batch["image"]) @ self._classifier
+        labels = batch["label"]
+        self._metrics["top1"].update(logits, labels)
+        self._metrics["top5"].update(logits, labels)
+        if "asr_top1" in self._metrics and "image_triggered" in batch:
+            triggered = self.encode_image(batch["image_triggered"]) @ self._classifier
+            self._metrics["asr_top1"].update(triggered, labels)
+            self._metrics["asr_top10"].update(triggered, labels)
+        self._n_images += labels.numel()
+
+    def _finish_eval(self, stage: str) -> dict[str, Any]:
+        results: dict[str, Any] = {
+            "method": "clip",
+            "model_name": self.hparams.model_name,
+            "zero_shot_templates": self.hparams.zero_shot_templates,
+            "clean_accuracy_top1": self._metrics["top1"].compute().item(),
+            "clean_accuracy_top5": self._metrics["top5"].compute().item(),
+            "n_images": int(self.trainer.strategy.reduce(torch.tensor(self._n_images, device=self.device), "sum")),
+        }
+        self.log(f"{stage}/zs_top1", results["clean_accuracy_top1"], sync_dist=False)
+        self.log(f"{stage}/zs_top5", results["clean_accuracy_top5"], sync_dist=False)
+        if "asr_top1" in self._metrics:
+            datamodule = self.trainer.datamodule
+            asr1, asr10 = self._metrics["asr_top1"], self._metrics["asr_top10"]
+            results["attack"] = {
+                "name": datamodule.attack.name,
+                "target": datamodule.target_index,
+                "target_name": datamodule.class_names[datamodule.target_index],
+            }
+            top1, top10 = asr1.summary(), asr10.summary()
+            results["asr_top1"] = top1["asr"]
+            results["asr_top10"] = top10["asr"]
+            results["asr_images"] = top1["total"]
+            results["asr_definition"] = asr_definition(top1)
+            self.log(f"{stage}/asr_top1", top1["asr"] if top1["asr"] is not None else float("nan"), sync_dist=False)
+            self.log(f"{stage}/asr_top10", top10["asr"] if top10["asr"] is not None else float("nan"), sync_dist=False)
+        for metric in self._metrics.values():
+            metric.reset()
+        return results
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._finish_eval("test")
+        self.write_metrics(self.test_results)

@@ -1,0 +1,98 @@
+"""Run directories: never start a second run over a first, resume only what the same config began."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+FINISHED_MARKER = "fit_finished.json"
+CONFIG_NAME = "config.yaml"
+# Keys that may change between a run and its resume without changing what is computed.
+RESUME_MAY_DIFFER = {("data", "eval_batch_size"), ("data", "max_val_samples")}
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked; the message says what to do instead."""
+
+
+def resolve_checkpoint(ckpt_path: str | None, run_dir: Path) -> Path | None:
+    """``last`` / ``hpc`` / a path -> an existing checkpoint file (or None when there is none yet)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        candidate = run_dir / "checkpoints" / "last.ckpt"
+        return candidate if candidate.exists() else None
+    if ckpt_path == "hpc":
+        found = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+        return found[-1] if found else None
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt_path: checkpoint not found: {path}")
+    return path
+
+
+def check_run_dir(run_dir: Path, checkpoint: Path | None, ckpt_path: str | None, run_config: dict[str, Any]) -> None:
+    """Refuse a fit that would overwrite a user's run; refuse a resume from a different config."""
+    finished = run_dir / FINISHED_MARKER
+    if finished.exists():
+        raise RunDirError(
+            f"{run_dir} already holds a finished run ({finished.name}); choose another trainer.default_root_dir "
+            "(nothing was overwritten)"
+        )
+    has_run = (run_dir / CONFIG_NAME).exists() or (run_dir / "checkpoints").exists()
+    if has_run and ckpt_path is None:
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --ckpt_path last to resume it, or choose another "
+            "trainer.default_root_dir (nothing was overwritten)"
+        )
+    if checkpoint is not None and checkpoint.is_file():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("clbd_run_config")
+        if saved is not None:
+            differences = config_differences(saved, run_config)
+            if differences:
+                shown = "; ".join(differences[:8])
+                raise RunDirError(f"--ckpt_path {checkpoint} was trained with a different config: {shown}")
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for section in ("model", "data"):
+        a, b = _flatten(saved.get(section)), _flatten(current.get(section))
+        for key in sorted(set(a) | set(b)):
+            if (section, key.rsplit(".", 1)[-1]) in RESUME_MAY_DIFFER:
+                continue
+            if a.get(key) != b.get(key):
+                out.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            # init_args is jsonargparse's wrapper: leave it out of the names users read
+            name = prefix if key == "init_args" else (f"{prefix}.{key}" if prefix else str(key))
+            out.update(_flatten(inner, name))
+        return out
+    return {prefix: value}
+
+
+def write_finished_marker(run_dir: Path, trainer) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "global_step": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "interrupted": bool(trainer.interrupted),
+    }
+    if not trainer.interrupted:
+        (run_dir / FINISHED_MARKER).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_run_config(run_dir: Path) -> dict[str, Any]:
+    return yaml.safe_load((run_dir / CONFIG_NAME).read_text())
