@@ -260,6 +260,22 @@ def _sample(seed: int, split: str, index: int, label: int, image_size: int) -> d
     }
 
 
+def render_grid(*, per_class: int = 12, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, zoom: int = 3
+                ) -> Image.Image:
+    """A preview: one row per class, ``per_class`` training images each, enlarged ``zoom`` times (nearest)."""
+    labels = _labels(seed, "train", max(per_class * len(SHAPE_CLASSES) * 4, 400))
+    rows = []
+    for label in range(len(SHAPE_CLASSES)):
+        indices = np.flatnonzero(labels == label)[:per_class]
+        row = []
+        for i in indices:
+            rng = np.random.default_rng([seed, SPLITS.index("train"), int(i)])
+            row.append(render_shape(rng, label, image_size)[0])
+        rows.append(np.concatenate(row, axis=1))
+    grid = Image.fromarray(np.concatenate(rows, axis=0), mode="RGB")
+    return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
+
+
 def _labels(seed: int, split: str, n: int) -> np.ndarray:
     """Balanced labels (n // 10 or one more per class) in a seeded order, so every shard mixes all classes."""
     rng = np.random.default_rng([seed, SPLITS.index(split), 1_000_003])
