@@ -548,8 +548,10 @@ def convert_image_folder(
 
     Class indices follow ``classes`` when given (use the train split's list for val/test, where a class may be
     absent); otherwise the sorted folder names (CIFAR-10's official order when the names are exactly CIFAR-10's).
-    ``subdir`` picks a folder inside ``src`` that holds the class folders (e.g. ``train`` of an archive).
-    An archive holding one top-level folder is entered automatically.
+    ``subdir`` picks a folder inside ``src`` that holds the class folders (e.g. ``train`` of an archive; ``"."``
+    for the root as is); by default an archive's single top-level folder is entered. Files are taken in sorted path
+    order, then shuffled with ``shuffle_seed`` (None: keep sorted order) so that every shard mixes the classes.
+    Keys are ``{prefix}_{class}_{path}`` with separators replaced by ``_``.
     """
     started = time.perf_counter()
     check_prefix(prefix)
@@ -557,8 +559,11 @@ def convert_image_folder(
     check_output_free(out, [prefix], overwrite)
     with FileTree(src) as tree:
         files = tree.files()
-        root = subdir.strip("/") if subdir else _unwrap_single_folder(files) if tree.kind == "archive" else ""
-        if root and not any(f.startswith(f"{root}/") for f in files):
+        if subdir is not None:
+            root = _clean_member_name(subdir)
+        else:
+            root = _unwrap_single_folder(files) if tree.kind == "archive" else ""
+        if root and root not in tree.dirs():
             raise FileNotFoundError(f"{src}: has no folder {root!r}")
         grouped = _group_by_class(tree, root)
         order = _class_order(grouped.by_class, classes, f"{src}")
@@ -575,13 +580,17 @@ def convert_image_folder(
 
 
 def _unwrap_single_folder(files: Sequence[str]) -> str:
-    """The one top-level folder of an archive made with ``tar czf x.tar.gz x/`` (else "")."""
-    tops = {f.split("/", 1)[0] for f in files if not _is_hidden(f)}
-    if len(tops) == 1:
-        top = next(iter(tops))
-        inner = [f for f in files if f.startswith(f"{top}/") and not _is_hidden(f)]
-        if inner and all(f.count("/") >= 2 for f in inner):
-            return top
+    """The one top-level folder of an archive made with ``tar czf x.tar.gz x/`` (else "").
+
+    Entered when most files sit at least two folders deep inside it (``x/<class>/<file>``); pass ``subdir="."``
+    to take the archive's root as it is.
+    """
+    visible = [f for f in files if not _is_hidden(f)]
+    tops = {f.split("/", 1)[0] for f in visible}
+    if len(tops) == 1 and all("/" in f for f in visible):
+        deep = sum(f.count("/") >= 2 for f in visible)
+        if deep > len(visible) - deep:
+            return next(iter(tops))
     return ""
 
 
@@ -604,7 +613,8 @@ def convert_cifar10(
 
     ``src`` is torchvision's python format (the ``cifar-10-batches-py`` folder or ``cifar-10-python.tar.gz``;
     images encoded as lossless PNG, keys ``train_000000``...) or an image-folder layout ``train/<class>/*.jpg``,
-    ``test/<class>/*.jpg`` as a folder or a tar archive read in place (original JPEG bytes kept).
+    ``test/<class>/*.jpg`` as a folder or a tar archive read in place (original JPEG bytes kept; keys
+    ``train_<class>_<name>``, shuffled with ``shuffle_seed`` like ``convert_image_folder``).
     """
     started = time.perf_counter()
     limits = ImageLimits(min_side, max_pixels)
