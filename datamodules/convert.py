@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from datamodules.faults import FaultCounter
@@ -96,7 +96,9 @@ def prepare_image(data: bytes, limits: ImageLimits = ImageLimits()) -> PreparedI
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as exc:
             raise SkipSample("image_too_large", str(exc)) from None
-        except Exception as exc:  # PIL raises many types for non-images (UnidentifiedImageError, SyntaxError, ...)
+        except UnidentifiedImageError:
+            raise SkipSample("image_undecodable", "not an image format PIL recognises") from None
+        except Exception as exc:  # PIL raises many types for broken headers (SyntaxError, ValueError, ...)
             raise SkipSample("image_undecodable", repr(exc)) from None
         width, height = image.size
         if width * height > limits.max_pixels:
@@ -110,14 +112,17 @@ def prepare_image(data: bytes, limits: ImageLimits = ImageLimits()) -> PreparedI
     fmt = image.format or ""
     if fmt in ("JPEG", "MPO", "PNG") and image.mode == "RGB" and not _is_16bit_png(data, fmt):
         return PreparedImage(data, "png" if fmt == "PNG" else "jpg")
-    rgb = to_rgb(image)
     converted = "color_converted" if image.mode != "RGB" or _is_16bit_png(data, fmt) else "format_converted"
     out = io.BytesIO()
-    if fmt in _LOSSY_FORMATS:
-        rgb.save(out, format="JPEG", quality=REENCODE_JPEG_QUALITY)
-        return PreparedImage(out.getvalue(), "jpg", converted)
-    rgb.save(out, format="PNG")
-    return PreparedImage(out.getvalue(), "png", converted)
+    try:
+        rgb = to_rgb(image)
+        if fmt in _LOSSY_FORMATS:
+            rgb.save(out, format="JPEG", quality=REENCODE_JPEG_QUALITY)
+        else:
+            rgb.save(out, format="PNG")
+    except Exception as exc:  # an exotic mode PIL decodes but cannot convert
+        raise SkipSample("image_undecodable", f"cannot convert {fmt} {image.mode} to RGB: {exc!r}") from None
+    return PreparedImage(out.getvalue(), "jpg" if fmt in _LOSSY_FORMATS else "png", converted)
 
 
 def _is_16bit_png(data: bytes, fmt: str) -> bool:
@@ -178,7 +183,7 @@ class FileTree:
             raise ValueError(f"source {self.src} is neither a folder nor a tar archive (.tar, .tar.gz, .tgz)")
 
     def _scan_folder(self) -> None:
-        for dirpath, dirnames, filenames in os.walk(self.src):
+        for dirpath, dirnames, filenames in os.walk(self.src, followlinks=True):  # class folders may be links
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git, .ipynb_checkpoints, ...
             rel_dir = Path(dirpath).relative_to(self.src).as_posix()
             if rel_dir != ".":
@@ -801,13 +806,13 @@ def convert_coco_captions(
         if not path.is_file():
             faults.add("file_missing", f"{path}: listed in {annotations} but not found")
             continue
-        key = keys(file_name.rpartition(".")[0] if "." in file_name else file_name)
+        stem = file_name.rpartition(".")[0] if "." in file_name else file_name
         meta = {"image_id": entry["id"], "file_name": file_name, "captions": texts}
         if captions == "first":
-            samples.append(SourceSample(key, path.read_bytes, caption=texts[0], meta=meta, name=str(path)))
+            samples.append(SourceSample(keys(stem), path.read_bytes, caption=texts[0], meta=meta, name=str(path)))
         else:
             for n, text in enumerate(texts):
-                samples.append(SourceSample(f"{key}_{n}", path.read_bytes, caption=text,
+                samples.append(SourceSample(keys(f"{stem}_{n}"), path.read_bytes, caption=text,
                                             meta={**meta, "caption_index": n}, name=str(path)))
     if keys.renamed:
         faults.add("key_renamed", n=keys.renamed)
