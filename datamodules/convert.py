@@ -138,7 +138,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode == "F" and values.max(initial=0) <= 1.0:
             top = 1.0
         gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -151,7 +151,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def encode_png(array: np.ndarray) -> bytes:
     """An HxWx3 uint8 array as PNG bytes (lossless; the same array gives the same bytes)."""
     out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array), mode="RGB").save(out, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -394,6 +394,10 @@ def write_split(
     result = SplitResult(prefix, classes=list(classes) if classes is not None else None)
     if faults is not None:
         result.faults = faults
+    if not samples:
+        skipped = {k: v for k, v in result.faults.as_dict().items() if v}
+        raise ValueError(f"{source.get('path') or source.get('images') or out}: no sample to write for {prefix!r}"
+                         + (f" (skipped: {skipped})" if skipped else " (the source is empty)"))
     sink = ShardSink(out, prefix, maxcount=maxcount, overwrite=overwrite, classes=classes, source=source)
     with sink:
         for sample in tqdm(samples, desc=f"{source.get('converter', 'convert')} {prefix}", unit="img",
@@ -1061,6 +1065,8 @@ def _scan_img2dataset_shard(path: Path) -> _ShardScan:
                 members[key] = {}
                 order.append(key)
             members[key][ext.lower()] = info.size
+        if size - tar.offset < tarfile.BLOCKSIZE:  # cut right after a member: no end-of-archive block
+            raise ValueError("truncated: the end-of-archive marker is missing")
     for key in order:
         exts = members[key]
         scan.samples += 1

@@ -195,7 +195,7 @@ def _background(rng: np.random.Generator, size: int, kind: str, fg: np.ndarray) 
         word = "striped"
     else:  # smooth noise: a coarse random grid upsampled bicubically
         cells = int(rng.integers(3, 7))
-        coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8), mode="L")
+        coarse = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
         t = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
         word = "noisy"
     t = t[..., None]
@@ -274,7 +274,7 @@ def render_grid(*, per_class: int = 12, seed: int = 0, image_size: int = DEFAULT
             rng = np.random.default_rng([seed, SPLITS.index("train"), int(i)])
             row.append(render_shape(rng, label, image_size)[0])
         rows.append(np.concatenate(row, axis=1))
-    grid = Image.fromarray(np.concatenate(rows, axis=0), mode="RGB")
+    grid = Image.fromarray(np.concatenate(rows, axis=0))
     return grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST)
 
 

@@ -680,6 +680,11 @@ def test_csv_rows(tmp_path):
 
 
 def test_csv_errors(tmp_path):
+    nothing = tmp_path / "nothing.csv"
+    nothing.write_text("filepath,caption\nmissing.jpg,a caption\n")
+    with pytest.raises(ValueError, match=r"no sample to write for 'train' \(skipped: \{'file_missing': 1\}\)"):
+        convert_csv(nothing, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
     bad = tmp_path / "bad.csv"
     bad.write_text("path,text\na.jpg,x\n")
     with pytest.raises(ValueError, match=r"lacks column\(s\) filepath, caption"):
@@ -728,14 +733,19 @@ def test_index_img2dataset(tmp_path):
     whole = (src / "00002.tar").read_bytes()
     (src / "00002.tar").write_bytes(whole[: len(whole) // 2])  # cut mid-copy
     write_img2dataset_shard(src, 3, 2, stats=False)
+    write_img2dataset_shard(src, 4, 2)
+    with tarfile.open(src / "00004.tar") as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    (src / "00004.tar").write_bytes((src / "00004.tar").read_bytes()[:end])  # cut exactly after a member
     before = {p.name: p.read_bytes() for p in src.glob("*.tar")}
 
     report = index_img2dataset(src, progress=False)
     split = report["splits"]["train"]
     assert split["written"] == 8 and split["shards"] == 3
     assert split["stats_mismatches"] == [{"shard": "00001.tar", "stats_successes": 4, "scanned": 3}]
-    assert [u["shard"] for u in split["unreadable_shards"]] == ["00002.tar"]
-    assert split["skipped"] == {"caption_missing": 1, "shard_unreadable": 1}
+    assert [u["shard"] for u in split["unreadable_shards"]] == ["00002.tar", "00004.tar"]
+    assert split["skipped"] == {"caption_missing": 1, "shard_unreadable": 2}
     assert {p.name: p.read_bytes() for p in src.glob("*.tar")} == before  # shards untouched
 
     index = resolve_shards(src)  # the folder now has exactly one index
