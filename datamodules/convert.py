@@ -958,6 +958,7 @@ def index_img2dataset(
     src_dir: str | os.PathLike,
     *,
     prefix: str | None = None,
+    trust_stats: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -965,8 +966,10 @@ def index_img2dataset(
 
     Each tar's headers are read (no image is decoded, no shard is rewritten): the index counts the samples a
     loader will see; samples lacking an image or a caption are counted and reported; counts that differ from the
-    ``successes`` of ``{shard}_stats.json`` are reported as mismatches. Shards that cannot be read to the end are
-    left out of the index and reported. Writes ``src_dir/{prefix}.index.json`` (prefix default ``train``).
+    ``successes`` of ``{shard}_stats.json`` are reported as mismatches (the scanned count goes in the index: it is
+    what a loader will find). Shards that cannot be read to the end are left out of the index and reported.
+    ``trust_stats=True`` skips the scan where a stats file exists and takes its ``successes`` as the count (fast
+    on slow file systems, but nothing is validated). Writes ``src_dir/{prefix}.index.json`` (default ``train``).
     """
     started = time.perf_counter()
     prefix = check_prefix(prefix or "train")
@@ -985,6 +988,10 @@ def index_img2dataset(
     mismatches: list[dict[str, Any]] = []
     unreadable: list[dict[str, str]] = []
     for tar_path in tqdm(tars, desc="img2dataset index", unit="shard", disable=not progress, dynamic_ncols=True):
+        expected = _stats_successes(tar_path, faults)
+        if trust_stats and expected is not None:
+            shards.append(ShardInfo(str(tar_path), expected))
+            continue
         try:
             scan = _scan_img2dataset_shard(tar_path)
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
@@ -995,7 +1002,6 @@ def index_img2dataset(
             faults.add(kind, n=n)
         fields.update(scan.fields)
         shards.append(ShardInfo(str(tar_path), scan.samples))
-        expected = _stats_successes(tar_path, faults)
         if expected is not None and expected != scan.samples:
             mismatches.append({"shard": tar_path.name, "stats_successes": expected, "scanned": scan.samples})
     if not shards:
@@ -1004,7 +1010,7 @@ def index_img2dataset(
     source = {
         "converter": "img2dataset",
         "path": str(src.resolve()),
-        "options": {"prefix": prefix},
+        "options": {"prefix": prefix, "trust_stats": trust_stats},
         "problems": skipped,
         "stats_mismatches": mismatches,
         "unreadable_shards": unreadable,

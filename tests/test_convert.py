@@ -758,6 +758,10 @@ def test_index_img2dataset(tmp_path):
         index_img2dataset(src, progress=False)
     again = index_img2dataset(src, prefix="cc3m", progress=False)
     assert again["written"] == 8 and (src / "cc3m.index.json").exists()
+    fast = index_img2dataset(src, prefix="fast", trust_stats=True, progress=False)
+    counts = [s.count for s in ShardIndex.load(src / "fast.index.json").shards]
+    assert counts == [3, 4, 4, 2, 2]  # the stats' word; the cut shards are not even opened
+    assert fast["splits"]["fast"]["shards"] == 5
     with pytest.raises(FileNotFoundError, match="holds no img2dataset shards"):
         index_img2dataset(tmp_path, progress=False)
 
