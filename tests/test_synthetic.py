@@ -3,6 +3,7 @@ generation speed, and the parameter-keyed cache (including two processes racing 
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import multiprocessing
@@ -189,10 +190,6 @@ def test_render_grid():
     assert grid.size == (4 * 32 * 2, 10 * 32 * 2) and grid.mode == "RGB"
 
 
-def _ensure(cache: str) -> str:
-    return str(ensure_shapes(cache, n_train=40, n_val=10, n_test=10, seed=7))
-
-
 def test_ensure_shapes_caches_by_parameters(tmp_path):
     first = ensure_shapes(tmp_path, n_train=30, n_val=10, n_test=0)
     assert first.parent == tmp_path and resolve_shards(first / "train.index.json").total == 30
@@ -213,8 +210,9 @@ def test_ensure_shapes_caches_by_parameters(tmp_path):
 
 def test_ensure_shapes_two_processes_racing(tmp_path):
     context = multiprocessing.get_context("spawn")
+    ensure = functools.partial(ensure_shapes, n_train=40, n_val=10, n_test=10, seed=7)  # importable in a child
     with ProcessPoolExecutor(2, mp_context=context) as pool:
-        paths = list(pool.map(_ensure, [str(tmp_path)] * 2))
+        paths = list(pool.map(ensure, [str(tmp_path)] * 2))
     assert paths[0] == paths[1]
     assert [p.name for p in tmp_path.iterdir()] == [Path(paths[0]).name]
     assert resolve_shards(Path(paths[0]) / "train.index.json").total == 40
