@@ -994,9 +994,10 @@ def index_img2dataset(
             continue
         try:
             scan = _scan_img2dataset_shard(tar_path)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            faults.add("shard_unreadable", f"{tar_path}: {exc}")
-            unreadable.append({"shard": tar_path.name, "error": str(exc)})
+        except (tarfile.TarError, OSError, EOFError, _TruncatedShard) as exc:
+            kind = "shard_truncated" if isinstance(exc, _TruncatedShard) else "shard_unreadable"
+            faults.add(kind, f"{tar_path}: {exc}")
+            unreadable.append({"shard": tar_path.name, "error": f"{kind}: {exc}"})
             continue
         for kind, n in scan.faults.items():
             faults.add(kind, n=n)
@@ -1041,6 +1042,10 @@ def index_img2dataset(
     return report
 
 
+class _TruncatedShard(ValueError):
+    """A tar that ends inside a member or right after one (a copy cut short)."""
+
+
 @dataclass
 class _ShardScan:
     samples: int = 0
@@ -1063,7 +1068,7 @@ def _scan_img2dataset_shard(path: Path) -> _ShardScan:
             if not info.isreg():
                 continue
             if info.offset_data + info.size > size:
-                raise ValueError(f"truncated: member {info.name} ends past the end of the file")
+                raise _TruncatedShard(f"member {info.name} ends past the end of the file")
             key, ext = sample_key(info.name)
             if key.startswith("__") and key.endswith("__"):
                 continue
@@ -1072,7 +1077,7 @@ def _scan_img2dataset_shard(path: Path) -> _ShardScan:
                 order.append(key)
             members[key][ext.lower()] = info.size
         if size - tar.offset < tarfile.BLOCKSIZE:  # cut right after a member: no end-of-archive block
-            raise ValueError("truncated: the end-of-archive marker is missing")
+            raise _TruncatedShard("the file ends after a member, without the end-of-archive marker")
     for key in order:
         exts = members[key]
         scan.samples += 1

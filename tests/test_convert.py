@@ -738,14 +738,15 @@ def test_index_img2dataset(tmp_path):
         last = tar.getmembers()[-1]
     end = last.offset_data + -(-last.size // 512) * 512
     (src / "00004.tar").write_bytes((src / "00004.tar").read_bytes()[:end])  # cut exactly after a member
+    (src / "00005.tar").write_bytes(bytes(range(256)) * 8)  # not a tar at all
     before = {p.name: p.read_bytes() for p in src.glob("*.tar")}
 
     report = index_img2dataset(src, progress=False)
     split = report["splits"]["train"]
     assert split["written"] == 8 and split["shards"] == 3
     assert split["stats_mismatches"] == [{"shard": "00001.tar", "stats_successes": 4, "scanned": 3}]
-    assert [u["shard"] for u in split["unreadable_shards"]] == ["00002.tar", "00004.tar"]
-    assert split["skipped"] == {"caption_missing": 1, "shard_unreadable": 2}
+    assert [u["shard"] for u in split["unreadable_shards"]] == ["00002.tar", "00004.tar", "00005.tar"]
+    assert split["skipped"] == {"caption_missing": 1, "shard_truncated": 2, "shard_unreadable": 1}
     assert {p.name: p.read_bytes() for p in src.glob("*.tar")} == before  # shards untouched
 
     index = resolve_shards(src)  # the folder now has exactly one index
