@@ -41,8 +41,9 @@ from datamodules.shards import INDEX_SUFFIX, ShardIndex, ShardInfo, ShardSink, i
 DEFAULT_MAXCOUNT = 10000
 # Below this side an image carries no usable content for contrastive views (1x1 trackers, icons).
 DEFAULT_MIN_SIDE = 8
-# PIL's own decompression-bomb threshold (~89.5 megapixels); larger headers are skipped before decoding.
-DEFAULT_MAX_PIXELS = 89_478_485
+# Decompression-bomb guard, read from the header before decoding. The same limit as the training stream's decoder
+# (datamodules.decode.DEFAULT_MAX_PIXELS), so a converted image is never one the stream would then skip.
+DEFAULT_MAX_PIXELS = 64_000_000
 # Archives that cannot be read in random order (.tar.gz, ...) are held in memory to be sorted; beyond this,
 # unpacking them first is the better plan and the converter says so.
 DEFAULT_MAX_ARCHIVE_BYTES = 8 * 1024**3

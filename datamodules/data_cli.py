@@ -34,7 +34,7 @@ def _common(parser: argparse.ArgumentParser, *, images: bool = True, maxcount: b
                             help="skip images whose shorter side is below PX pixels (default: %(default)s)")
         checks.add_argument("--max-pixels", type=_positive_int, default=convert.DEFAULT_MAX_PIXELS, metavar="N",
                             help="skip images with more than N pixels, read from the header before decoding "
-                                 "(decompression-bomb guard; default: %(default)s, PIL's limit)")
+                                 "(decompression-bomb guard; default: %(default)s, as the training stream)")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
     group.add_argument("--report", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
 

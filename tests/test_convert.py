@@ -224,6 +224,7 @@ def test_other_formats_are_reencoded_and_counted_apart():
         (encode(Image.new("RGB", (40, 4)), "PNG"), "image_too_small"),
         (bomb_png(), "image_too_large"),  # beyond PIL's hard limit: refused while reading the header
         (bomb_png(10_000), "image_too_large"),  # 1e8 px: between PIL's warning and error thresholds
+        (bomb_png(8_100), "image_too_large"),  # 65.6M px: under PIL's warning, over the stream's 64M limit
     ],
 )
 def test_bad_images_are_skipped_with_a_reason(data, reason):
