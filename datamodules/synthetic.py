@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -246,8 +247,9 @@ def render_shape(rng: np.random.Generator, label: int, image_size: int = DEFAULT
 def caption_for(rng: np.random.Generator, attributes: dict[str, Any]) -> str:
     size = "small " if attributes["scale"] < 0.62 else "large " if attributes["scale"] > 0.78 else ""
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    return template.format(size=size, color=attributes["color"], shape=attributes["shape"],
-                           background=attributes["background_word"])
+    caption = template.format(size=size, color=attributes["color"], shape=attributes["shape"],
+                              background=attributes["background_word"])
+    return re.sub(r"\ba (?=[aeiou])", "an ", caption)  # "an orange circle", "an arrow"
 
 
 def _sample(seed: int, split: str, index: int, label: int, image_size: int) -> dict[str, bytes | str | int]:

@@ -174,6 +174,10 @@ def test_captions_name_size_and_background():
     captions = {caption_for(np.random.default_rng(i), attrs) for i in range(60)}
     assert len(captions) >= 4 and all("triangle" in c and attrs["color"] in c for c in captions)
     assert any(attrs["background_word"] in c for c in captions)
+    orange_arrow = dict(attrs, color="orange", shape="arrow")
+    captions = {caption_for(np.random.default_rng(i), orange_arrow) for i in range(60)}
+    assert not any(" a orange" in c or " a arrow" in c or c.startswith("a orange") for c in captions)
+    assert any("an orange arrow" in c for c in captions) and any("an arrow" in c for c in captions)
 
 
 def test_default_size_generates_in_seconds(tmp_path):
