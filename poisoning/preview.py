@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-CELL_HEIGHT = 160  # target height of every image cell, in pixels
+CELL_HEIGHT = 160  # target size of the shorter side of every image cell, in pixels
 PADDING = 8
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -28,10 +28,12 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def enlarge(image: Image.Image, height: int = CELL_HEIGHT) -> Image.Image:
-    """Scale to about ``height`` pixels high: integer NEAREST enlargement for small images, bilinear shrink else."""
+    """Enlarge small images by the integer factor that brings their shorter side to about ``height`` (NEAREST, so
+    every source pixel stays a flat block and a 2:1 canvas stays 2:1); shrink larger ones to that height."""
     image = image.convert("RGB")
-    if image.height <= height:
-        factor = max(1, height // image.height)
+    shorter = min(image.size)
+    if shorter <= height:
+        factor = max(1, height // shorter)
         return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
     width = max(1, round(image.width * height / image.height))
     return image.resize((width, height), Image.Resampling.BILINEAR)

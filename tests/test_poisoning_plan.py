@@ -152,7 +152,10 @@ def test_same_plan_and_bytes_whatever_the_catalog_order():
     assert forward.manifest_lines() == shuffled.manifest_lines()
     assert forward.excluded_keys == shuffled.excluded_keys
     for record in forward.records()[:10]:
-        assert forward.apply(sample(record.key))["image"].tobytes() == shuffled.apply(sample(record.key))["image"].tobytes()
+        assert (
+            forward.apply(sample(record.key))["image"].tobytes()
+            == shuffled.apply(sample(record.key))["image"].tobytes()
+        )
 
 
 def test_pickled_plan_renders_the_same_bytes():
@@ -203,7 +206,9 @@ def test_dataloader_workers_render_the_same_bytes():
 # -- apply ------------------------------------------------------------------------------------------------------
 def test_apply_marks_clean_samples_and_leaves_them_alone():
     plan = na_plan()
-    clean_key = next(f"s{i:05d}" for i in range(600) if f"s{i:05d}" not in plan.poisoned and f"s{i:05d}" not in plan.excluded_keys)
+    clean_key = next(
+        f"s{i:05d}" for i in range(600) if f"s{i:05d}" not in plan.poisoned and f"s{i:05d}" not in plan.excluded_keys
+    )
     original = sample(clean_key)
     out = plan.apply(original)
     assert out["poisoned"] is False
