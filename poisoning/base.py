@@ -280,18 +280,15 @@ def _window_position(length: int, side: int, seed: int, key: str, purpose: str) 
 
 
 def square_canvas(image: Image.Image, side: int) -> Image.Image:
-    """The image as the model will see it at ``side``: shorter side resized to ``side``, then centre-cropped.
-
-    (What CLIP preprocessing does; for SimCLR it fixes the poisoned canvas so the manifest boxes are exact.)
-    """
+    """The image as the model will see it at ``side``: its central square (side = the shorter side) resized to
+    ``side`` x ``side``, like CLIP's resize-then-centre-crop. Resampling only the square (``box``) is what keeps
+    this cheap on large images. For SimCLR it fixes the poisoned canvas so the manifest boxes are exact."""
     if image.size == (side, side):
         return image
     width, height = image.size
-    scale = side / min(width, height)
-    new_w, new_h = max(side, round(width * scale)), max(side, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    left, top = (new_w - side) // 2, (new_h - side) // 2
-    return resized.crop((left, top, left + side, top + side))
+    shorter = min(width, height)
+    left, top = (width - shorter) / 2, (height - shorter) / 2
+    return image.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, left + shorter, top + shorter))
 
 
 def centred_box(region: Box, side: int, jitter: float, seed: int, key: str) -> Box:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, ReferencePoolAttack, random_box, square_canvas
-from poisoning.keyhash import key_randint, key_uniform
+from poisoning.keyhash import key_uniform
 from poisoning.plan import Box, CatalogEntry, PoisonRecord
 from poisoning.triggers import Trigger, paste_trigger
 
@@ -150,12 +150,13 @@ class CorruptEncoder(ReferencePoolAttack):
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:
         assert reference is not None and record.reference_box is not None
         width, height = record.canvas_size
+        # The background scaled to cover the canvas, cropped at a random x and bottom-aligned (the authors' crop);
+        # only the cropped part of the source is resampled.
         scale = max(width / image.width, height / image.height)
-        cover = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-        background = image.resize(cover, Image.Resampling.BILINEAR) if cover != image.size else image
-        x = key_randint(self.seed, record.key, "background", 0, cover[0] - width)
-        y = cover[1] - height  # bottom-aligned, as the authors crop
-        canvas = background.crop((x, y, x + width, y + height))
+        crop_w, crop_h = width / scale, height / scale
+        x = key_uniform(self.seed, record.key, "background") * (image.width - crop_w)
+        y = image.height - crop_h
+        canvas = image.resize((width, height), Image.Resampling.BILINEAR, box=(x, y, x + crop_w, y + crop_h))
         canvas.paste(reference, record.reference_box[:2])
         side = record.trigger_box[2] - record.trigger_box[0]
         return paste_trigger(canvas, self._patch(side), record.trigger_box, self.trigger_alpha)
@@ -234,6 +235,35 @@ def ctrl_window_pattern(window: int, frequencies: Sequence[Sequence[int]], magni
     return idct2(spectrum)
 
 
+def ctrl_rgb_delta(
+    width: int,
+    height: int,
+    *,
+    window: int,
+    frequencies: Sequence[Sequence[int]],
+    magnitude: float,
+    channels: Sequence[int] = (1, 2),
+) -> np.ndarray:
+    """CTRL's trigger as an RGB change (h, w, 3): YUV, ``magnitude`` added to the DCT coefficients at
+    ``frequencies`` of every full ``window`` x ``window`` block of the chosen YUV channels, back to RGB.
+
+    Every step is linear, so DCT -> add -> inverse DCT of any image equals adding this field (the explicit path is
+    checked in the tests). Partial blocks at the right/bottom edges (sizes not a multiple of the window) get no
+    change."""
+    full_h, full_w = height - height % window, width - width % window
+    delta_yuv = np.zeros((height, width, 3), dtype=np.float64)
+    if full_h and full_w:
+        tile = np.tile(ctrl_window_pattern(window, frequencies, magnitude), (full_h // window, full_w // window))
+        for channel in channels:
+            delta_yuv[:full_h, :full_w, channel] = tile
+    return (delta_yuv @ _YUV_TO_RGB.T).astype(np.float32)
+
+
+def add_rgb_delta(image: Image.Image, delta: np.ndarray) -> Image.Image:
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) + delta
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+
 def apply_ctrl(
     image: Image.Image,
     *,
@@ -242,21 +272,11 @@ def apply_ctrl(
     magnitude: float,
     channels: Sequence[int] = (1, 2),
 ) -> Image.Image:
-    """CTRL's trigger: RGB (0-255) -> YUV, add ``magnitude`` to the DCT coefficients at ``frequencies`` of every
-    full ``window`` x ``window`` block of the chosen YUV channels, back to RGB, round and clip. Pixels of partial
-    blocks at the right/bottom edges (sizes not a multiple of the window) are left unchanged."""
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    height, width = rgb.shape[:2]
-    full_h, full_w = height - height % window, width - width % window
-    if full_h == 0 or full_w == 0:
-        return image.copy()
-    yuv = rgb @ _RGB_TO_YUV.T
-    tile = np.tile(ctrl_window_pattern(window, frequencies, magnitude), (full_h // window, full_w // window))
-    for channel in channels:
-        yuv[:full_h, :full_w, channel] += tile
-    out = rgb.copy()
-    out[:full_h, :full_w] = yuv[:full_h, :full_w] @ _YUV_TO_RGB.T
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB")
+    """CTRL's trigger on an RGB image (0-255): see ``ctrl_rgb_delta``; rounded and clipped to uint8."""
+    delta = ctrl_rgb_delta(
+        image.width, image.height, window=window, frequencies=frequencies, magnitude=magnitude, channels=channels
+    )
+    return add_rgb_delta(image, delta)
 
 
 class CTRL(Attack):
@@ -328,9 +348,19 @@ class CTRL(Attack):
         return self._apply(canvas, self.magnitude)
 
     def _apply(self, image: Image.Image, magnitude: float) -> Image.Image:
-        return apply_ctrl(
-            image, window=self.window_size, frequencies=self.frequencies, magnitude=magnitude, channels=self.channels
-        )
+        key = ("ctrl", image.width, image.height, magnitude)
+        delta = self._cache.get(key)
+        if delta is None:
+            delta = ctrl_rgb_delta(
+                image.width,
+                image.height,
+                window=self.window_size,
+                frequencies=self.frequencies,
+                magnitude=magnitude,
+                channels=self.channels,
+            )
+            self._cache[key] = delta
+        return add_rgb_delta(image, delta)
 
     def test_trigger(self, image: Image.Image, key: str) -> Image.Image:
         """Global: the frequency trigger over the whole test image (full windows), at ``test_magnitude``."""
