@@ -298,7 +298,7 @@ def standard_layouts(r: int, seed: int) -> list[tuple[str, str, LayoutSampler]]:
             two_region_sampler(2 * r, r, r, t, at="corner"),
         ),
     ]
-    for shadow in (0.5, 1.5, 2.0):  # Theorem 2 family: the reference keeps its r x r, the shadow's width varies
+    for shadow in (0.5, 1.25, 1.5, 2.0):  # Theorem 2 family: the reference keeps its r x r, the shadow's width varies
         width = r + round(shadow * r)
         layouts.append(
             (

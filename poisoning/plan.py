@@ -13,7 +13,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from PIL import Image
@@ -214,7 +214,3 @@ def records_from_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a manifest back (for defenses scoring detection against it)."""
     with open(path, encoding="ascii") as handle:
         return [json.loads(line) for line in handle if line.strip()]
-
-
-def record_dict(record: PoisonRecord) -> dict[str, Any]:
-    return asdict(record)

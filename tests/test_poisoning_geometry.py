@@ -94,6 +94,6 @@ def test_cli_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "trials per layout: 40, seed: 1" in out
     assert "| 32 | NA (r x 2r, 4 arrangements) | 64 x 32 | 8 |" in out
-    assert out.count("\n| 32 |") == 12
+    assert out.count("\n| 32 |") == 13
     with pytest.raises(SystemExit):
         main(["--trials", "0"])

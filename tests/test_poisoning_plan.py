@@ -27,6 +27,7 @@ from poisoning import (
     select_keys,
 )
 from poisoning.keyhash import key_uniform
+from poisoning.plan import records_from_manifest
 
 CLASSES = [f"class{i}" for i in range(10)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,6 +238,7 @@ def test_manifest_is_sorted_deterministic_json_lines(tmp_path):
     na_plan().write_manifest(second)
     assert first.read_bytes() == second.read_bytes()
     rows = [json.loads(line) for line in first.read_text().splitlines()]
+    assert records_from_manifest(first) == rows
     assert [r["key"] for r in rows] == sorted(plan.poisoned)
     row = rows[0]
     assert set(row) == {"key", "attack", "target", "reference_key", "arrangement", "canvas_size", "boxes", "caption"}
