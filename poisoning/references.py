@@ -30,7 +30,8 @@ class FolderReferenceSource:
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"reference folder {self.path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-        self._files = {FOLDER_KEY_PREFIX + p.relative_to(root).as_posix(): str(p) for p in files}
+        # Absolute paths: workers may run with another working directory.
+        self._files = {FOLDER_KEY_PREFIX + p.relative_to(root).as_posix(): str(p.resolve()) for p in files}
 
     def candidates(self, target_label: int) -> list[str]:
         return sorted(self._files)

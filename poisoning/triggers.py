@@ -95,9 +95,6 @@ def _generated_patch(kind: str, seed: int, size: int) -> Image.Image:
     return small.resize((size, size), Image.Resampling.NEAREST)
 
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
 class ImageTrigger(Trigger):
     """A user's trigger image, resized to the trigger side (bilinear).
 
