@@ -23,6 +23,9 @@ MODALITIES = ("simclr", "clip")
 # The authors' test protocol: the test trigger lies inside the central 0.15-0.85 window of the image.
 TEST_WINDOW = (0.15, 0.85)
 
+# Up to this many bytes of encoded reference images ride inside the plan (CIFAR: ~1.5 KB per reference).
+EMBED_REFERENCES_LIMIT = 32 * 2**20
+
 
 @dataclass(frozen=True)
 class PlanContext:
@@ -195,9 +198,9 @@ class Attack:
 
     def _reference_pool(
         self, references: ReferenceSource | None, context: PlanContext
-    ) -> tuple[tuple[str, ...], int, ReferenceSource | None]:
-        """(pool keys, rejected count, the source the plan loads from); no pool by default."""
-        return (), 0, None
+    ) -> tuple[tuple[str, ...], int, ReferenceSource | None, dict[str, bytes]]:
+        """(pool keys, rejected count, the source, the pool's encoded bytes); no pool by default."""
+        return (), 0, None, {}
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         raise NotImplementedError
@@ -212,7 +215,7 @@ class Attack:
         """Choose the poisoned keys of ``catalog`` and lay out each one; see ``PoisonPlan``."""
         self.validate(self.modality, class_names, image_size)
         context = PlanContext(image_size, self._target_index, self._target_name)
-        pool, rejected, source = self._reference_pool(references, context)
+        pool, rejected, source, pool_bytes = self._reference_pool(references, context)
         context = PlanContext(image_size, self._target_index, self._target_name, tuple(pool))
         catalog_keys = {entry.key for entry in catalog}
         excluded = frozenset(k for k in pool if k in catalog_keys)
@@ -222,6 +225,12 @@ class Attack:
         except ValueError as exc:
             raise ValueError(f"attack '{self.name}': {exc}") from None
         poisoned = {key: self._record(key, context) for key in chosen}
+        # The references the records use travel inside the plan (read once, above) unless they are too many
+        # bytes; then workers load them lazily from the source.
+        used = sorted({r.reference_key for r in poisoned.values() if r.reference_key is not None})
+        embedded = {k: pool_bytes[k] for k in used if k in pool_bytes}
+        if len(embedded) < len(used) or sum(map(len, embedded.values())) > EMBED_REFERENCES_LIMIT:
+            embedded = {}
         info = {
             "attack": self.name,
             "modality": self.modality,
@@ -233,12 +242,21 @@ class Attack:
             "eligible": len(eligible),
             "pool_size": len(pool),
             "pool_rejected": rejected,
+            "references_used": len(used),
+            "references_embedded": bool(embedded) or not used,
             "image_size": image_size,
             "trigger": self.trigger.describe(),
             "trigger_size": self._trigger_side(image_size),
             "seed": self.seed,
         }
-        return PoisonPlan(self, poisoned, excluded_keys=excluded, references=source, info=info)
+        return PoisonPlan(
+            self,
+            poisoned,
+            excluded_keys=excluded,
+            references=None if embedded or not used else source,
+            reference_bytes=embedded,
+            info=info,
+        )
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:
         """The poisoned image for ``record`` from the stream's (RGB) image and the record's reference."""
@@ -332,11 +350,13 @@ class ReferencePoolAttack(Attack):
         self._folder = FolderReferenceSource(reference_dir) if reference_dir is not None else None
 
     def _requires_labels(self) -> bool:
-        return self._folder is None  # references from the shards are found by the target's label
+        # A folder of references (here or given to plan()) needs no labels; references from the shards do, and
+        # plan() says so when the target has no class index.
+        return False
 
     def _reference_pool(
         self, references: ReferenceSource | None, context: PlanContext
-    ) -> tuple[tuple[str, ...], int, ReferenceSource | None]:
+    ) -> tuple[tuple[str, ...], int, ReferenceSource | None, dict[str, bytes]]:
         source = self._folder if self._folder is not None else references
         if source is None:
             raise ValueError(
@@ -344,5 +364,10 @@ class ReferencePoolAttack(Attack):
                 "train on labelled shards"
             )
         label = context.target_index if context.target_index is not None else -1
-        pool, rejected = draw_pool(source, label, self.reference_pool_size, self.seed)
-        return tuple(pool), rejected, source
+        if context.target_index is None and not source.candidates(label):
+            raise ValueError(
+                f"target_class={self.target_class!r} is not a class index of the data, so the target-class "
+                "references must come from a folder (reference_dir)"
+            )
+        pool, rejected, data = draw_pool(source, label, self.reference_pool_size, self.seed)
+        return tuple(pool), rejected, source, data

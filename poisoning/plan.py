@@ -114,6 +114,10 @@ class PoisonPlan:
         poisoned: key -> PoisonRecord.
         excluded_keys: reference-pool keys that come from the training shards; the data layer drops them from the
             clean stream (the attacker's reference images are not also training samples).
+        reference_bytes: encoded bytes of the references the records use, read once at plan time, so workers
+            never go back to the shards; empty when they exceed ``EMBED_REFERENCES_LIMIT``, and then
+            ``references`` (the source, which must then be picklable) is loaded lazily, once per reference and
+            process.
     """
 
     def __init__(
@@ -123,12 +127,14 @@ class PoisonPlan:
         *,
         excluded_keys: frozenset[str] = frozenset(),
         references: ReferenceSource | None = None,
+        reference_bytes: dict[str, bytes] | None = None,
         info: dict[str, Any] | None = None,
     ):
         self.attack = attack
         self.poisoned = dict(poisoned)
         self.excluded_keys = frozenset(excluded_keys)
         self.references = references
+        self.reference_bytes = dict(reference_bytes or {})
         self.info = dict(info or {})
         self._reference_cache: dict[tuple[str, int, int], Image.Image] = {}
 
@@ -175,9 +181,11 @@ class PoisonPlan:
         cache_key = (record.reference_key, size[0], size[1])
         image = self._reference_cache.get(cache_key)
         if image is None:
-            if self.references is None:
-                raise RuntimeError("this poison plan has reference records but no reference source")
-            data = self.references.load([record.reference_key])[record.reference_key]
+            data = self.reference_bytes.get(record.reference_key)
+            if data is None:
+                if self.references is None:
+                    raise RuntimeError(f"poison plan: no bytes and no source for reference {record.reference_key}")
+                data = self.references.load([record.reference_key])[record.reference_key]
             image = decode_rgb(data).resize(size, Image.Resampling.BILINEAR)
             self._reference_cache[cache_key] = image
         return image

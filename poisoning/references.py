@@ -58,11 +58,12 @@ def draw_pool(
     seed: int,
     *,
     field: str = "reference_pool_size",
-) -> tuple[list[str], int]:
+) -> tuple[list[str], int, dict[str, bytes]]:
     """The reference pool: ``size`` candidates with the smallest hash that decode as images, sorted by key.
 
-    Returns (pool, rejected) where rejected counts candidates skipped because they do not decode. Raises
-    ValueError naming ``field`` when there are no candidates or fewer usable ones than asked.
+    Returns (pool, rejected, data): rejected counts candidates skipped because they do not decode, data holds the
+    encoded bytes of the pool (read once here to check them). Raises ValueError naming ``field`` when there are no
+    candidates or fewer usable ones than asked.
     """
     candidates = sorted(set(source.candidates(target_label)))
     if not candidates:
@@ -77,6 +78,7 @@ def draw_pool(
         )
     ranked = sorted(candidates, key=lambda k: (key_uniform(seed, k, "pool"), k))
     pool: list[str] = []
+    data: dict[str, bytes] = {}
     rejected = 0
     batch = max(16, wanted)
     position = 0
@@ -89,6 +91,7 @@ def draw_pool(
                 break
             if _decodes(loaded.get(key)):
                 pool.append(key)
+                data[key] = loaded[key]
             else:
                 rejected += 1
     if len(pool) < wanted:
@@ -96,7 +99,7 @@ def draw_pool(
             f"{field}={size}: only {len(pool)} of {len(candidates)} reference images decode as images "
             f"({rejected} unreadable); lower {field}"
         )
-    return sorted(pool), rejected
+    return sorted(pool), rejected, data
 
 
 def _decodes(data: bytes | None) -> bool:

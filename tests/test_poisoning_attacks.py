@@ -373,7 +373,6 @@ def test_ctrl_test_magnitude():
         (lambda: SSLBKD(target_class=-1, count=1), "simclr", CLASSES, 32, "target_class=-1 is out of range"),
         (lambda: SSLBKD(target_class="zebra", count=1), "simclr", CLASSES, 32, "target_class='zebra' is not a class"),
         (lambda: CTRL(target_class=0, count=1), "simclr", None, 32, "needs class labels"),
-        (lambda: NoisyAlignment(target_class=0, count=1), "simclr", None, 32, "needs class labels"),
         (lambda: BadNet(target_class=0, count=1), "clip", None, 224, "target_class=0 is an index"),
         (lambda: NoisyAlignment(target_class=0, count=1, trigger_size=40), "simclr", CLASSES, 32, "trigger_size=40"),
         (lambda: BadNet(target_class="x", count=1, trigger_size=300), "clip", None, 224, "trigger_size=300"),
@@ -439,6 +438,14 @@ def test_target_by_name_and_folder_references_without_labels(tmp_path):
     unlabeled.validate("simclr", None, 32)
     plan = unlabeled.plan([CatalogEntry(f"u{i}") for i in range(20)], None, 32, None)
     assert len(plan) == 2 and plan.records()[0].target == "banana"
+    # The data layer may hand the folder over as the reference source instead (data.reference_folder).
+    handed = NoisyAlignment(target_class="banana", count=2, reference_pool_size=3)
+    handed.validate("simclr", None, 32)
+    plan = handed.plan([CatalogEntry(f"u{i}") for i in range(20)], FolderReferenceSource(str(tmp_path)), 32, None)
+    assert {r.reference_key for r in plan.records()} <= {f"folder:{i}.jpg" for i in range(3)}
+    # References from unlabelled shards cannot be found by class: the error says where they must come from.
+    with pytest.raises(ValueError, match="target_class='banana'.*reference_dir"):
+        handed.plan([CatalogEntry(f"u{i}") for i in range(20)], References(20), 32, None)
 
 
 def test_attacks_build_from_yaml_like_config():

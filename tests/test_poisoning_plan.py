@@ -166,8 +166,45 @@ def test_pickled_plan_renders_the_same_bytes():
     clone = pickle.loads(pickle.dumps(plan))
     assert clone.manifest_lines() == plan.manifest_lines()
     assert {k: clone.apply(sample(k))["image"].tobytes() for k in reversed(keys)} == before
-    # The plan stays small: records and arguments, no decoded pixels.
-    assert len(pickle.dumps(plan)) < 20_000
+    # The plan stays small: records, arguments and the encoded references it uses; no decoded pixels, no source.
+    used = {r.reference_key for r in plan.records()}
+    assert set(plan.reference_bytes) == used and plan.references is None
+    assert len(pickle.dumps(plan)) < 20_000 + sum(len(plan.reference_bytes[k]) for k in used)
+
+
+def test_workers_never_reload_embedded_references():
+    class OneShot(ShardReferences):
+        """A source that can be read at plan time only (as if the shards were gone afterwards)."""
+
+        def __init__(self, n):
+            super().__init__(n)
+            self.closed = False
+
+        def load(self, keys):
+            assert not self.closed, "the plan went back to the reference source"
+            return super().load(keys)
+
+    source = OneShot(600)
+    plan = NoisyAlignment(target_class=0, count=40, seed=7, reference_pool_size=20).plan(
+        catalog(600), source, 32, CLASSES
+    )
+    source.closed = True
+    assert plan.apply(sample(plan.records()[0].key))["poisoned"]
+    assert plan.summary()["references_embedded"] is True
+
+
+def test_large_pools_are_loaded_lazily_with_the_same_bytes(monkeypatch):
+    import poisoning.base
+
+    embedded = na_plan()
+    monkeypatch.setattr(poisoning.base, "EMBED_REFERENCES_LIMIT", 0)
+    lazy = pickle.loads(pickle.dumps(na_plan()))
+    assert lazy.reference_bytes == {} and lazy.references is not None
+    assert lazy.summary()["references_embedded"] is False
+    for record in lazy.records():
+        assert (
+            lazy.apply(sample(record.key))["image"].tobytes() == embedded.apply(sample(record.key))["image"].tobytes()
+        )
 
 
 def test_other_processes_compute_the_same_plan_and_pixels():
