@@ -134,6 +134,20 @@ class Attack:
     def _requires_labels(self) -> bool:
         return self.needs_labels
 
+    def target_index(self, class_names: list[str] | None) -> int | None:
+        """The target as an index into ``class_names`` (e.g. the evaluation classes, for ASR), or None when the
+        target is a name that is not one of them (a free CLIP target text such as "banana"). No side effects."""
+        target = self.target_class
+        if isinstance(target, int):
+            if class_names is not None and not 0 <= target < len(class_names):
+                raise ValueError(
+                    f"target_class={target} is out of range: the data has {len(class_names)} classes "
+                    f"(0..{len(class_names) - 1})"
+                )
+            return target
+        names = list(class_names) if class_names is not None else []
+        return names.index(target) if target in names else None
+
     def _resolve_target(self, class_names: list[str] | None) -> tuple[int | None, str | None]:
         target = self.target_class
         if class_names is not None:

@@ -496,3 +496,13 @@ def test_every_attack_is_exported():
     }
     for name, cls in poisoning.ATTACKS.items():
         assert cls.modality in ("simclr", "clip") and cls.name == name
+
+
+def test_target_index_for_evaluation():
+    assert NoisyAlignment(target_class="class3", count=1).target_index(CLASSES) == 3
+    assert NoisyAlignment(target_class=4, count=1).target_index(CLASSES) == 4
+    assert NoisyAlignment(target_class=4, count=1).target_index(None) == 4
+    assert BadNet(target_class="banana", count=1).target_index(CLASSES) is None  # free CLIP target text
+    assert BadNet(target_class="banana", count=1).target_index(None) is None
+    with pytest.raises(ValueError, match="target_class=12 is out of range"):
+        SSLBKD(target_class=12, count=1).target_index(CLASSES)
