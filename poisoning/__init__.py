@@ -1,0 +1,43 @@
+"""Poisoning for contrastive pretraining: triggers, Noisy Alignment, baseline attacks, the poison plan.
+
+This package knows nothing of Lightning or the data layer: the data layer builds a catalog of training keys,
+calls ``attack.validate(...)`` and ``attack.plan(...)``, and applies ``plan.apply(sample)`` in its workers.
+"""
+
+from poisoning.base import Attack
+from poisoning.clip_baselines import SIG, BadNet, Blended, WaNet
+from poisoning.noisy_alignment import NoisyAlignment, NoisyAlignmentCLIP
+from poisoning.plan import CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource, select_keys
+from poisoning.references import FolderReferenceSource
+from poisoning.simclr_baselines import CTRL, SSLBKD, CorruptEncoder
+from poisoning.triggers import GeneratedTrigger, ImageTrigger, Trigger, default_trigger_size, paste_trigger
+
+ATTACKS = {
+    cls.name: cls
+    for cls in (NoisyAlignment, NoisyAlignmentCLIP, SSLBKD, CorruptEncoder, CTRL, BadNet, Blended, WaNet, SIG)
+}
+
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "BadNet",
+    "Blended",
+    "CTRL",
+    "CatalogEntry",
+    "CorruptEncoder",
+    "FolderReferenceSource",
+    "GeneratedTrigger",
+    "ImageTrigger",
+    "NoisyAlignment",
+    "NoisyAlignmentCLIP",
+    "PoisonPlan",
+    "PoisonRecord",
+    "ReferenceSource",
+    "SIG",
+    "SSLBKD",
+    "Trigger",
+    "WaNet",
+    "default_trigger_size",
+    "paste_trigger",
+    "select_keys",
+]
