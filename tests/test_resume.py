@@ -1,0 +1,99 @@
+"""Exact resume: stop a poisoned run mid-epoch after a checkpoint, resume it, and match an uninterrupted run bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_modules.cli import main
+from lightning_modules.run_dir import config_differences
+
+
+class InterruptAfterStep(L.Callback):
+    """Simulates a preemption: stops the process right after global step ``step`` (its checkpoint is written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt  # Lightning's graceful-shutdown path, as on SIGTERM
+
+
+def common_args(shards: Path, run: Path, model: list[str], data: list[str], attack: list[str]) -> list[str]:
+    return [
+        *model,
+        *data,
+        *attack,
+        f"--data.train_shards={shards}/train.index.json",
+        "--data.val_shards=null",
+        "--data.num_workers=2",
+        "--data.shuffle_buffer=40",
+        "--trainer.max_epochs=2",
+        "--trainer.deterministic=true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=0",
+        "--checkpoint.every_n_train_steps=3",
+        f"--trainer.default_root_dir={run}",
+    ]
+
+
+SIMCLR = (
+    ["--model=lightning_modules.SimCLR", "--model.width=8", "--model.proj_hidden_dim=32", "--model.optimizer=lars"],
+    ["--data=datamodules.SimCLRDataModule", "--data.batch_size=16"],
+    [
+        "--data.attack=poisoning.NoisyAlignment",
+        "--data.attack.target_class=1",
+        "--data.attack.rate=0.2",
+        "--data.attack.reference_pool_size=10",
+    ],
+)
+CLIP = (
+    ["--model=lightning_modules.CLIP", "--model.model_name=clip-tiny-vit"],
+    ["--data=datamodules.CLIPDataModule", "--data.model_name=clip-tiny-vit", "--data.batch_size=16"],
+    ["--data.attack=poisoning.BadNet", "--data.attack.target_class=banana", "--data.attack.rate=0.2"],
+)
+
+
+@pytest.mark.parametrize("method", [SIMCLR, CLIP], ids=["simclr", "clip"])
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path, make_shards, method):
+    model, data, attack = method
+    shards = make_shards(n=160, per_shard=40, captions=True)  # 10 steps per epoch, 20 in all
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+
+    assert main(["fit", *common_args(shards, straight, model, data, attack)]) == 0
+    interrupt = ["--trainer.callbacks+=tests.test_resume.InterruptAfterStep", "--trainer.callbacks.step=13"]
+    main(["fit", *common_args(shards, interrupted, model, data, attack), *interrupt])
+    checkpoints = sorted(p.name for p in (interrupted / "checkpoints").glob("*.ckpt"))
+    assert "epoch=1-step=12.ckpt" in checkpoints  # mid-epoch: the second epoch started at step 10
+    assert not (interrupted / "fit_finished.json").exists()
+    resume = ["--ckpt_path", str(interrupted / "checkpoints" / "epoch=1-step=12.ckpt")]
+    assert main(["fit", *common_args(shards, interrupted, model, data, attack), *resume]) == 0
+
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 20
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert a["clbd_counters"] == b["clbd_counters"]  # poisoned samples seen, skips: counted once, not twice
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, make_shards):
+    model, data, attack = SIMCLR
+    shards = make_shards(n=160, per_shard=40)
+    run = tmp_path / "run"
+    interrupt = ["--trainer.callbacks+=tests.test_resume.InterruptAfterStep", "--trainer.callbacks.step=4"]
+    main(["fit", *common_args(shards, run, model, data, attack), *interrupt])
+    changed = [*common_args(shards, run, model, data, attack), "--model.temperature=0.2"]
+    resume = ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+    assert main(["fit", *changed, *resume]) == 2
+    assert main(["fit", *common_args(shards, run, model, data, attack)]) == 2  # no --ckpt_path: refused too
+
+
+def test_config_differences_name_the_field():
+    saved = {"model": {"class_path": "x", "init_args": {"lr": 0.1}}, "data": {"init_args": {"eval_batch_size": 8}}}
+    now = {"model": {"class_path": "x", "init_args": {"lr": 0.2}}, "data": {"init_args": {"eval_batch_size": 16}}}
+    assert config_differences(saved, now) == ["model.lr: checkpoint 0.1, now 0.2"]
