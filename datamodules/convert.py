@@ -397,12 +397,19 @@ def write_split(
         result.faults = faults
     if not samples:
         skipped = {k: v for k, v in result.faults.as_dict().items() if v}
-        raise ValueError(f"{source.get('path') or source.get('images') or out}: no sample to write for {prefix!r}"
-                         + (f" (skipped: {skipped})" if skipped else " (the source is empty)"))
+        raise ValueError(
+            f"{source.get('path') or source.get('images') or out}: no sample to write for {prefix!r}"
+            + (f" (skipped: {skipped})" if skipped else " (the source is empty)")
+        )
     sink = ShardSink(out, prefix, maxcount=maxcount, overwrite=overwrite, classes=classes, source=source)
     with sink:
-        for sample in tqdm(samples, desc=f"{source.get('converter', 'convert')} {prefix}", unit="img",
-                           disable=not progress, dynamic_ncols=True):
+        for sample in tqdm(
+            samples,
+            desc=f"{source.get('converter', 'convert')} {prefix}",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+        ):
             try:
                 members = _sample_members(sample, limits, result.faults)
             except SkipSample as exc:
@@ -478,12 +485,12 @@ def _group_by_class(tree: FileTree, root: str) -> _ClassFiles:
     grouped = _ClassFiles()
     start = f"{root}/" if root else ""
     for folder in tree.dirs():
-        if folder.startswith(start) and "/" not in folder[len(start):] and not _is_hidden(folder[len(start):]):
-            grouped.by_class.setdefault(folder[len(start):], [])
+        if folder.startswith(start) and "/" not in folder[len(start) :] and not _is_hidden(folder[len(start) :]):
+            grouped.by_class.setdefault(folder[len(start) :], [])
     for rel in tree.files():
         if not rel.startswith(start):
             continue
-        inner = rel[len(start):]
+        inner = rel[len(start) :]
         if _is_hidden(inner):
             grouped.faults.add("hidden_file", f"{rel}: hidden file")
             continue
@@ -511,7 +518,7 @@ def _class_samples(
     start = f"{root}/" if root else ""
     rels = sorted((rel, classes.index(name)) for name, items in grouped.by_class.items() for rel in items)
     for rel, label in rels:
-        stem = rel[len(start):].rpartition(".")[0]
+        stem = rel[len(start) :].rpartition(".")[0]
         samples.append(SourceSample(keys(stem), _loader(tree, rel), label=label, name=rel))
     if keys.renamed:
         grouped.faults.add("key_renamed", n=keys.renamed)
@@ -581,11 +588,26 @@ def convert_image_folder(
         source = {
             "converter": "image_folder",
             "path": str(Path(src).resolve()),
-            "options": {"prefix": prefix, "subdir": subdir, "classes": classes and list(classes),
-                        "shuffle_seed": shuffle_seed, **_common_options(maxcount, limits)},
+            "options": {
+                "prefix": prefix,
+                "subdir": subdir,
+                "classes": classes and list(classes),
+                "shuffle_seed": shuffle_seed,
+                **_common_options(maxcount, limits),
+            },
         }
-        result = write_split(out, prefix, samples, classes=order, source=source, maxcount=maxcount,
-                             overwrite=overwrite, limits=limits, progress=progress, faults=grouped.faults)
+        result = write_split(
+            out,
+            prefix,
+            samples,
+            classes=order,
+            source=source,
+            maxcount=maxcount,
+            overwrite=overwrite,
+            limits=limits,
+            progress=progress,
+            faults=grouped.faults,
+        )
     return _report("image_folder", out, [result], started)
 
 
@@ -633,16 +655,35 @@ def convert_cifar10(
         files = tree.files()
         batches = [f for f in files if f.rpartition("/")[2] == "data_batch_1"]
         if batches:
-            results = _cifar10_python(tree, files, batches[0].rpartition("/")[0], src, out,
-                                      overwrite=overwrite, maxcount=maxcount, limits=limits, progress=progress)
+            results = _cifar10_python(
+                tree,
+                files,
+                batches[0].rpartition("/")[0],
+                src,
+                out,
+                overwrite=overwrite,
+                maxcount=maxcount,
+                limits=limits,
+                progress=progress,
+            )
         else:
-            results = _cifar10_folders(tree, files, src, out, overwrite=overwrite, maxcount=maxcount,
-                                       limits=limits, progress=progress, shuffle_seed=shuffle_seed)
+            results = _cifar10_folders(
+                tree,
+                files,
+                src,
+                out,
+                overwrite=overwrite,
+                maxcount=maxcount,
+                limits=limits,
+                progress=progress,
+                shuffle_seed=shuffle_seed,
+            )
     return _report("cifar10", out, results, started)
 
 
-def _cifar10_folders(tree: FileTree, files: list[str], src, out, *, overwrite, maxcount, limits, progress,
-                     shuffle_seed):
+def _cifar10_folders(
+    tree: FileTree, files: list[str], src, out, *, overwrite, maxcount, limits, progress, shuffle_seed
+):
     root = _find_split_root(files)
     if root is None:
         raise ValueError(
@@ -664,9 +705,20 @@ def _cifar10_folders(tree: FileTree, files: list[str], src, out, *, overwrite, m
             "split": split,
             "options": {"shuffle_seed": shuffle_seed, **_common_options(maxcount, limits)},
         }
-        results.append(write_split(out, split, samples, classes=order, source=source, maxcount=maxcount,
-                                   overwrite=overwrite, limits=limits, progress=progress,
-                                   faults=grouped[split].faults))
+        results.append(
+            write_split(
+                out,
+                split,
+                samples,
+                classes=order,
+                source=source,
+                maxcount=maxcount,
+                overwrite=overwrite,
+                limits=limits,
+                progress=progress,
+                faults=grouped[split].faults,
+            )
+        )
     return results
 
 
@@ -711,8 +763,9 @@ def load_cifar_batch(data: bytes, name: str) -> dict[bytes, Any]:
     return batch
 
 
-def _cifar10_python(tree: FileTree, files: list[str], folder: str, src, out, *, overwrite, maxcount, limits,
-                    progress) -> list[SplitResult]:
+def _cifar10_python(
+    tree: FileTree, files: list[str], folder: str, src, out, *, overwrite, maxcount, limits, progress
+) -> list[SplitResult]:
     base = f"{folder}/" if folder else ""
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
     missing = [n for n in needed if f"{base}{n}" not in files]
@@ -727,8 +780,9 @@ def _cifar10_python(tree: FileTree, files: list[str], folder: str, src, out, *, 
     for split, batch_names in (("train", needed[:5]), ("test", ["test_batch"])):
         images, labels = _cifar_arrays(tree, [f"{base}{n}" for n in batch_names], len(classes))
         samples = [
-            SourceSample(f"{split}_{i:06d}", _png_of(images, i), label=int(labels[i]), name=f"{split}[{i}]",
-                         encoded=False)
+            SourceSample(
+                f"{split}_{i:06d}", _png_of(images, i), label=int(labels[i]), name=f"{split}[{i}]", encoded=False
+            )
             for i in range(len(labels))
         ]
         source = {
@@ -739,8 +793,19 @@ def _cifar10_python(tree: FileTree, files: list[str], folder: str, src, out, *, 
             "batches": batch_names,
             "options": _common_options(maxcount, limits),
         }
-        results.append(write_split(out, split, samples, classes=classes, source=source, maxcount=maxcount,
-                                   overwrite=overwrite, limits=limits, progress=progress))
+        results.append(
+            write_split(
+                out,
+                split,
+                samples,
+                classes=classes,
+                source=source,
+                maxcount=maxcount,
+                overwrite=overwrite,
+                limits=limits,
+                progress=progress,
+            )
+        )
     return results
 
 
@@ -817,8 +882,15 @@ def convert_coco_captions(
             samples.append(SourceSample(keys(stem), path.read_bytes, caption=texts[0], meta=meta, name=str(path)))
         else:
             for n, text in enumerate(texts):
-                samples.append(SourceSample(keys(f"{stem}_{n}"), path.read_bytes, caption=text,
-                                            meta={**meta, "caption_index": n}, name=str(path)))
+                samples.append(
+                    SourceSample(
+                        keys(f"{stem}_{n}"),
+                        path.read_bytes,
+                        caption=text,
+                        meta={**meta, "caption_index": n},
+                        name=str(path),
+                    )
+                )
     if keys.renamed:
         faults.add("key_renamed", n=keys.renamed)
     source = {
@@ -827,8 +899,18 @@ def convert_coco_captions(
         "annotations": str(Path(annotations).resolve()),
         "options": {"prefix": prefix, "captions": captions, **_common_options(maxcount, limits)},
     }
-    result = write_split(out, prefix, samples, classes=None, source=source, maxcount=maxcount, overwrite=overwrite,
-                         limits=limits, progress=progress, faults=faults)
+    result = write_split(
+        out,
+        prefix,
+        samples,
+        classes=None,
+        source=source,
+        maxcount=maxcount,
+        overwrite=overwrite,
+        limits=limits,
+        progress=progress,
+        faults=faults,
+    )
     return _report("coco_captions", out, [result], started)
 
 
@@ -839,8 +921,10 @@ def _read_coco(path: Path) -> tuple[list[dict[str, Any]], dict[Any, list[str]], 
         raise FileNotFoundError(f"annotations file does not exist: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"annotations file {path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("images"), list) or not isinstance(
-        raw.get("annotations"), list
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("images"), list)
+        or not isinstance(raw.get("annotations"), list)
     ):
         raise ValueError(f"annotations file {path} must hold lists 'images' and 'annotations' (COCO captions format)")
     faults = FaultCounter()
@@ -917,16 +1001,33 @@ def convert_csv(
             faults.add("caption_missing", f"{where}: empty caption for {rel}")
             continue
         meta = {k: v for k, v in row.items() if k is not None and k != "caption"}
-        samples.append(SourceSample(f"{sanitize_key(prefix)}_{number:0{width}d}", path.read_bytes, caption=caption,
-                                    meta=meta, name=str(path)))
+        samples.append(
+            SourceSample(
+                f"{sanitize_key(prefix)}_{number:0{width}d}",
+                path.read_bytes,
+                caption=caption,
+                meta=meta,
+                name=str(path),
+            )
+        )
     source = {
         "converter": "csv",
         "path": str(csv_path.resolve()),
         "root": str(base.resolve()),
         "options": {"prefix": prefix, "delimiter": delimiter, **_common_options(maxcount, limits)},
     }
-    result = write_split(out, prefix, samples, classes=None, source=source, maxcount=maxcount, overwrite=overwrite,
-                         limits=limits, progress=progress, faults=faults)
+    result = write_split(
+        out,
+        prefix,
+        samples,
+        classes=None,
+        source=source,
+        maxcount=maxcount,
+        overwrite=overwrite,
+        limits=limits,
+        progress=progress,
+        faults=faults,
+    )
     return _report("csv", out, [result], started)
 
 

@@ -268,6 +268,13 @@ class ShardDataModule(L.LightningDataModule):
             name=split,
         )
 
+    def train_batches_per_rank(self) -> int:
+        """Batches each rank takes per epoch (from the index counts; no shard is read)."""
+        stream = self.train_stream()
+        rank, world_size = self.world()
+        stream.configure(rank=rank, world_size=world_size, num_workers=self.num_workers)
+        return len(stream)
+
     def train_dataloader(self) -> StreamLoader:
         return self._loader(self.train_stream())
 

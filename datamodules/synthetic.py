@@ -79,8 +79,10 @@ CAPTION_TEMPLATES = (
 
 
 def _regular(n: int, radius: float = 1.0, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
-    return [(radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (radius * math.cos(phase + 2 * math.pi * k / n), radius * math.sin(phase + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _star(points: int = 5, inner: float = 0.42) -> list[tuple[float, float]]:
@@ -127,8 +129,22 @@ _OUTLINES: dict[str, list[list[tuple[float, float]]]] = {
     "triangle": [_regular(3)],
     "diamond": [[(0.0, -1.0), (0.55, 0.0), (0.0, 1.0), (-0.55, 0.0)]],
     "star": [_star()],
-    "cross": [[(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1), (-0.3, 1), (-0.3, 0.3),
-               (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]],
+    "cross": [
+        [
+            (-0.3, -1),
+            (0.3, -1),
+            (0.3, -0.3),
+            (1, -0.3),
+            (1, 0.3),
+            (0.3, 0.3),
+            (0.3, 1),
+            (-0.3, 1),
+            (-0.3, 0.3),
+            (-1, 0.3),
+            (-1, -0.3),
+            (-0.3, -0.3),
+        ]
+    ],
     "ring": [_regular(64), _regular(64, 0.55)],
     "crescent": [_crescent()],
     "heart": [_heart()],
@@ -158,8 +174,9 @@ def _contrasting(avoid: Sequence[np.ndarray], shape: np.ndarray | None, side: fl
     return allowed
 
 
-def _pick_color(rng: np.random.Generator, avoid: Sequence[np.ndarray] = (), shape: np.ndarray | None = None,
-                side: float = 0.0) -> tuple[str, np.ndarray]:
+def _pick_color(
+    rng: np.random.Generator, avoid: Sequence[np.ndarray] = (), shape: np.ndarray | None = None, side: float = 0.0
+) -> tuple[str, np.ndarray]:
     """A named colour (with jitter) at least MIN_CONTRAST (RGB distance) away from every colour in ``avoid``.
 
     When ``shape`` (the shape's colour) is given, also MIN_LUMA_CONTRAST away from it in luminance (the shape stays
@@ -219,8 +236,9 @@ def _shape_mask(label: int, size: int, center: tuple[float, float], radius: floa
     return np.asarray(small, dtype=np.float64)[..., None] / 255.0
 
 
-def render_shape(rng: np.random.Generator, label: int, image_size: int = DEFAULT_IMAGE_SIZE
-                 ) -> tuple[np.ndarray, dict[str, Any]]:
+def render_shape(
+    rng: np.random.Generator, label: int, image_size: int = DEFAULT_IMAGE_SIZE
+) -> tuple[np.ndarray, dict[str, Any]]:
     """One HxWx3 uint8 image of class ``label`` and the attributes drawn (for the caption and ``key.json``)."""
     scale = float(rng.uniform(0.5, 0.9))  # shape diameter as a share of the image side
     radius = scale / 2
@@ -247,8 +265,9 @@ def render_shape(rng: np.random.Generator, label: int, image_size: int = DEFAULT
 def caption_for(rng: np.random.Generator, attributes: dict[str, Any]) -> str:
     size = "small " if attributes["scale"] < 0.62 else "large " if attributes["scale"] > 0.78 else ""
     template = CAPTION_TEMPLATES[int(rng.integers(len(CAPTION_TEMPLATES)))]
-    caption = template.format(size=size, color=attributes["color"], shape=attributes["shape"],
-                              background=attributes["background_word"])
+    caption = template.format(
+        size=size, color=attributes["color"], shape=attributes["shape"], background=attributes["background_word"]
+    )
     return re.sub(r"\ba (?=[aeiou])", "an ", caption)  # "an orange circle", "an arrow"
 
 
@@ -264,8 +283,9 @@ def _sample(seed: int, split: str, index: int, label: int, image_size: int) -> d
     }
 
 
-def render_grid(*, per_class: int = 12, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, zoom: int = 3
-                ) -> Image.Image:
+def render_grid(
+    *, per_class: int = 12, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, zoom: int = 3
+) -> Image.Image:
     """A preview: one row per class, ``per_class`` training images each, enlarged ``zoom`` times (nearest)."""
     labels = _labels(seed, "train", max(per_class * len(SHAPE_CLASSES) * 4, 400))
     rows = []
@@ -290,8 +310,14 @@ def _labels(seed: int, split: str, n: int) -> np.ndarray:
 # Writing
 
 
-def shapes_params(*, seed: int = 0, n_train: int = DEFAULT_SIZES["train"], n_val: int = DEFAULT_SIZES["val"],
-                  n_test: int = DEFAULT_SIZES["test"], image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Any]:
+def shapes_params(
+    *,
+    seed: int = 0,
+    n_train: int = DEFAULT_SIZES["train"],
+    n_val: int = DEFAULT_SIZES["val"],
+    n_test: int = DEFAULT_SIZES["test"],
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> dict[str, Any]:
     """The full parameter set (recorded in each index's ``source``; equal parameters give equal bytes)."""
     sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
     for name, value in sizes.items():
@@ -332,10 +358,12 @@ def generate_shapes(
         source = {"converter": "synthetic_shapes", "split": split, "params": params}
         labels = _labels(seed, split, sizes[split])
         width = max(6, len(str(sizes[split] - 1)))
-        with ShardSink(out, split, maxcount=maxcount, overwrite=overwrite, classes=SHAPE_CLASSES,
-                       source=source) as sink:
-            for i in tqdm(range(sizes[split]), desc=f"shapes {split}", unit="img", disable=not progress,
-                          dynamic_ncols=True):
+        with ShardSink(
+            out, split, maxcount=maxcount, overwrite=overwrite, classes=SHAPE_CLASSES, source=source
+        ) as sink:
+            for i in tqdm(
+                range(sizes[split]), desc=f"shapes {split}", unit="img", disable=not progress, dynamic_ncols=True
+            ):
                 sink.write(f"{split}_{i:0{width}d}", _sample(seed, split, i, int(labels[i]), image_size))
         report_splits[split] = {
             "written": sink.count,

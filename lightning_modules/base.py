@@ -80,12 +80,27 @@ class ContrastiveModule(L.LightningModule):
             optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum)
         else:
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = self.total_steps()
         warmup = hp.warmup_steps or int(hp.warmup_fraction * total)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run, for the schedule.
+
+        Computed from the data module's own count rather than ``trainer.estimated_stepping_batches``: that one builds
+        and iterates the train loader before a checkpoint's loader state is restored, which would lose exact resume.
+        """
+        trainer = self.trainer
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        per_epoch = trainer.datamodule.train_batches_per_rank()
+        limit = trainer.limit_train_batches
+        per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
+        steps = math.ceil(per_epoch / trainer.accumulate_grad_batches)
+        return max(steps * max(trainer.max_epochs or 1, 1), 1)
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
         return torch.compile(module) if self.hparams.compile else module

@@ -58,6 +58,10 @@ class ClbdCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config the user gave. Lightning would merge the checkpoint's hyper-parameters over it,
+        silently; clbd compares the two instead and refuses a resume whose config differs (``check_run_dir``)."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -65,7 +69,6 @@ class ClbdCLI(LightningCLI):
                 "checkpoint.filename": "{epoch}-{step}",
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": -1,
-                "checkpoint.every_n_epochs": 1,
                 "trainer.default_root_dir": "runs/default",
             }
         )

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from lightning_modules.cli import main
 from lightning_modules.run_dir import config_differences
-
-
-class InterruptAfterStep(L.Callback):
-    """Simulates a preemption: stops the process right after global step ``step`` (its checkpoint is written)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise KeyboardInterrupt  # Lightning's graceful-shutdown path, as on SIGTERM
+from tests.callbacks import SimulatedPreemption
 
 
 def common_args(shards: Path, run: Path, model: list[str], data: list[str], attack: list[str]) -> list[str]:
@@ -61,21 +52,22 @@ CLIP = (
 @pytest.mark.parametrize("method", [SIMCLR, CLIP], ids=["simclr", "clip"])
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path, make_shards, method):
     model, data, attack = method
-    shards = make_shards(n=160, per_shard=40, captions=True)  # 10 steps per epoch, 20 in all
+    shards = make_shards(n=160, per_shard=40, captions=True)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
 
     assert main(["fit", *common_args(shards, straight, model, data, attack)]) == 0
-    interrupt = ["--trainer.callbacks+=tests.test_resume.InterruptAfterStep", "--trainer.callbacks.step=13"]
-    main(["fit", *common_args(shards, interrupted, model, data, attack), *interrupt])
+    interrupt = ["--trainer.callbacks+=tests.callbacks.InterruptAfterStep", "--trainer.callbacks.step=13"]
+    with pytest.raises(SimulatedPreemption):
+        main(["fit", *common_args(shards, interrupted, model, data, attack), *interrupt])
     checkpoints = sorted(p.name for p in (interrupted / "checkpoints").glob("*.ckpt"))
-    assert "epoch=1-step=12.ckpt" in checkpoints  # mid-epoch: the second epoch started at step 10
+    assert "epoch=1-step=12.ckpt" in checkpoints  # mid-epoch: 9 or 10 steps per epoch (NA's pool leaves the stream)
     assert not (interrupted / "fit_finished.json").exists()
     resume = ["--ckpt_path", str(interrupted / "checkpoints" / "epoch=1-step=12.ckpt")]
     assert main(["fit", *common_args(shards, interrupted, model, data, attack), *resume]) == 0
 
     a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 20
+    assert a["global_step"] == b["global_step"] >= 18
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert a["clbd_counters"] == b["clbd_counters"]  # poisoned samples seen, skips: counted once, not twice
@@ -85,8 +77,21 @@ def test_resume_with_a_different_config_is_refused(tmp_path, make_shards):
     model, data, attack = SIMCLR
     shards = make_shards(n=160, per_shard=40)
     run = tmp_path / "run"
-    interrupt = ["--trainer.callbacks+=tests.test_resume.InterruptAfterStep", "--trainer.callbacks.step=4"]
-    main(["fit", *common_args(shards, run, model, data, attack), *interrupt])
+    interrupt = ["--trainer.callbacks+=tests.callbacks.InterruptAfterStep", "--trainer.callbacks.step=4"]
+    # The preempted run dies in its own process, as it would on a cluster.
+    preempted = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_modules.cli",
+            "fit",
+            *common_args(shards, run, model, data, attack),
+            *interrupt,
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert "SimulatedPreemption" in preempted.stderr and (run / "checkpoints" / "last.ckpt").exists()
     changed = [*common_args(shards, run, model, data, attack), "--model.temperature=0.2"]
     resume = ["--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
     assert main(["fit", *changed, *resume]) == 2

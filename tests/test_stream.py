@@ -111,11 +111,13 @@ def test_clip_stream_counts_missing_captions(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_same_samples_and_augmentations_with_any_worker_count(make_shards, workers):
     folder = make_shards(n=240, per_shard=40)  # shards hold whole batches: no remainder is dropped
+
     def run(num_workers):
         dm = SimCLRDataModule(train_shards=str(folder), val_shards=None, batch_size=20, num_workers=num_workers)
         dm.setup("fit")
         batches = collect(dm.train_dataloader())
         return {k: (v0, v1) for b in batches for k, v0, v1 in zip(b["key"], b["views"][0], b["views"][1])}
+
     reference, other = run(0), run(workers)
     assert set(reference) == set(other) and len(reference) == 240
     for key in reference:
