@@ -21,6 +21,7 @@ from poisoning import Attack, FolderReferenceSource
 
 from .builtin import resolve_builtin
 from .catalog import KeyEntry, ShardReferenceSource, scan_catalog
+from .seeding import derive_seed
 from .shards import ShardIndex, ShardSpecError, resolve_shards
 from .stream import ShardStream, default_collate
 from .views import CIFAR10_MEAN, CIFAR10_STD, CLIPPreprocess, SimCLRAugmentation, SimCLRViews, eval_transform
@@ -62,6 +63,10 @@ class ShardDataModule(L.LightningDataModule):
         class_names: names of the labels, when the shard index does not carry them.
         max_val_samples: read at most this many samples of the val shards (fast monitors on big sets).
         min_image_size: images with a smaller side are skipped (and counted).
+        train_fraction: train on a fixed share of the training keys (chosen by a hash of seed and key, the same
+            every epoch) — e.g. a defense's small clean set; None uses all.
+        poison_train: False keeps the training stream clean while evaluation still applies the attack's test-time
+            trigger (defenses fine-tune on clean data and measure ASR with the attack's trigger).
     """
 
     modality: ClassVar[str] = ""
@@ -82,6 +87,8 @@ class ShardDataModule(L.LightningDataModule):
         class_names: list[str] | None = None,
         max_val_samples: int | None = None,
         min_image_size: int = 8,
+        train_fraction: float | None = None,
+        poison_train: bool = True,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -93,6 +100,8 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(
                 f"data.attack: attack {attack.name!r} is for {attack.modality} runs but this is a {self.modality} run"
             )
+        if train_fraction is not None and not 0 < train_fraction <= 1:
+            raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
         if reference_shards and reference_folder:
             raise ValueError("data.reference_shards and data.reference_folder: give one, not both")
         self.train_shards = train_shards
@@ -109,8 +118,11 @@ class ShardDataModule(L.LightningDataModule):
         self._class_names = list(class_names) if class_names else None
         self.max_val_samples = max_val_samples
         self.min_image_size = min_image_size
+        self.train_fraction = train_fraction
+        self.poison_train = poison_train
         self.plan = None
         self._indexes: dict[str, ShardIndex] = {}
+        self._catalog: list[KeyEntry] | None = None
 
     # ---- what the modules ask -----------------------------------------------------------------------------
     @property
@@ -163,10 +175,11 @@ class ShardDataModule(L.LightningDataModule):
         if stage == "fit":
             self.per_rank_batch_size()
             self.index("train")
-            if self.attack is not None:
+            if self.attack is not None and self.poison_train:
                 self.attack.validate(self.modality, self.class_names, self.image_size)
                 self.plan = self.build_plan()
                 self._write_manifest()
+            self._check_train_subset()
         if stage in ("fit", "validate") and self.val_shards:
             self.index("val")
         if stage == "test":
@@ -175,7 +188,27 @@ class ShardDataModule(L.LightningDataModule):
             self.attack.validate(self.modality, self.class_names, self.image_size)
 
     def catalog(self) -> list[KeyEntry]:
-        return scan_catalog(self.index("train"))
+        """Keys and labels of the training shards (read once from tar headers)."""
+        if self._catalog is None:
+            self._catalog = scan_catalog(self.index("train"))
+        return self._catalog
+
+    def _outside_subset(self) -> frozenset[str]:
+        """Training keys left out by ``train_fraction`` (a fixed hash-chosen subset, the same every epoch)."""
+        if self.train_fraction is None or self.train_fraction >= 1:
+            return frozenset()
+        threshold = self.train_fraction * 2**63
+        return frozenset(e.key for e in self.catalog() if derive_seed(self.seed, e.key, "subset") >= threshold)
+
+    def _check_train_subset(self) -> None:
+        if self.train_fraction is None:
+            return
+        kept = len(self.catalog()) - len(self._outside_subset())
+        if kept < self.batch_size:
+            raise ValueError(
+                f"data.train_fraction={self.train_fraction} keeps {kept} of {len(self.catalog())} training samples, "
+                f"fewer than one global batch (data.batch_size={self.batch_size}); raise the fraction or add data"
+            )
 
     def build_plan(self):
         """The poison plan: which keys, which references, which layout. Pure function of config and shards."""
@@ -211,12 +244,11 @@ class ShardDataModule(L.LightningDataModule):
         os.replace(fresh, path)
         (run_dir / "poison_summary.json").write_text(json.dumps(self.plan.summary(), indent=1) + "\n")
 
-    def _excluded_per_shard(self, catalog: list[KeyEntry]) -> dict[str, int]:
-        if self.plan is None or not self.plan.excluded_keys:
-            return {}
+    @staticmethod
+    def _excluded_per_shard(catalog: list[KeyEntry], excluded: frozenset[str]) -> dict[str, int]:
         counts: dict[str, int] = {}
         for entry in catalog:
-            if entry.key in self.plan.excluded_keys:
+            if entry.key in excluded:
                 counts[entry.shard] = counts.get(entry.shard, 0) + 1
         return counts
 
@@ -234,9 +266,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_stream(self) -> ShardStream:
         plan = self.plan
-        if self.attack is not None and plan is None:
+        if self.attack is not None and self.poison_train and plan is None:
             plan = self.plan = self.build_plan()
-        excluded = plan.excluded_keys if plan is not None else frozenset()
+        excluded = (plan.excluded_keys if plan is not None else frozenset()) | self._outside_subset()
         return ShardStream(
             self.index("train"),
             batch_size=self.per_rank_batch_size(),
@@ -249,7 +281,7 @@ class ShardDataModule(L.LightningDataModule):
             need_text=self.modality == "clip",
             poison=plan.apply if plan is not None else _mark_clean,
             excluded_keys=excluded,
-            excluded_per_shard=self._excluded_per_shard(self.catalog()) if excluded else None,
+            excluded_per_shard=self._excluded_per_shard(self.catalog(), excluded) if excluded else None,
             min_image_size=self.min_image_size,
             name="train",
         )

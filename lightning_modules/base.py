@@ -172,3 +172,14 @@ class ContrastiveModule(L.LightningModule):
     @staticmethod
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
+
+    def all_ranks_sum(self, value: int | float) -> float:
+        """Sum of a Python number over ranks (the number itself on one process)."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return value
+        return float(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum"))
+
+
+def nan_if_none(value: float | None) -> float:
+    """Loggers take floats: an undefined rate (None) is logged as NaN."""
+    return float("nan") if value is None else float(value)

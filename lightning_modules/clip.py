@@ -8,11 +8,12 @@ from typing import Any
 
 import open_clip
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.openclip_configs import open_clip_config
 
-from .base import ContrastiveModule
+from .base import ContrastiveModule, nan_if_none
 from .losses import clip_loss
 from .metrics import AttackSuccessRate, asr_definition
 from .zero_shot import build_zero_shot_classifier, templates_by_name
@@ -142,34 +143,48 @@ class CLIP(ContrastiveModule):
             self._metrics["asr_top10"].update(triggered, labels)
         self._n_images += labels.numel()
 
-    def _finish_eval(self, stage: str) -> dict[str, Any]:
+    def _finish_eval(self) -> dict[str, Any]:
         results: dict[str, Any] = {
             "method": "clip",
             "model_name": self.hparams.model_name,
             "zero_shot_templates": self.hparams.zero_shot_templates,
             "clean_accuracy_top1": self._metrics["top1"].compute().item(),
             "clean_accuracy_top5": self._metrics["top5"].compute().item(),
-            "n_images": int(self.trainer.strategy.reduce(torch.tensor(self._n_images, device=self.device), "sum")),
+            "n_images": int(self.all_ranks_sum(self._n_images)),
         }
-        self.log(f"{stage}/zs_top1", results["clean_accuracy_top1"], sync_dist=False)
-        self.log(f"{stage}/zs_top5", results["clean_accuracy_top5"], sync_dist=False)
         if "asr_top1" in self._metrics:
             datamodule = self.trainer.datamodule
-            asr1, asr10 = self._metrics["asr_top1"], self._metrics["asr_top10"]
+            top1, top10 = self._metrics["asr_top1"].summary(), self._metrics["asr_top10"].summary()
             results["attack"] = {
                 "name": datamodule.attack.name,
                 "target": datamodule.target_index,
                 "target_name": datamodule.class_names[datamodule.target_index],
             }
-            top1, top10 = asr1.summary(), asr10.summary()
             results["asr_top1"] = top1["asr"]
             results["asr_top10"] = top10["asr"]
             results["asr_images"] = top1["total"]
             results["asr_definition"] = asr_definition(top1)
-            self.log(f"{stage}/asr_top1", top1["asr"] if top1["asr"] is not None else float("nan"), sync_dist=False)
-            self.log(f"{stage}/asr_top10", top10["asr"] if top10["asr"] is not None else float("nan"), sync_dist=False)
         for metric in self._metrics.values():
             metric.reset()
+        return results
+
+    def log_results(self, stage: str, results: dict[str, Any]) -> None:
+        self.log(f"{stage}/zs_top1", results["clean_accuracy_top1"], sync_dist=False)
+        self.log(f"{stage}/zs_top5", results["clean_accuracy_top5"], sync_dist=False)
+        for key in ("asr_top1", "asr_top10"):
+            if key in results:
+                self.log(f"{stage}/{key}", nan_if_none(results[key]), sync_dist=False)
+
+    def evaluate(self, loader) -> dict[str, Any]:
+        """Zero-shot CA and ASR on ``loader``, outside Lightning's loops (a defense's before / after)."""
+        was_training = self.training
+        self.eval()
+        self._start_eval()
+        with torch.no_grad():
+            for batch in loader:
+                self._eval_step(move_data_to_device(batch, self.device))
+        results = self._finish_eval()
+        self.train(was_training)
         return results
 
     def on_validation_epoch_start(self) -> None:
@@ -179,7 +194,7 @@ class CLIP(ContrastiveModule):
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._finish_eval("val")
+        self.log_results("val", self._finish_eval())
 
     def on_test_epoch_start(self) -> None:
         self._start_eval()
@@ -188,5 +203,6 @@ class CLIP(ContrastiveModule):
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._finish_eval("test")
+        self.test_results = self._finish_eval()
+        self.log_results("test", self.test_results)
         self.write_metrics(self.test_results)

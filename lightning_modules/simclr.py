@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 
 from .backbones import projection_head, resnet_backbone
-from .base import ContrastiveModule
+from .base import ContrastiveModule, nan_if_none
 from .losses import NTXentLoss
 from .metrics import AttackSuccessRate, KNNMonitor, asr_definition
 from .probes import fit_linear_probe, label_fraction_subset
@@ -129,6 +130,25 @@ class SimCLR(ContrastiveModule):
             self.log("val/knn_asr", result["asr"].item(), sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
+        self.test_results = self._frozen_feature_results()
+        self.log_results("test", self.test_results)
+        self.write_metrics(self.test_results)
+
+    def evaluate(self, loaders) -> dict[str, Any]:
+        """kNN and linear probe on ``[bank loader, test loader]``, outside Lightning's loops (defenses)."""
+        was_training = self.training
+        self.eval()
+        self._monitor().reset()
+        with torch.no_grad():
+            for dataloader_idx, loader in enumerate(loaders):
+                for batch in loader:
+                    self._eval_step(move_data_to_device(batch, self.device), dataloader_idx)
+        results = self._frozen_feature_results()
+        self.train(was_training)
+        return results
+
+    def _frozen_feature_results(self) -> dict[str, Any]:
+        """kNN on the bank, and a linear probe trained on a share of the bank's labels (the NA protocol)."""
         monitor = self._monitor()
         knn = monitor.compute()
         with monitor.sync_context(should_sync=self.trainer.world_size > 1):
@@ -147,8 +167,7 @@ class SimCLR(ContrastiveModule):
             probe = fit_linear_probe(train_x, train_y, len(names), epochs=hp.probe_epochs, seed=0)
         clean, triggered = clean.clone(), triggered.clone()
         with torch.no_grad():
-            clean_scores = probe(clean)
-            probe_acc = (clean_scores.argmax(1) == clean_labels).float().mean().item()
+            probe_acc = (probe(clean).argmax(1) == clean_labels).float().mean().item()
         results: dict[str, Any] = {
             "method": "simclr",
             "class_names": names,
@@ -160,21 +179,23 @@ class SimCLR(ContrastiveModule):
                 "label_fraction": hp.probe_label_fraction,
             },
         }
-        self.log("test/knn_acc", results["knn"]["accuracy"], sync_dist=False)
-        self.log("test/probe_acc", probe_acc, sync_dist=False)
         if target is not None and triggered_labels.numel():
-            attack = datamodule.attack
-            asr = AttackSuccessRate(target=target, top_k=1, exclude_target_class=hp.asr_exclude_target)
+            # The features are already every rank's: the probe's ASR must not be summed over ranks again.
+            asr = AttackSuccessRate(target, 1, hp.asr_exclude_target, distributed_available_fn=lambda: False)
             with torch.no_grad():
-                asr.update(probe(triggered), triggered_labels)  # features are already every rank's
+                asr.update(probe(triggered), triggered_labels)
             summary = asr.summary()
-            results["attack"] = {"name": attack.name, "target": target, "target_name": names[target]}
+            results["attack"] = {"name": datamodule.attack.name, "target": target, "target_name": names[target]}
             results["knn"]["asr"] = self.finite(knn["asr"].item())
             results["knn"]["asr_images"] = int(knn["n_triggered"])
             results["linear_probe"]["asr"] = summary["asr"]
             results["linear_probe"]["asr_images"] = summary["total"]
             results["asr_definition"] = asr_definition(summary)
-            self.log("test/knn_asr", results["knn"]["asr"] or float("nan"), sync_dist=False)
-            self.log("test/probe_asr", results["linear_probe"]["asr"] or float("nan"), sync_dist=False)
-        self.test_results = results
-        self.write_metrics(results)
+        return results
+
+    def log_results(self, stage: str, results: dict[str, Any]) -> None:
+        self.log(f"{stage}/knn_acc", results["knn"]["accuracy"], sync_dist=False)
+        self.log(f"{stage}/probe_acc", results["linear_probe"]["accuracy"], sync_dist=False)
+        if "attack" in results:
+            self.log(f"{stage}/knn_asr", nan_if_none(results["knn"]["asr"]), sync_dist=False)
+            self.log(f"{stage}/probe_asr", nan_if_none(results["linear_probe"]["asr"]), sync_dist=False)

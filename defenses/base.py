@@ -1,0 +1,119 @@
+"""What every defense shares: start from a poisoned clbd checkpoint, measure before and after, never touch the source.
+
+A defense is a LightningModule subclass of the pretraining module it repairs (``CLIP`` or ``SimCLR``) with
+``DefenseMixin`` in front. ``clbd fit --config configs/defense/X.yaml --model.init_args.checkpoint RUN/last.ckpt``
+fine-tunes it; at fit start the untouched poisoned model is evaluated on the data module's test split (with the
+attack's test-time trigger), at fit end the defended one, with the same code as ``clbd test``. Both go to
+``defense_metrics.json`` in the defense's own run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+DEFENSE_METRICS = "defense_metrics.json"
+
+
+def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, Any]:
+    """A clbd checkpoint of one of the ``expected`` module classes, or a clear error naming the field."""
+    checkpoint = Path(path)
+    if checkpoint.is_dir():
+        raise ValueError(
+            f"model.checkpoint: {checkpoint} is a DeepSpeed checkpoint folder; give the consolidated file "
+            "clbd wrote beside it (consolidated.ckpt)"
+        )
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"model.checkpoint: no checkpoint file at {checkpoint}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    config = state.get("clbd_run_config") or {}
+    class_path = (config.get("model") or {}).get("class_path", "")
+    kind = class_path.rsplit(".", 1)[-1]
+    if kind not in expected:
+        raise ValueError(
+            f"model.checkpoint: {checkpoint} holds a {kind or 'non-clbd'} model; this defense repairs "
+            f"{' or '.join(expected)} models"
+        )
+    return state
+
+
+class DefenseMixin:
+    """Before/after evaluation and the defense's results file. Put it before the module class in the bases."""
+
+    defense_name: str = ""
+    repairs: tuple[str, ...] = ()
+
+    def init_defense(self, checkpoint: str) -> dict[str, Any]:
+        """Load the poisoned weights into this module (call at the end of ``__init__``); returns the checkpoint."""
+        state = load_poisoned_checkpoint(checkpoint, self.repairs)
+        weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("poisoned_seen")}
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        own = [k for k in missing if not self.is_defense_parameter(k)]
+        if own or unexpected:
+            raise ValueError(
+                f"model.checkpoint: weights do not fit this model (missing {own[:3]}, unexpected {unexpected[:3]}); "
+                "was it trained with another model_name / backbone?"
+            )
+        self.source_checkpoint = str(Path(checkpoint).resolve())
+        self.source_run_config = state.get("clbd_run_config")
+        self.before_results: dict[str, Any] | None = None
+        return state
+
+    def is_defense_parameter(self, name: str) -> bool:
+        """Parameters a defense adds on top of the repaired model (not in the poisoned checkpoint)."""
+        return False
+
+    def eval_loaders(self):
+        """What the repaired module's ``evaluate`` takes (CLIP: the test loader; SimCLR: [bank, test])."""
+        loaders = self.trainer.datamodule.test_dataloader()
+        return loaders
+
+    def check_not_overwriting(self) -> None:
+        run_dir = Path(self.trainer.default_root_dir).resolve()
+        if Path(self.source_checkpoint).is_relative_to(run_dir):
+            raise ValueError(
+                f"trainer.default_root_dir {run_dir} holds the poisoned checkpoint {self.source_checkpoint}; "
+                "a defense writes into its own run directory"
+            )
+
+    def on_fit_start(self) -> None:
+        self.check_not_overwriting()
+        if self.before_results is None:  # a resumed defense keeps the first measurement (from its checkpoint)
+            self.before_results = self.evaluate(self.eval_loaders())
+
+    def finish_fit(self, trainer) -> None:
+        super().finish_fit(trainer)
+        after = self.evaluate(self.eval_loaders())
+        self.write_defense_metrics(after)
+
+    @rank_zero_only
+    def write_defense_metrics(self, after: dict[str, Any]) -> Path:
+        report = {
+            "defense": self.defense_name,
+            "poisoned_checkpoint": self.source_checkpoint,
+            "before": self.before_results,
+            "after": after,
+            "extra": self.defense_report(),
+        }
+        path = Path(self.trainer.default_root_dir) / DEFENSE_METRICS
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def defense_report(self) -> dict[str, Any]:
+        """Defense-specific findings (detection scores, inverted trigger paths, ...)."""
+        return {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["clbd_defense"] = {"source": self.source_checkpoint, "before": self.before_results}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.before_results = (checkpoint.get("clbd_defense") or {}).get("before")
