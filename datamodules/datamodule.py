@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from poisoning import Attack, FolderReferenceSource
+from poisoning import Attack
 
 from .builtin import resolve_builtin
 from .catalog import KeyEntry, ShardReferenceSource, scan_catalog
@@ -58,8 +58,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples (raw bytes) held for shuffling per worker.
         attack: the poisoning attack (``configs/attack/*.yaml``), or None for a clean run.
         reference_shards: labelled shards holding the attacker's reference images; default: the training shards
-            (their reference keys are then removed from the clean stream).
-        reference_folder: a folder of target-class images to use as the reference pool instead.
+            (their reference keys are then removed from the clean stream). A folder of references is the
+            attack's own ``reference_dir``.
         class_names: names of the labels, when the shard index does not carry them.
         max_val_samples: read at most this many samples of the val shards (fast monitors on big sets).
         min_image_size: images with a smaller side are skipped (and counted).
@@ -83,7 +83,6 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 2000,
         attack: Attack | None = None,
         reference_shards: str | None = None,
-        reference_folder: str | None = None,
         class_names: list[str] | None = None,
         max_val_samples: int | None = None,
         min_image_size: int = 8,
@@ -102,8 +101,6 @@ class ShardDataModule(L.LightningDataModule):
             )
         if train_fraction is not None and not 0 < train_fraction <= 1:
             raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
-        if reference_shards and reference_folder:
-            raise ValueError("data.reference_shards and data.reference_folder: give one, not both")
         self.train_shards = train_shards
         self.val_shards = val_shards
         self.test_shards = test_shards or val_shards
@@ -114,7 +111,6 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.attack = attack
         self.reference_shards = reference_shards
-        self.reference_folder = reference_folder
         self._class_names = list(class_names) if class_names else None
         self.max_val_samples = max_val_samples
         self.min_image_size = min_image_size
@@ -214,9 +210,7 @@ class ShardDataModule(L.LightningDataModule):
         """The poison plan: which keys, which references, which layout. Pure function of config and shards."""
         assert self.attack is not None
         catalog = self.catalog()
-        if self.reference_folder:
-            references = FolderReferenceSource(self.reference_folder)
-        elif self.reference_shards:
+        if self.reference_shards:
             index = resolve_shards(resolve_builtin(self.reference_shards), name="data.reference_shards")
             references = ShardReferenceSource(index)
         else:

@@ -76,8 +76,10 @@ class ClbdCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("logger") in (None, True):
-            # Metrics land in the run directory itself (metrics.csv), not in lightning_logs/version_N.
-            kwargs["logger"] = CSVLogger(save_dir=config["default_root_dir"], name="", version="")
+            # Training metrics land in the run directory itself (metrics.csv), not lightning_logs/version_N;
+            # an evaluation's go to a folder of their own (test/, validate/) and never touch the training log.
+            name = "" if self.subcommand == "fit" else str(self.subcommand)
+            kwargs["logger"] = CSVLogger(save_dir=config["default_root_dir"], name=name, version="")
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
