@@ -1,0 +1,61 @@
+"""Two ranks on CPU (gloo), launched by Lightning exactly as on a node: equal steps, one manifest, counts summed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from poisoning.plan import records_from_manifest
+
+
+def test_ddp_two_ranks_poisoned_simclr(tmp_path, make_shards):
+    shards = make_shards(n=200, per_shard=25)  # 8 shards: 2 ranks x 2 workers, uneven streams
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_modules.cli",
+        "fit",
+        "--model=lightning_modules.SimCLR",
+        "--model.width=8",
+        "--model.proj_hidden_dim=32",
+        "--data=datamodules.SimCLRDataModule",
+        f"--data.train_shards={shards}",
+        f"--data.val_shards={shards}",
+        "--data.max_val_samples=40",
+        "--data.knn_bank_size=40",
+        "--data.batch_size=16",
+        "--data.num_workers=2",
+        "--data.attack=poisoning.NoisyAlignment",
+        "--data.attack.target_class=0",
+        "--data.attack.count=30",
+        "--data.attack.reference_pool_size=10",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    per_rank_batches = (200 - 10) // 16  # the reference pool leaves the stream; 8 per rank per epoch
+    assert checkpoint["global_step"] == 2 * per_rank_batches
+
+    manifest = records_from_manifest(run / "poison_manifest.jsonl")
+    assert len(manifest) == 30
+    report = json.loads((run / "data_report.json").read_text())
+    # Both ranks' streams are summed: across 2 epochs every poisoned key is seen once per epoch, unless it fell in a
+    # worker's dropped remainder (at most batch-1 samples per worker per epoch).
+    assert 2 * 30 - 2 * 4 * 15 <= report["poisoned_seen"] <= 2 * 30
+    assert report["poisoned"] == report["poisoned_seen"]
+    # The 10 reference images are dropped each time a stream passes them: at least once per epoch.
+    assert report["excluded"] >= 2 * 10
+    metrics = (run / "metrics.csv").read_text()
+    assert "val/knn_acc" in metrics and "val/knn_asr" in metrics
