@@ -66,18 +66,19 @@ def test_gloo_all_reduce_across_srun_tasks(slurm_cluster: SlurmCluster, tmp_path
 
 
 # Which processes get SIGUSR1 from "scancel --signal=USR1 [option]" on SLURM 22.05 with proctrack/linuxproc:
-# the default signals the job steps' tasks only (what Lightning's handler needs), --batch the batch shell
-# only, --full both; each process gets it once.
+# the default signals every process of the job steps (the srun tasks, what Lightning's handler needs, and their
+# children, e.g. DataLoader workers), --batch the batch shell only, --full both; each process gets it once.
+PROBES = ("batch", "task0", "task1", "task0child", "task1child")
 SCANCEL_DELIVERY = {
-    "": {"batch": None, "task0": 1, "task1": 1},
-    "--batch": {"batch": 1, "task0": None, "task1": None},
-    "--full": {"batch": 1, "task0": 1, "task1": 1},
+    "": {"batch": None, "task0": 1, "task1": 1, "task0child": 1, "task1child": 1},
+    "--batch": {"batch": 1, "task0": None, "task1": None, "task0child": None, "task1child": None},
+    "--full": {"batch": 1, "task0": 1, "task1": 1, "task0child": 1, "task1child": 1},
 }
 
 
 def _received(out_dir: Path) -> dict[str, int | None]:
     counts = {}
-    for name in ("batch", "task0", "task1"):
+    for name in PROBES:
         path = out_dir / f"{name}.usr1"
         counts[name] = int(path.read_text()) if path.exists() else None
     return counts
@@ -95,8 +96,8 @@ def test_scancel_signal_options_reach_expected_processes(slurm_cluster: SlurmClu
             out_dir,
         )
     for option, (job, out_dir) in jobs.items():
-        for rank in (0, 1):
-            slurm_cluster.wait_for_file(out_dir / f"task{rank}.ready", job, timeout=60)
+        for name in PROBES[1:]:
+            slurm_cluster.wait_for_file(out_dir / f"{name}.ready", job, timeout=60)
         slurm_cluster.signal(job, "USR1", batch=option == "--batch", full=option == "--full")
     for option, (job, out_dir) in jobs.items():
         result = slurm_cluster.wait(job, timeout=60)
@@ -216,14 +217,15 @@ def test_common_helpers_fail_the_job_with_a_clear_message(
 
 @pytest.mark.slow
 def test_time_limit_signal_reaches_tasks_or_batch_shell(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    """sbatch --signal=USR1@N reaches the srun tasks only, --signal=B:USR1@N the batch shell only.
+    """sbatch --signal=USR1@N reaches the srun tasks (and their children) only, --signal=B:USR1@N the batch
+    shell only.
 
     With --time=1 and N=60 the signal is due at once; slurmctld checks time limits every 30 s, so it arrives
     within about 30 s of the start.
     """
     expected = {
-        "USR1@60": {"batch": None, "task0": 1, "task1": 1},
-        "B:USR1@60": {"batch": 1, "task0": None, "task1": None},
+        "USR1@60": {"batch": None, "task0": 1, "task1": 1, "task0child": 1, "task1child": 1},
+        "B:USR1@60": {"batch": 1, "task0": None, "task1": None, "task0child": None, "task1child": None},
     }
     jobs = {}
     for option in expected:
@@ -241,3 +243,60 @@ def test_time_limit_signal_reaches_tasks_or_batch_shell(slurm_cluster: SlurmClus
         result = slurm_cluster.wait(job, timeout=100)
         assert result.completed, (option, result, job_log(out_dir / f"job-{job}.out"))
         assert _received(out_dir) == expected[option], f"sbatch --signal={option}"
+
+
+def _saves(run_dir: Path) -> list[dict]:
+    path = run_dir / "saves.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_lightning_auto_requeue_resumes_from_hpc_checkpoint(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Lightning's SLURMEnvironment(auto_requeue=True) on this cluster, 2-rank DDP with a DataLoader worker each.
+
+    "guarded": workers reset the signal handlers they inherit (what clbd's data loaders must do); the job saves
+    hpc_ckpt_1.ckpt from the training processes only, requeues itself and resumes at the step it saved.
+    "inherited": Lightning 2.6 as is; SLURM's SIGUSR1 reaches the workers too and they run Lightning's handler,
+    saving a checkpoint of their stale model copy (global step 0), which races the real hpc_ckpt_1.ckpt.
+    """
+    import torch
+
+    variants = {"guarded": {}, "inherited": {"KEEP_WORKER_HANDLERS": "1"}}
+    jobs = {}
+    for variant, extra_env in variants.items():
+        out_dir = tmp_path / variant
+        out_dir.mkdir()
+        job = slurm_cluster.submit(
+            JOBS_DIR / "lightning_requeue.sbatch",
+            env=job_env(out_dir, NUM_WORKERS="1", **extra_env),
+            sbatch_args=output_args(out_dir),
+        )
+        jobs[variant] = (job, out_dir, out_dir / "runs" / f"clbd-lightning-requeue-{job}")
+    for job, _, run_dir in jobs.values():
+        slurm_cluster.wait_for_file(run_dir / "fit_start_r0.json", job, timeout=120)
+    time.sleep(1.5)  # a few training steps
+    for job, _, _ in jobs.values():
+        slurm_cluster.signal(job, "USR1")
+
+    for variant, (job, out_dir, run_dir) in jobs.items():
+        result = slurm_cluster.wait(job, timeout=180)
+        log = job_log(out_dir / f"job-{job}.out")
+        assert result.completed and result.restarts == 1, (variant, result, log)
+        assert f"Requeued SLURM job: {job}" in log
+
+        saves = [s for s in _saves(run_dir) if s["restart"] == 0]
+        trainer_saves = [s for s in saves if s["main"]]
+        assert sorted(s["rank"] for s in trainer_saves) == [0, 1], saves
+        saved_step = trainer_saves[0]["global_step"]
+        assert saved_step > 0 and all(s["global_step"] == saved_step for s in trainer_saves)
+        worker_saves = [s for s in saves if not s["main"]]
+        if variant == "guarded":
+            assert worker_saves == []
+            checkpoint = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+            assert checkpoint["global_step"] == saved_step
+            start = read_json(run_dir / "fit_start_r1.json")
+            assert start["ckpt_path"] == str(run_dir / "hpc_ckpt_1.ckpt")
+            assert start["global_step"] == saved_step, "resumed where the preempted run stopped"
+            assert read_json(run_dir / "fit_end_r1.json")["global_step"] == 60
+        else:
+            assert worker_saves and all(s["global_step"] == 0 for s in worker_saves), saves
