@@ -114,41 +114,46 @@ def _records(run_dir: Path, name: str) -> dict[tuple[int, int], dict]:
     return found
 
 
-@pytest.mark.parametrize(
-    ("script", "scancel_batch"),
-    [("requeue_tasks.sbatch", False), ("requeue_batch.sbatch", True)],
-    ids=["usr1-to-tasks", "usr1-to-batch-shell"],
-)
-def test_usr1_requeues_job_which_resumes_in_same_run_dir(
-    slurm_cluster: SlurmCluster, tmp_path: Path, script: str, scancel_batch: bool
-) -> None:
-    job = slurm_cluster.submit(JOBS_DIR / script, env=job_env(tmp_path), sbatch_args=output_args(tmp_path))
-    job_name = script.replace("_", "-").replace(".sbatch", "")
-    run_dir = tmp_path / "runs" / f"clbd-{job_name}-{job}"
-    for rank in (0, 1):
-        slurm_cluster.wait_for_file(run_dir / f"ready_r0_rank{rank}", job, timeout=60)
+# How the two preemption variants get SIGUSR1: sbatch script -> scancel --batch?
+REQUEUE_VARIANTS = {"requeue_tasks.sbatch": False, "requeue_batch.sbatch": True}
 
-    slurm_cluster.signal(job, "USR1", batch=scancel_batch)
-    # A requeued job may start again cred_expire + 1 = 11 s after the requeue.
-    result = slurm_cluster.wait(job, timeout=90)
-    log = job_log(tmp_path / f"job-{job}.out")
-    assert result.completed and result.restarts == 1, (result, log)
 
-    starts = _records(run_dir, "start")
-    assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)], "both ranks ran in both runs"
-    assert {r["job_id"] for r in starts.values()} == {str(job)}, "a requeued job keeps its id"
-    assert {r["run_dir"] for r in starts.values()} == {str(run_dir)}, "and so its run directory"
-    if scancel_batch:
-        assert (run_dir / "usr1_batch_r0.json").exists()
-        assert _records(run_dir, "usr1") == {}, "with --batch the tasks never see SIGUSR1"
-        assert starts[(1, 0)]["latest_ckpt"] == ""
-    else:
-        assert sorted(_records(run_dir, "usr1")) == [(0, 0), (0, 1)], "every task got SIGUSR1, in run 0 only"
-        assert _records(run_dir, "requeue")[(0, 0)]["returncode"] == 0
-        assert sorted(_records(run_dir, "sigterm")) == [(0, 0), (0, 1)], "the requeue ends the tasks with SIGTERM"
-        assert starts[(0, 0)]["latest_ckpt"] == ""
-        assert starts[(1, 0)]["latest_ckpt"] == str(run_dir / "hpc_ckpt_1.ckpt"), "resumes from run 0's checkpoint"
-    assert "restart 0" in log and "restart 1" in log, "--open-mode=append keeps both runs' logs"
+def test_usr1_requeues_job_which_resumes_in_same_run_dir(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Both variants at once (each waits cred_expire + 1 = 11 s before its restart):
+    requeue_tasks: SIGUSR1 to the srun tasks (scancel default / --signal=USR1@90), rank 0 checkpoints, requeues;
+    requeue_batch: SIGUSR1 to the batch shell (scancel --batch / --signal=B:USR1@90), its trap requeues."""
+    jobs = {}
+    for script in REQUEUE_VARIANTS:
+        out_dir = tmp_path / script.removesuffix(".sbatch")
+        out_dir.mkdir()
+        job = slurm_cluster.submit(JOBS_DIR / script, env=job_env(out_dir), sbatch_args=output_args(out_dir))
+        job_name = "clbd-" + script.removesuffix(".sbatch").replace("_", "-")
+        jobs[script] = (job, out_dir, out_dir / "runs" / f"{job_name}-{job}")
+    for script, (job, _, run_dir) in jobs.items():
+        for rank in (0, 1):
+            slurm_cluster.wait_for_file(run_dir / f"ready_r0_rank{rank}", job, timeout=60)
+        slurm_cluster.signal(job, "USR1", batch=REQUEUE_VARIANTS[script])
+
+    for script, (job, out_dir, run_dir) in jobs.items():
+        result = slurm_cluster.wait(job, timeout=90)
+        log = job_log(out_dir / f"job-{job}.out")
+        assert result.completed and result.restarts == 1, (script, result, log)
+
+        starts = _records(run_dir, "start")
+        assert sorted(starts) == [(0, 0), (0, 1), (1, 0), (1, 1)], "both ranks ran in both runs"
+        assert {r["job_id"] for r in starts.values()} == {str(job)}, "a requeued job keeps its id"
+        assert {r["run_dir"] for r in starts.values()} == {str(run_dir)}, "and so its run directory"
+        if REQUEUE_VARIANTS[script]:
+            assert (run_dir / "usr1_batch_r0.json").exists()
+            assert _records(run_dir, "usr1") == {}, "with --batch the tasks never see SIGUSR1"
+            assert starts[(1, 0)]["latest_ckpt"] == ""
+        else:
+            assert sorted(_records(run_dir, "usr1")) == [(0, 0), (0, 1)], "every task got SIGUSR1, in run 0 only"
+            assert _records(run_dir, "requeue")[(0, 0)]["returncode"] == 0
+            assert sorted(_records(run_dir, "sigterm")) == [(0, 0), (0, 1)], "the requeue ends the tasks (SIGTERM)"
+            assert starts[(0, 0)]["latest_ckpt"] == ""
+            assert starts[(1, 0)]["latest_ckpt"] == str(run_dir / "hpc_ckpt_1.ckpt"), "resumes from run 0's ckpt"
+        assert "restart 0" in log and "restart 1" in log, "--open-mode=append keeps both runs' logs"
 
 
 def _set_mtime(path: Path, age_s: float) -> None:

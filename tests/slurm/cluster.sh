@@ -201,7 +201,7 @@ start_munged() {
     install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
     rm -f "$MUNGE_SOCKET_DIR/munged.pid"
     # --force: start despite a stale socket left by a killed munged.
-    runuser -u munge -- /usr/sbin/munged --force
+    runuser -u munge -- /usr/sbin/munged --force 9>&- # 9: the lock of main(); a daemon must not keep it
     local i
     for i in $(seq 1 50); do
         munge_works && { log "munged started"; return 0; }
@@ -216,13 +216,13 @@ start_slurm_daemons() {
     if pid_alive "$SLURM_DIR/run/slurmctld.pid"; then
         log "slurmctld already running"
     else
-        /usr/sbin/slurmctld -f "$CONF"
+        /usr/sbin/slurmctld -f "$CONF" 9>&-
         log "slurmctld started"
     fi
     if pid_alive "$SLURM_DIR/run/slurmd.pid"; then
         log "slurmd already running"
     else
-        /usr/sbin/slurmd -f "$CONF"
+        /usr/sbin/slurmd -f "$CONF" 9>&-
         log "slurmd started"
     fi
 }
@@ -333,6 +333,13 @@ cmd_stop() {
 
 main() {
     [[ $# -gt 0 ]] || { sed -n '2,16p' "$0"; exit 2; }
+    # One cluster.sh at a time (pytest-xdist workers may all find the cluster down and start it).
+    if [[ $(id -u) -eq 0 ]] && command -v flock >/dev/null; then
+        local lock=/run/lock/clbd-slurm-cluster.lock
+        [[ -d /run/lock ]] || lock=/tmp/clbd-slurm-cluster.lock
+        exec 9>"$lock"
+        flock --timeout 1800 9 || die "another cluster.sh held the lock for 30 min"
+    fi
     local cmd
     for cmd in "$@"; do
         case $cmd in
