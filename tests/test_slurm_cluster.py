@@ -225,8 +225,9 @@ def test_time_limit_signal_reaches_tasks_or_batch_shell(slurm_cluster: SlurmClus
     """sbatch --signal=USR1@N reaches the srun tasks (and their children) only, --signal=B:USR1@N the batch
     shell only.
 
-    With --time=1 and N=60 the signal is due at once; slurmctld checks time limits every 30 s, so it arrives
-    within about 30 s of the start.
+    Jobs start with a 10 min limit and N = 60 s; once every probe is ready the limit drops to 1 min, so the
+    signal is due at once (earlier it could beat the handlers: "up to 60 s early", says the man page).
+    slurmctld checks time limits every 30 s, so it arrives within about 30 s.
     """
     expected = {
         "USR1@60": {"batch": None, "task0": 1, "task1": 1, "task0child": 1, "task1child": 1},
@@ -240,10 +241,14 @@ def test_time_limit_signal_reaches_tasks_or_batch_shell(slurm_cluster: SlurmClus
             slurm_cluster.submit(
                 JOBS_DIR / "signal_probe.sbatch",
                 env=job_env(out_dir),
-                sbatch_args=[*output_args(out_dir), "--time=1", f"--signal={option}"],
+                sbatch_args=[*output_args(out_dir), "--time=10", f"--signal={option}"],
             ),
             out_dir,
         )
+    for job, out_dir in jobs.values():
+        for name in PROBES[1:]:
+            slurm_cluster.wait_for_file(out_dir / f"{name}.ready", job, timeout=60)
+        slurm_cluster.update(job, TimeLimit="1")
     for option, (job, out_dir) in jobs.items():
         result = slurm_cluster.wait(job, timeout=100)
         assert result.completed, (option, result, job_log(out_dir / f"job-{job}.out"))
@@ -278,9 +283,8 @@ def test_lightning_auto_requeue_resumes_from_hpc_checkpoint(slurm_cluster: Slurm
         )
         jobs[variant] = (job, out_dir, out_dir / "runs" / f"clbd-lightning-requeue-{job}")
     for job, _, run_dir in jobs.values():
-        slurm_cluster.wait_for_file(run_dir / "fit_start_r0.json", job, timeout=120)
-    time.sleep(1.5)  # a few training steps
-    for job, _, _ in jobs.values():
+        # Training (and its DataLoader worker) is under way: rank 0 finished step 3.
+        slurm_cluster.wait_for_file(run_dir / "step3_r0", job, timeout=120)
         slurm_cluster.signal(job, "USR1")
 
     for variant, (job, out_dir, run_dir) in jobs.items():

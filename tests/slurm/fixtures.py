@@ -207,6 +207,13 @@ class SlurmCluster:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} {job_id} failed: {proc.stderr.strip()}")
 
+    def update(self, job_id: int, **fields: str) -> None:
+        """``scontrol update JobId=<id> Key=Value ...``, e.g. ``update(job, TimeLimit="1")``."""
+        settings = [f"{key}={value}" for key, value in fields.items()]
+        proc = _run(["scontrol", "update", f"JobId={job_id}", *settings])
+        if proc.returncode != 0:
+            raise RuntimeError(f"scontrol update JobId={job_id} {' '.join(settings)} failed: {proc.stderr.strip()}")
+
     def cancel(self, job_id: int) -> None:
         _run(["scancel", str(job_id)])
 

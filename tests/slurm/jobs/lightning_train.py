@@ -59,6 +59,10 @@ class RecordRuns(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self._record("fit_start", trainer)
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero and trainer.global_step == 3:
+            (run_dir / f"step3_r{restart}").touch()  # the test signals once training is under way
+
     def on_train_end(self, trainer, pl_module):
         self._record("fit_end", trainer)
 
