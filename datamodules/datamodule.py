@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,11 +32,18 @@ log = logging.getLogger("clbd.data")
 MANIFEST_NAME = "poison_manifest.jsonl"
 
 
+def _worker_signals(worker_id: int) -> None:
+    """Loader workers must not act on SLURM's requeue signal: they inherit Lightning's SIGUSR1 handler, and a
+    worker's stale model copy would then race the real checkpoint to ``hpc_ckpt_N.ckpt``."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class StreamLoader(StatefulDataLoader):
     """A stateful loader (torchdata) whose stream learns the epoch just before its workers start."""
 
     def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any):
-        super().__init__(dataset, batch_size=None, **kwargs)
+        super().__init__(dataset, batch_size=None, worker_init_fn=_worker_signals, **kwargs)
         self._epoch_fn = epoch_fn
 
     def __iter__(self):

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from datamodules.shards import ShardSink
+from tests.slurm.fixtures import slurm_cluster  # noqa: F401  (the local SLURM cluster, for slurm-marked tests)
 
 SHARED_DATA = Path(os.environ.get("CLBD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
