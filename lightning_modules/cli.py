@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from datamodules import ShardDataModule
 
 from .base import ContrastiveModule
-from .run_dir import FINISHED_MARKER, check_run_dir, resolve_checkpoint, write_finished_marker
+from .run_dir import FINISHED_MARKER, check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 
 TOOLS = {
     "data": "convert datasets to WebDataset shards and inspect shard sets (clbd data --help)",
@@ -98,6 +98,7 @@ class ClbdCLI(LightningCLI):
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
 
     def after_fit(self) -> None:
+        consolidate_deepspeed(self.trainer)
         self.model.finish_fit(self.trainer)
         if self.trainer.is_global_zero:
             write_finished_marker(Path(self.trainer.default_root_dir), self.trainer)

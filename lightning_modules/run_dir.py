@@ -96,3 +96,31 @@ def write_finished_marker(run_dir: Path, trainer) -> None:
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((run_dir / CONFIG_NAME).read_text())
+
+
+CONSOLIDATED_NAME = "consolidated.ckpt"
+
+
+def consolidate_deepspeed(trainer) -> Path | None:
+    """After a DeepSpeed fit: one fp32 checkpoint file beside the per-rank folders, for evaluation and defenses.
+
+    DeepSpeed saves each checkpoint as a folder of per-rank shards that only DeepSpeed can read back;
+    Lightning's converter gathers them into a plain ``state_dict`` checkpoint, keeping clbd's own keys
+    (``clbd_run_config``), so ``clbd test`` and the defenses load it without DeepSpeed.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if not isinstance(trainer.strategy, DeepSpeedStrategy):
+        return None
+    callback = trainer.checkpoint_callback
+    source = (callback.last_model_path or callback.best_model_path) if callback is not None else ""
+    trainer.strategy.barrier("consolidate_deepspeed")
+    if not source:
+        return None
+    target = Path(source).parent / CONSOLIDATED_NAME
+    if trainer.is_global_zero:
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        convert_zero_checkpoint_to_fp32_state_dict(source, target)
+    trainer.strategy.barrier("consolidated")
+    return target
