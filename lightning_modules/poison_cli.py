@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules import ShardDataModule
@@ -18,17 +20,27 @@ from datamodules.catalog import load_raw_samples
 from datamodules.decode import decode_sample
 from datamodules.faults import FaultCounter
 
-OTHER_SECTIONS = ("model", "trainer", "seed_everything", "checkpoint", "ckpt_path", "optimizer", "lr_scheduler")
 
+def load_datamodule(config_files: list[str], overrides: list[str]) -> ShardDataModule:
+    """Instantiate only ``data:`` from clbd config files (composed in order) and ``--data.*`` overrides.
 
-def load_datamodule(config_args: list[str]) -> ShardDataModule:
-    """Instantiate only ``data:`` from clbd config files (and ``--data.*`` overrides)."""
+    Run directories' ``config.yaml`` hold every section LightningCLI knows; only ``data`` is read here, so this
+    keeps working whatever else a config carries.
+    """
     parser = ArgumentParser(prog="clbd poison", exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(ShardDataModule, "data", required=True)
-    for section in OTHER_SECTIONS:
-        parser.add_argument(f"--{section}", type=Any, default=None)
-    config = parser.parse_args(config_args)
+    args: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, path in enumerate(config_files):
+            try:
+                loaded = yaml.safe_load(Path(path).read_text()) or {}
+            except FileNotFoundError:
+                raise FileNotFoundError(f"--config: no such file: {path}") from None
+            data_only = Path(tmp) / f"{i}.yaml"
+            data_only.write_text(yaml.safe_dump({"data": loaded["data"]} if "data" in loaded else {}))
+            args += ["--config", str(data_only)]
+        config = parser.parse_args(args + overrides)
     datamodule = parser.instantiate_classes(config).data
     if datamodule.attack is None:
         raise ValueError("data.attack: the config sets no attack (add e.g. --config configs/attack/na_cifar10.yaml)")
@@ -104,9 +116,8 @@ def main(argv: list[str]) -> int:
         from poisoning.geometry import main as geometry_main
 
         return geometry_main(args.rest + extra)
-    config_args = [item for path in args.config for item in ("--config", path)] + extra
     try:
-        datamodule = load_datamodule(config_args)
+        datamodule = load_datamodule(args.config, extra)
         if args.command == "manifest":
             summary = write_manifest(datamodule, args.out, args.overwrite)
             print(f"wrote {args.out}: {summary}")
