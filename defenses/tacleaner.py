@@ -72,6 +72,33 @@ def subtext_alignment_loss(
     return per_image * active, active
 
 
+def global_subtext_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    subtexts: torch.Tensor,
+    mask: torch.Tensor,
+    positive: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_subtext of this rank's share of the global batch: (loss, [n] which local images have subtexts).
+
+    Captions of all ranks are gathered with gradient (every rank calls the collective, chosen images or not).
+    The loss is the mean of l_i over the chosen images of the GLOBAL batch: DDP averages the ranks' gradients, so
+    each rank divides its sum by (global count / world size), and the update equals one process on the whole
+    batch. Arguments as ``subtext_alignment_loss``'s, with ``text`` this rank's ``[n, d]`` caption features.
+    """
+    rank, world = distributed_rank_and_world()
+    captions = gather_with_grad(text)
+    own_index = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+    per_image, active = subtext_alignment_loss(image, captions, own_index, subtexts, mask, positive, scale)
+    count = active.sum().to(per_image.dtype)
+    if world > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+    share = count / world
+    return per_image.sum() / share.clamp(min=1.0 / world), active
+
+
 class TACleaner(CleanCLIP):
     """TA-Cleaner: CleanCLIP's loss plus ``lambda_subtext`` times the subtext alignment term.
 
@@ -96,24 +123,12 @@ class TACleaner(CleanCLIP):
         scale: torch.Tensor,
         losses: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        image, text = features["image"], features["text"]
-        mask, positive = batch["subtext_mask"], batch["subtext_positive"]
-        n, slots = mask.shape
-        rank, world = distributed_rank_and_world()
-        captions = gather_with_grad(text)  # every rank calls the collective, chosen images or not
-        own_index = torch.arange(n, device=image.device) + rank * n
-        subtexts = image.new_zeros(n, slots, image.shape[1])
-        if mask.any():
+        image = features["image"]
+        mask = batch["subtext_mask"]
+        subtexts = image.new_zeros(*mask.shape, image.shape[1])
+        if mask.any():  # only the chosen samples' subtexts go through the text encoder
             subtexts[mask] = self.encode_text(batch["subtexts"][mask])
-        per_image, active = subtext_alignment_loss(image, captions, own_index, subtexts, mask, positive, scale)
-        # Mean over the chosen images of the GLOBAL batch: DDP averages the ranks' gradients, so each rank
-        # divides its sum by (global count / world size).
-        count = active.sum().to(image.dtype)
-        if world > 1:
-            count = count.detach().clone()
-            dist.all_reduce(count)
-            count = count / world
-        loss = per_image.sum() / count.clamp(min=1.0 / max(world, 1))
+        loss, active = global_subtext_loss(image, features["text"], subtexts, mask, batch["subtext_positive"], scale)
         losses["subtext"] = loss
         self.log("train/subtext_images", active.sum().float(), on_step=True, on_epoch=True, reduce_fx="sum")
         return self.hparams.lambda_subtext * loss
