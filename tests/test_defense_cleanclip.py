@@ -32,14 +32,14 @@ VERBS = ["sitting on", "standing near", "parked by", "lying on"]
 BATCH = 32
 
 
-def write_caption_shards(folder: Path, prefix: str, n: int) -> Path:
+def write_caption_shards(folder: Path, prefix: str, n: int, size: int = 32) -> Path:
     """Real PNG shards whose captions use words of the synonym table (so every augmentation has work to do)."""
     with ShardSink(folder, prefix, maxcount=32, classes=CLASSES) as sink:
         for i in range(n):
             label = i % len(CLASSES)
             caption = f"a {COLOURS[(i // 4) % 4]} {CLASSES[label]} {VERBS[(i // 16) % 4]} a {PLACES[(i // 7) % 4]}"
             sink.write(
-                f"{prefix}{i:05d}", {"png": png_bytes(solid_class_image(label, i)), "cls": label, "txt": caption}
+                f"{prefix}{i:05d}", {"png": png_bytes(solid_class_image(label, i, size)), "cls": label, "txt": caption}
             )
     return folder / f"{prefix}.index.json"
 
@@ -49,7 +49,7 @@ def attack_config(folder: Path, name: str, target: str) -> Path:
     path = folder / f"{name.lower()}_{target}.yaml"
     path.write_text(
         "data:\n  init_args:\n    attack:\n"
-        f"      class_path: poisoning.{name}\n      init_args: {{target_class: {target}, rate: 0.5}}\n"
+        f"      class_path: poisoning.{name}\n      init_args: {{target_class: {target}, rate: 0.5, trigger_size: 8}}\n"
     )
     return path
 
@@ -61,7 +61,8 @@ def poisoned(tmp_path_factory) -> dict[str, Path]:
     paths = {
         "root": root,
         "train": write_caption_shards(root / "train", "train", 64),
-        "test": write_caption_shards(root / "test", "test", 32),
+        # larger than the model's 32 px: the test trigger is scaled from the run's image size, as `clbd test` does
+        "test": write_caption_shards(root / "test", "test", 32, size=48),
         "attack": attack_config(root, "BadNet", "dog"),
         "run": root / "poisoned",
     }
@@ -169,6 +170,21 @@ def test_clean_data_module_has_no_subtexts(tmp_path):
         TACleanerDataModule(n_positive=0, n_negative=0, **common)
     with pytest.raises(ValueError, match="eda_alpha"):
         CleanCLIPDataModule(eda_alpha=0.0, **common)
+
+
+def test_clean_fit_scales_the_test_trigger_as_clbd_test(tmp_path):
+    """Without poisoning, fit still validates the attack: the test trigger on a 48 px test image is scaled from the
+    run's 32 px image size, exactly as in `clbd test` (not from the test image's own size)."""
+    from poisoning import BadNet
+
+    test = write_caption_shards(tmp_path / "test", "test", 8, size=48)
+    common = dict(train_shards=str(test), val_shards=str(test), model_name="clip-tiny-vit", batch_size=8)
+    boxes = []
+    for stage in ("fit", "test"):
+        module = CleanCLIPDataModule(attack=BadNet("dog", rate=0.5, trigger_size=8), poison_train=False, **common)
+        module.setup(stage)
+        boxes.append(module.attack.test_trigger_box((48, 48), "test00001"))
+    assert boxes[0] == boxes[1] and boxes[0][2] - boxes[0][0] == 12  # 8 px at 32 px -> 12 px at 48 px
 
 
 # ---- the subtext loss -----------------------------------------------------------------------------------------
