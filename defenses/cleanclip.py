@@ -1,0 +1,204 @@
+"""CleanCLIP (Bansal et al., ICCV 2023): fine-tune a poisoned CLIP with its multimodal loss plus unimodal ones.
+
+L = lambda_clip * L_CLIP(image, text) + lambda_unimodal * L_uni, with
+
+    L_uni = (L_InfoNCE(image, image_aug) + L_InfoNCE(text, text_aug)) / 2
+
+where each L_InfoNCE is open_clip's symmetric ``ClipLoss`` over the global batch (features of all ranks gathered
+with gradient; the other samples are the negatives) at the model's own logit scale. The halving follows the
+authors' code (their in-modal loss is the mean of the image and text terms), so lambda values compare with the
+paper's ablation. Augmented views come from ``datamodules.CleanCLIPDataModule``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from datamodules.multimodal import CleanCLIPDataModule
+from lightning_modules.clip import CLIP
+
+from .base import DefenseMixin
+
+
+class CleanCLIP(DefenseMixin, CLIP):
+    """CleanCLIP fine-tuning of a poisoned clbd CLIP checkpoint; before / after CA and ASR in defense_metrics.json.
+
+    Args:
+        checkpoint: the poisoned run's checkpoint (``RUN/checkpoints/last.ckpt``); it is only read.
+        lambda_clip: weight of the multimodal CLIP loss (paper: 1).
+        lambda_unimodal: weight of the unimodal image / text loss (paper: 1; ablation 0.5 ... 8).
+        model_name: must be the poisoned run's model.
+        lr, weight_decay, betas, eps, warmup_steps: the paper's fine-tuning (AdamW, lr 1e-5, wd 0.1, betas and eps
+            of the authors' code, 50 warm-up steps as in their README).
+        other arguments: ``lightning_modules.CLIP``'s.
+    """
+
+    defense_name = "cleanclip"
+    repairs = ("CLIP",)
+    datamodule_class: type = CleanCLIPDataModule
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        lambda_clip: float = 1.0,
+        lambda_unimodal: float = 1.0,
+        model_name: str = "RN50",
+        grad_checkpointing: bool = False,
+        local_loss: bool = True,
+        gather_with_grad: bool = True,
+        max_logit_scale: float = 100.0,
+        zero_shot_templates: str = "openai_imagenet",
+        asr_exclude_target: bool = True,
+        optimizer: str = "adamw",
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 50,
+        warmup_fraction: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+    ):
+        if checkpoint is None:
+            raise ValueError(
+                "model.checkpoint: not set; give the poisoned run's checkpoint, e.g. "
+                "--model.init_args.checkpoint runs/RUN/checkpoints/last.ckpt"
+            )
+        for name, value in (("lambda_clip", lambda_clip), ("lambda_unimodal", lambda_unimodal)):
+            if value < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {value}")
+        super().__init__(
+            model_name=model_name,
+            pretrained=None,
+            grad_checkpointing=grad_checkpointing,
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            max_logit_scale=max_logit_scale,
+            zero_shot_templates=zero_shot_templates,
+            asr_exclude_target=asr_exclude_target,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            betas=betas,
+            eps=eps,
+            warmup_steps=warmup_steps,
+            warmup_fraction=warmup_fraction,
+            min_lr_ratio=min_lr_ratio,
+            compile=compile,
+        )
+        self.init_defense(checkpoint)
+
+    # ---- checks before any compute ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_data(self.trainer.datamodule)
+
+    def check_data(self, datamodule: Any) -> None:
+        """The data module this defense needs, the same model, and an attack whose target the eval set knows."""
+        wanted = self.datamodule_class
+        if not isinstance(datamodule, wanted):
+            raise ValueError(
+                f"data: {self.defense_name} needs {wanted.__module__.split('.')[0]}.{wanted.__name__} (augmented "
+                f"views per sample), got {type(datamodule).__name__}"
+            )
+        if datamodule.model_name != self.hparams.model_name:
+            raise ValueError(
+                f"data.model_name={datamodule.model_name!r} differs from model.model_name={self.hparams.model_name!r}"
+            )
+        attack = datamodule.attack
+        if attack is None:
+            raise ValueError(
+                "data.attack: not set; a defense measures ASR with the poisoned run's attack: compose the same "
+                "configs/attack/*.yaml (e.g. --config configs/attack/badnet_clip.yaml)"
+            )
+        self.check_attack_matches_source(attack, datamodule.class_names)
+        if datamodule.target_index is None:
+            names = datamodule.class_names or []
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise ValueError(
+                f"data.attack.target_class={attack.target_class!r} is not a class of the eval set "
+                f"({len(names)} classes: {shown}); ASR needs the target among the eval classes "
+                "(data.val_shards / data.test_shards / data.class_names)"
+            )
+
+    def check_attack_matches_source(self, attack: Any, class_names: list[str] | None) -> None:
+        """The attack composed here must be the poisoned run's (its class and target), when that run recorded one.
+
+        A target given once by name and once by index counts as the same when the eval classes map one to the other.
+        """
+        source = ((self.source_run_config or {}).get("data") or {}).get("init_args") or {}
+        recorded = source.get("attack")
+        if not isinstance(recorded, dict) or "class_path" not in recorded:
+            return
+        name = recorded["class_path"].rsplit(".", 1)[-1]
+        target = (recorded.get("init_args") or {}).get("target_class")
+        same_target = target is None or target == attack.target_class or _same_class(target, attack, class_names)
+        if name != type(attack).__name__ or not same_target:
+            raise ValueError(
+                f"data.attack: {type(attack).__name__} with target {attack.target_class!r}, but the poisoned run "
+                f"used {name} with target {target!r}; compose the attack config of that run"
+            )
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def encode_views(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Features of the images, their augmented views, the captions and their augmented captions (one pass
+        per modality, as the authors' code)."""
+        n = batch["image"].shape[0]
+        images = self.encode_image(torch.cat([batch["image"], batch["image_aug"]]))
+        texts = self.encode_text(torch.cat([batch["text"], batch["text_aug"]]))
+        return {"image": images[:n], "image_aug": images[n:], "text": texts[:n], "text_aug": texts[n:]}
+
+    def cleanclip_losses(self, features: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        clip = self.loss(features["image"], features["text"], scale)
+        unimodal = 0.5 * (
+            self.loss(features["image"], features["image_aug"], scale)
+            + self.loss(features["text"], features["text_aug"], scale)
+        )
+        return {"clip": clip, "unimodal": unimodal}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        self.track_batch(batch)
+        features = self.encode_views(batch)
+        scale = self.model.logit_scale.exp()
+        losses = self.cleanclip_losses(features, scale)
+        loss = self.hparams.lambda_clip * losses["clip"] + self.hparams.lambda_unimodal * losses["unimodal"]
+        loss = loss + self.extra_loss(batch, features, scale, losses)
+        self.log_losses(loss, losses, scale, batch["image"].shape[0])
+        return loss
+
+    def extra_loss(
+        self,
+        batch: dict[str, Any],
+        features: dict[str, torch.Tensor],
+        scale: torch.Tensor,
+        losses: dict[str, torch.Tensor],
+    ) -> torch.Tensor | float:
+        """Further weighted terms of a subclass (TA-Cleaner); add their unweighted values to ``losses``."""
+        return 0.0
+
+    def log_losses(self, loss: torch.Tensor, losses: dict[str, torch.Tensor], scale: torch.Tensor, size: int) -> None:
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        for name, value in losses.items():
+            self.log(f"train/loss_{name}", value.detach(), on_step=True, on_epoch=True, batch_size=size)
+        self.log("train/logit_scale", scale.detach(), on_step=True, on_epoch=False)
+
+    def defense_report(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {"lambda_clip": hp.lambda_clip, "lambda_unimodal": hp.lambda_unimodal}
+
+
+def _same_class(recorded_target: int | str, attack: Any, class_names: list[str] | None) -> bool:
+    """Whether the recorded target (index or name) and the attack's name the same eval class."""
+    names = list(class_names or [])
+
+    def index(target: int | str) -> int | None:
+        if isinstance(target, int):
+            return target if 0 <= target < len(names) else None
+        return names.index(target) if target in names else None
+
+    mine = index(attack.target_class)
+    return mine is not None and mine == index(recorded_target)
