@@ -179,17 +179,19 @@ class ShardDataModule(L.LightningDataModule):
         if stage == "fit":
             self.per_rank_batch_size()
             self.index("train")
-            if self.attack is not None and self.poison_train:
-                self.attack.validate(self.modality, self.class_names, self.image_size)
-                self.plan = self.build_plan()
-                self._write_manifest()
-            self._check_train_subset()
         if stage in ("fit", "validate") and self.val_shards:
             self.index("val")
         if stage == "test":
             self.index("test")
-        if self.attack is not None and stage != "fit":
+        if self.attack is not None:
+            # Always, poisoned training or not: validation also fixes the trigger's size for this run's images,
+            # so a clean defense run measures ASR exactly as clbd test does.
             self.attack.validate(self.modality, self.class_names, self.image_size)
+        if stage == "fit":
+            if self.attack is not None and self.poison_train:
+                self.plan = self.build_plan()
+                self._write_manifest()
+            self._check_train_subset()
 
     def catalog(self) -> list[KeyEntry]:
         """Keys and labels of the training shards (read once from tar headers)."""

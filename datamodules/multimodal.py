@@ -34,13 +34,6 @@ class CleanCLIPDataModule(CLIPDataModule):
         self.eda_alpha = eda_alpha
         self._augmented: v2.Compose | None = None
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.attack is not None and not self.poison_train:
-            # The base class validates the attack at fit only when it poisons; evaluation needs the run's image
-            # size for the test trigger's scale (as in `clbd test`), so validate here too.
-            self.attack.validate(self.modality, self.class_names, self.image_size)
-
     def _augment_image(self, image, key: str, epoch: int) -> torch.Tensor:
         if self._augmented is None:
             preprocess = self._train_pre or CLIPPreprocess(self.model_name, train=True, seed=self.seed)
