@@ -2,5 +2,6 @@
 
 from .base import DefenseMixin, load_poisoned_checkpoint
 from .mcldef import MCLDefCLIP, MCLDefMixin, MCLDefSimCLR
+from .ubt import UBT
 
-__all__ = ["DefenseMixin", "MCLDefCLIP", "MCLDefMixin", "MCLDefSimCLR", "load_poisoned_checkpoint"]
+__all__ = ["DefenseMixin", "MCLDefCLIP", "MCLDefMixin", "MCLDefSimCLR", "UBT", "load_poisoned_checkpoint"]

@@ -285,8 +285,14 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
     Args:
         checkpoint: the poisoned SimCLR checkpoint (``clbd fit`` output); never written to.
         mcl_temperature: tau of the model-contrastive loss (0.5 in the paper).
-        inversion_steps, inversion_batch_size, inversion_lr, inversion_cost, inversion_success_bound,
-        inversion_check_every, inversion_patience, inversion_seed: Neural Cleanse's settings (``InversionConfig``).
+        inversion_steps: Adam steps of the trigger inversion (stage 1).
+        inversion_batch_size: clean images per inversion step.
+        inversion_lr: Adam learning rate of the mask and pattern logits (Neural Cleanse: 0.1).
+        inversion_cost: initial weight of the mask's L1 norm (Neural Cleanse: 1e-3; adjusted during the run).
+        inversion_success_bound: share of stamped images that must reach the target for a mask to count.
+        inversion_check_every: steps per check of the cost schedule (Neural Cleanse checks once per epoch).
+        inversion_patience: checks in a row before the cost is raised or lowered (Neural Cleanse: 5).
+        inversion_seed: seeds the initial mask / pattern and the inversion's mini-batches.
         inversion_samples: clean training images held in memory for the inversion (the authors use their whole
             5% split: 2,500 CIFAR-10 images).
         **simclr: the architecture of the poisoned model (must match its checkpoint) and the optimiser.
