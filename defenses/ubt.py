@@ -113,15 +113,9 @@ def detection_summary(
     true_scored = truth & set(scores)
     hits = sum(1 for key in flagged if key in truth)
     selected_hits = sum(1 for key in selected if key in truth)
-    keys = sorted(scores)
-    auroc = None
-    if true_scored and len(true_scored) < len(keys):
-        preds = torch.tensor([scores[k] for k in keys], dtype=torch.float64)
-        target = torch.tensor([k in truth for k in keys], dtype=torch.long)
-        auroc = float(binary_auroc(preds, target))
     return {
         "truth_source": truth_source,
-        "scored": len(keys),
+        "scored": len(scores),
         "true_poisons": len(true_scored),
         "flagged": len(flagged),
         "true_positives": hits,
@@ -129,11 +123,22 @@ def detection_summary(
         "false_negatives": len(true_scored) - hits,
         "precision": hits / len(flagged) if flagged else None,
         "recall": hits / len(true_scored) if true_scored else None,
-        "auroc": auroc,
+        "auroc": score_auroc(scores, truth),
         "selected": len(selected),
         "selected_true_poisons": selected_hits,
         "selected_precision": selected_hits / len(selected) if selected else None,
     }
+
+
+def score_auroc(scores: dict[str, float], truth: set[str]) -> float | None:
+    """Area under the ROC curve of a score (higher = more suspicious) against the true poisons (None: one class)."""
+    keys = sorted(scores)
+    positives = sum(1 for k in keys if k in truth)
+    if positives in (0, len(keys)):
+        return None
+    preds = torch.tensor([scores[k] for k in keys], dtype=torch.float64)
+    target = torch.tensor([k in truth for k in keys], dtype=torch.long)
+    return float(binary_auroc(preds, target))
 
 
 class UBT(DefenseMixin, CLIP):
@@ -264,10 +269,11 @@ class UBT(DefenseMixin, CLIP):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(hp.detection_seed)
             overfit = self._overfit_copy(datamodule.train_dataloader())
-            scores, truth_flags, candidates, df_all, n_all = self._score_pairs(overfit, datamodule.train_dataloader())
+            scored = self._score_pairs(overfit, datamodule.train_dataloader())
             del overfit
+        scores, baseline, truth_flags, candidates, df_all, n_all = scored
         if world > 1:
-            scores, truth_flags, candidates = _merge_over_ranks(scores, truth_flags, candidates)
+            scores, baseline, truth_flags, candidates = _merge_over_ranks(scores, baseline, truth_flags, candidates)
             df_all = self.trainer.strategy.reduce(df_all.to(self.device), reduce_op="sum").cpu()
             n_all = int(self.all_ranks_sum(n_all))
         if not scores:
@@ -281,7 +287,7 @@ class UBT(DefenseMixin, CLIP):
         self.forget_images = torch.stack([chosen[k][0] for k in selected])
         self.forget_tokens = torch.stack([chosen[k][1] for k in selected])
         self.text_rows = self._characteristic_rows(self.forget_tokens, df_all, n_all)
-        self.detection_report = self._report(scores, flagged, selected, truth_flags, n_flag)
+        self.detection_report = self._report(scores, baseline, flagged, selected, truth_flags, n_flag)
         log.info("UBT detection: %s", json.dumps({k: v for k, v in self.detection_report.items() if k != "words"}))
 
     def _overfit_copy(self, loader) -> nn.Module:
@@ -315,9 +321,11 @@ class UBT(DefenseMixin, CLIP):
         return overfit.eval().requires_grad_(False)
 
     def _score_pairs(self, overfit: nn.Module, loader):
-        """One pass: each pair's score; the stream's flags (ground truth, kept apart); the top candidates' tensors."""
+        """One pass: each pair's score and its similarity under the poisoned model; the stream's flags (ground truth,
+        kept apart); the top candidates' tensors; token document frequencies."""
         hp = self.hparams
         scores: dict[str, float] = {}
+        baseline: dict[str, float] = {}
         truth_flags: dict[str, bool] = {}
         candidates: dict[str, tuple[Tensor, Tensor]] = {}
         vocab = text_token_table(self.model)[1].shape[0] if "text" in hp.token_portion else 1
@@ -329,9 +337,11 @@ class UBT(DefenseMixin, CLIP):
             for batch in loader:
                 images, tokens = batch["image"].to(self.device), batch["text"].to(self.device)
                 after = pair_similarity(overfit, images, tokens)
-                score = after - pair_similarity(self.model, images, tokens) if hp.detection_score == "gain" else after
+                before = pair_similarity(self.model, images, tokens)
+                score = after - before if hp.detection_score == "gain" else after
                 for i, key in enumerate(batch["key"]):
                     scores[key] = float(score[i])
+                    baseline[key] = float(before[i])
                     truth_flags[key] = bool(batch["poisoned"][i])  # for scoring the detection only
                     candidates[key] = (batch["image"][i].cpu(), batch["text"][i].cpu())
                 if "text" in hp.token_portion:
@@ -344,7 +354,7 @@ class UBT(DefenseMixin, CLIP):
                 if hp.max_scored is not None and n_all >= hp.max_scored:
                     break
         self.train(was_training)
-        return scores, truth_flags, candidates, df_all, n_all
+        return scores, baseline, truth_flags, candidates, df_all, n_all
 
     def _characteristic_rows(self, forget_tokens: Tensor, df_all: Tensor, n_all: int) -> Tensor:
         """Token ids over-represented in the unlearnt captions: their rows are the text part of the portion."""
@@ -359,6 +369,7 @@ class UBT(DefenseMixin, CLIP):
     def _report(
         self,
         scores: dict[str, float],
+        baseline: dict[str, float],
         flagged: list[str],
         selected: list[str],
         truth_flags: dict[str, bool],
@@ -376,6 +387,8 @@ class UBT(DefenseMixin, CLIP):
         report.update(
             {
                 "score": self.hparams.detection_score,
+                # The same ranking without overfitting: how much stage 1's overfitting helps the detection.
+                "auroc_poisoned_model_similarity": score_auroc(baseline, truth),
                 "flag_asked": asked,
                 "manifest_poisons": len(truth) if source.startswith("manifest") else None,
                 "stream_flags_poisoned": len(stream_truth),
@@ -495,11 +508,11 @@ def _average_gradients(module: nn.Module) -> None:
             param.grad /= world
 
 
-def _merge_over_ranks(scores, truth_flags, candidates):
-    """Every rank's scores, flags and candidate tensors, on every rank (object all-gather)."""
+def _merge_over_ranks(*per_key: dict) -> tuple[dict, ...]:
+    """Every rank's per-key dicts (scores, flags, candidate tensors), merged, on every rank (object all-gather)."""
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (scores, truth_flags, candidates))
-    merged: tuple[dict, dict, dict] = ({}, {}, {})
+    dist.all_gather_object(gathered, per_key)
+    merged = tuple({} for _ in per_key)
     for part in gathered:
         for target, source in zip(merged, part):
             target.update(source)

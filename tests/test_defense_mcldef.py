@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 
 from datamodules.shards import ShardSink
+from defenses.mcldef import model_contrastive_loss
+from defenses.trigger_inversion import InversionConfig, PixelNormalizer, compare_with_attack_trigger, invert_trigger
 from lightning_modules.cli import main
 from tests.callbacks import SimulatedPreemption
 from tests.conftest import png_bytes, solid_class_image
@@ -254,6 +256,34 @@ def test_mcldef_resumes_without_redoing_the_inversion(tmp_path, shards, poisoned
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert torch.equal(a["clbd_mcldef"]["trigger"]["mask"], b["clbd_mcldef"]["trigger"]["mask"])
     assert a["clbd_defense"]["before"] == b["clbd_defense"]["before"]
+
+
+# ---- the pieces, on known answers ---------------------------------------------------------------------------
+def test_inversion_recovers_a_known_trigger():
+    """A classifier that says 'target' when a 4x4 red patch at (4, 4) is bright: the mask goes there."""
+    normalizer = PixelNormalizer((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    images = normalizer.from_pixels(torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+
+    def classify(x: torch.Tensor) -> torch.Tensor:
+        patch = normalizer.to_pixels(x)[:, 0, 4:8, 4:8].mean((1, 2))
+        return torch.stack([torch.zeros_like(patch), 40 * (patch - 0.8)], 1)
+
+    trigger = invert_trigger(classify, images, 1, normalizer, InversionConfig(steps=150, batch_size=16, check_every=10))
+    assert trigger.reached_bound and trigger.success == 1.0
+    comparison = compare_with_attack_trigger(trigger.mask, lambda size, key: (4, 4, 8, 8), ["any"])
+    assert comparison["true_trigger_area"] == 16 and comparison["trigger_region_image_fraction"] == 16 / 1024
+    assert comparison["mask_mass_in_trigger_region"] > 0.9 and comparison["mask_l1"] < 32
+    stamped = normalizer.to_pixels(normalizer.stamp(images[:2], trigger.mask, trigger.pattern))
+    expected = (1 - trigger.mask) * normalizer.to_pixels(images[:2]) + trigger.mask * trigger.pattern
+    assert torch.allclose(stamped, expected, atol=1e-6)
+
+
+def test_model_contrastive_loss_matches_its_formula():
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    positive = torch.tensor([[3.0, 0.0], [0.0, 1.0]])  # cos 1
+    negative = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])  # cos 0
+    expected = -torch.log(torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 1))
+    assert torch.isclose(model_contrastive_loss(z, positive, negative, 0.5), expected)
 
 
 # ---- bad input: one clear line, exit 2, before any compute --------------------------------------------------

@@ -75,7 +75,8 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert detection["true_positives"] + detection["false_negatives"] == len(poisons)
     assert detection["precision"] == pytest.approx(flagged_poisons / 30)
     assert detection["recall"] == pytest.approx(flagged_poisons / len(poisons))
-    assert 0 <= detection["precision"] <= 1 and 0 <= detection["recall"] <= 1 and 0 <= detection["auroc"] <= 1
+    assert 0 <= detection["precision"] <= 1 and 0 <= detection["recall"] <= 1
+    assert 0 <= detection["auroc"] <= 1 and 0 <= detection["auroc_poisoned_model_similarity"] <= 1
     scores = [pair["score"] for pair in detection["flagged_pairs"]]
     assert scores == sorted(scores, reverse=True)
     assert detection["selected"] == 8 == sum(pair["unlearnt"] for pair in detection["flagged_pairs"][:8])
