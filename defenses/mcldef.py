@@ -91,6 +91,7 @@ class MCLDefMixin(DefenseMixin):
     """The two MCLDef stages; subclasses say what the encoder, the clean image and the inversion head are."""
 
     defense_name = "mcldef"
+    trained_part: str = ""  # what stage 2 trains, for the report
 
     # ---- what each repaired module supplies ------------------------------------------------------------------
     def backdoored_source(self) -> nn.Module:

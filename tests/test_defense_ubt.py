@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from tests.test_defense_mcldef import (
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ubt")
-    train = write_shards(root / "shards", "train", 96, captions=True)
+    train = write_shards(root / "shards", "train", 80, captions=True)  # 2 shards: equal halves on 2 ranks
     val = write_shards(root / "shards", "val", 40, captions=True)
     return {"train": train, "val": val, "checkpoint": pretrain(root / "poisoned", "clip", train, val)}
 
@@ -38,7 +40,7 @@ def run_ubt(run: Path, setup: dict[str, Path], extra: list[str] = ()) -> int:
             f"--model.init_args.checkpoint={setup['checkpoint']}",
             *CLIP_MODEL,
             "--model.init_args.overfit_steps=2",
-            "--model.init_args.flag_count=30",
+            "--model.init_args.flag_count=24",
             "--model.init_args.unlearn_count=8",
             "--model.init_args.forget_batch_size=4",
             *clip_badnet(),
@@ -65,15 +67,15 @@ def test_ubt_end_to_end(tmp_path, setup):
     poisons = {r["key"] for r in records_from_manifest(run / "poison_manifest.jsonl")}
     detection = json.loads((run / "ubt_detection.json").read_text())
     assert detection["truth_source"].startswith("manifest") and detection["stream_flags_agree_with_truth"]
-    assert detection["scored"] == 96 and detection["true_poisons"] == len(poisons) == detection["manifest_poisons"]
-    assert detection["flagged"] == 30 == len(detection["flagged_pairs"])
+    assert detection["scored"] == 80 and detection["true_poisons"] == len(poisons) == detection["manifest_poisons"]
+    assert detection["flagged"] == 24 == len(detection["flagged_pairs"])
     flagged_poisons = sum(pair["poisoned"] for pair in detection["flagged_pairs"])
     assert (
         detection["true_positives"] == flagged_poisons == len({p["key"] for p in detection["flagged_pairs"]} & poisons)
     )
-    assert detection["true_positives"] + detection["false_positives"] == 30
+    assert detection["true_positives"] + detection["false_positives"] == 24
     assert detection["true_positives"] + detection["false_negatives"] == len(poisons)
-    assert detection["precision"] == pytest.approx(flagged_poisons / 30)
+    assert detection["precision"] == pytest.approx(flagged_poisons / 24)
     assert detection["recall"] == pytest.approx(flagged_poisons / len(poisons))
     assert 0 <= detection["precision"] <= 1 and 0 <= detection["recall"] <= 1
     assert 0 <= detection["auroc"] <= 1 and 0 <= detection["auroc_poisoned_model_similarity"] <= 1
@@ -146,3 +148,35 @@ def test_simclr_checkpoint_is_refused(tmp_path, setup, capsys):
     checkpoint = pretrain(simclr, "simclr", train, train)
     assert run_ubt(tmp_path / "run", setup, [f"--model.init_args.checkpoint={checkpoint}"]) == 2
     assert "holds a SimCLR model; this defense repairs CLIP models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ubt_on_two_ranks_scores_every_pair_once(tmp_path, setup):
+    """DDP (gloo, 2 CPU ranks): each rank scores its half of the stream; the merged detection covers all pairs."""
+    run = tmp_path / "ddp"
+    args = [
+        "fit",
+        "--config=configs/defense/ubt.yaml",
+        f"--model.init_args.checkpoint={setup['checkpoint']}",
+        *CLIP_MODEL,
+        "--model.init_args.overfit_steps=2",
+        "--model.init_args.flag_count=24",
+        "--model.init_args.unlearn_count=8",
+        "--model.init_args.forget_batch_size=4",
+        *clip_badnet(),
+        *CLIP_DATA,
+        *data_args(setup["train"], setup["val"], fraction=1.0),
+        *quick_trainer(run, steps=2),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    ]
+    # Lightning starts the second rank by re-running the command line: run the CLI, not pytest, in a subprocess.
+    done = subprocess.run([sys.executable, "-m", "lightning_modules.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    detection = json.loads((run / "ubt_detection.json").read_text())
+    poisons = {r["key"] for r in records_from_manifest(run / "poison_manifest.jsonl")}
+    assert detection["scored"] == 80 and detection["true_poisons"] == len(poisons)
+    assert detection["stream_flags_agree_with_truth"] and detection["flagged"] == 24
+    assert detection["true_positives"] + detection["false_negatives"] == len(poisons)
+    report = json.loads((run / "defense_metrics.json").read_text())
+    assert report["before"]["n_images"] == report["after"]["n_images"] == 40  # summed over the two ranks
