@@ -343,7 +343,8 @@ class UBT(DefenseMixin, CLIP):
                     scores[key] = float(score[i])
                     baseline[key] = float(before[i])
                     truth_flags[key] = bool(batch["poisoned"][i])  # for scoring the detection only
-                    candidates[key] = (batch["image"][i].cpu(), batch["text"][i].cpu())
+                    # Copies: a row view would pin its whole batch in memory (and in checkpoints).
+                    candidates[key] = (batch["image"][i].detach().cpu().clone(), batch["text"][i].cpu().clone())
                 if "text" in hp.token_portion:
                     df_all += document_frequency(batch["text"], vocab)
                 n_all += len(batch["key"])
