@@ -243,7 +243,7 @@ class UBT(DefenseMixin, CLIP):
         return portion
 
     def optimized_module(self) -> nn.Module:
-        holder = nn.Module()  # the portion's parameters under their model names (for the no-decay rule)
+        holder = nn.Module()  # just the portion, for the optimiser (weight decay is 0, so the group split is moot)
         holder.params = nn.ParameterList(self.portion.values())
         return holder
 
