@@ -2,6 +2,17 @@
 
 from .base import DefenseMixin, load_poisoned_checkpoint
 from .cleanclip import CleanCLIP
+from .mcldef import MCLDefCLIP, MCLDefMixin, MCLDefSimCLR
 from .tacleaner import TACleaner
+from .ubt import UBT
 
-__all__ = ["CleanCLIP", "DefenseMixin", "TACleaner", "load_poisoned_checkpoint"]
+__all__ = [
+    "CleanCLIP",
+    "DefenseMixin",
+    "MCLDefCLIP",
+    "MCLDefMixin",
+    "MCLDefSimCLR",
+    "TACleaner",
+    "UBT",
+    "load_poisoned_checkpoint",
+]
