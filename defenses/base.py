@@ -64,6 +64,50 @@ class DefenseMixin:
         self.before_results: dict[str, Any] | None = None
         return state
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.check_attack(self.trainer.datamodule)
+
+    def check_attack(self, datamodule: Any) -> None:
+        """Before any compute: the poisoned run's attack is composed (ASR is measured with its test trigger) and
+        the eval set names its target class."""
+        attack = datamodule.attack
+        if attack is None:
+            raise ValueError(
+                "data.attack: not set; a defense measures ASR with the poisoned run's attack: compose the same "
+                "configs/attack/*.yaml (e.g. --config configs/attack/badnet_clip.yaml)"
+            )
+        names = datamodule.class_names
+        if not names:
+            raise ValueError("data: the eval set has no class names (index 'classes' or data.class_names)")
+        if datamodule.target_index is None:
+            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+            raise ValueError(
+                f"data.attack.target_class={attack.target_class!r} is not one of the eval classes "
+                f"({len(names)} classes: {shown}); ASR needs the target among the eval classes "
+                "(data.val_shards / data.test_shards / data.class_names)"
+            )
+        self.check_attack_matches_source(attack, names)
+
+    def check_attack_matches_source(self, attack: Any, class_names: list[str]) -> None:
+        """The attack composed here must be the poisoned run's (its class and target), when that run recorded one.
+
+        A target given once by name and once by index counts as the same when the eval classes map one to the other.
+        """
+        source = ((self.source_run_config or {}).get("data") or {}).get("init_args") or {}
+        recorded = source.get("attack")
+        if not isinstance(recorded, dict) or "class_path" not in recorded:
+            return
+        name = recorded["class_path"].rsplit(".", 1)[-1]
+        target = (recorded.get("init_args") or {}).get("target_class")
+        same_target = target is None or target == attack.target_class or _same_class(target, attack, class_names)
+        if name != type(attack).__name__ or not same_target:
+            raise ValueError(
+                f"data.attack: {type(attack).__name__} with target {attack.target_class!r}, but the poisoned run "
+                f"used {name} with target {target!r}; compose the attack config of that run"
+            )
+
     def is_defense_parameter(self, name: str) -> bool:
         """Parameters a defense adds on top of the repaired model (not in the poisoned checkpoint)."""
         return False
@@ -117,3 +161,15 @@ class DefenseMixin:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.before_results = (checkpoint.get("clbd_defense") or {}).get("before")
+
+
+def _same_class(recorded_target: int | str, attack: Any, class_names: list[str]) -> bool:
+    """Whether the recorded target (index or name) and the attack's name the same eval class."""
+
+    def index(target: int | str) -> int | None:
+        if isinstance(target, int):
+            return target if 0 <= target < len(class_names) else None
+        return class_names.index(target) if target in class_names else None
+
+    mine = index(attack.target_class)
+    return mine is not None and mine == index(recorded_target)

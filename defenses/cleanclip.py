@@ -96,9 +96,10 @@ class CleanCLIP(DefenseMixin, CLIP):
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.check_data(self.trainer.datamodule)
+        super().setup(stage)
 
     def check_data(self, datamodule: Any) -> None:
-        """The data module this defense needs, the same model, and an attack whose target the eval set knows."""
+        """The data module this defense needs and the same model (the attack: ``DefenseMixin.check_attack``)."""
         wanted = self.datamodule_class
         if not isinstance(datamodule, wanted):
             raise ValueError(
@@ -108,39 +109,6 @@ class CleanCLIP(DefenseMixin, CLIP):
         if datamodule.model_name != self.hparams.model_name:
             raise ValueError(
                 f"data.model_name={datamodule.model_name!r} differs from model.model_name={self.hparams.model_name!r}"
-            )
-        attack = datamodule.attack
-        if attack is None:
-            raise ValueError(
-                "data.attack: not set; a defense measures ASR with the poisoned run's attack: compose the same "
-                "configs/attack/*.yaml (e.g. --config configs/attack/badnet_clip.yaml)"
-            )
-        self.check_attack_matches_source(attack, datamodule.class_names)
-        if datamodule.target_index is None:
-            names = datamodule.class_names or []
-            shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
-            raise ValueError(
-                f"data.attack.target_class={attack.target_class!r} is not a class of the eval set "
-                f"({len(names)} classes: {shown}); ASR needs the target among the eval classes "
-                "(data.val_shards / data.test_shards / data.class_names)"
-            )
-
-    def check_attack_matches_source(self, attack: Any, class_names: list[str] | None) -> None:
-        """The attack composed here must be the poisoned run's (its class and target), when that run recorded one.
-
-        A target given once by name and once by index counts as the same when the eval classes map one to the other.
-        """
-        source = ((self.source_run_config or {}).get("data") or {}).get("init_args") or {}
-        recorded = source.get("attack")
-        if not isinstance(recorded, dict) or "class_path" not in recorded:
-            return
-        name = recorded["class_path"].rsplit(".", 1)[-1]
-        target = (recorded.get("init_args") or {}).get("target_class")
-        same_target = target is None or target == attack.target_class or _same_class(target, attack, class_names)
-        if name != type(attack).__name__ or not same_target:
-            raise ValueError(
-                f"data.attack: {type(attack).__name__} with target {attack.target_class!r}, but the poisoned run "
-                f"used {name} with target {target!r}; compose the attack config of that run"
             )
 
     # ---- training -----------------------------------------------------------------------------------------------
@@ -189,16 +157,3 @@ class CleanCLIP(DefenseMixin, CLIP):
     def defense_report(self) -> dict[str, Any]:
         hp = self.hparams
         return {"lambda_clip": hp.lambda_clip, "lambda_unimodal": hp.lambda_unimodal}
-
-
-def _same_class(recorded_target: int | str, attack: Any, class_names: list[str] | None) -> bool:
-    """Whether the recorded target (index or name) and the attack's name the same eval class."""
-    names = list(class_names or [])
-
-    def index(target: int | str) -> int | None:
-        if isinstance(target, int):
-            return target if 0 <= target < len(names) else None
-        return names.index(target) if target in names else None
-
-    mine = index(attack.target_class)
-    return mine is not None and mine == index(recorded_target)

@@ -144,20 +144,6 @@ class MCLDefMixin(DefenseMixin):
         if stage != "fit":
             return
         datamodule = self.trainer.datamodule
-        if datamodule.attack is None:
-            raise ValueError(
-                "data.attack: MCLDef inverts the trigger of the attack's target class and measures ASR with the "
-                "attack's test trigger; compose the attack config of the poisoned run (configs/attack/*.yaml)"
-            )
-        names = datamodule.class_names
-        if not names:
-            raise ValueError("data: the eval set has no class names (index 'classes' or data.class_names)")
-        if datamodule.target_index is None:
-            raise ValueError(
-                f"data.attack.target_class={datamodule.attack.target_class!r} is not one of the eval classes "
-                f"({', '.join(names[:10])}{' ...' if len(names) > 10 else ''}); MCLDef inverts the trigger for the "
-                "target class, so the eval set must name it"
-            )
         if datamodule.poison_train:
             log.warning("MCLDef: data.poison_train is true, so the purification set is poisoned (the paper's is clean)")
 

@@ -69,6 +69,8 @@ class ClbdCLI(LightningCLI):
                 "checkpoint.filename": "{epoch}-{step}",
                 "checkpoint.save_last": True,
                 "checkpoint.save_top_k": -1,
+                # A resume overwrites last.ckpt rather than writing last-v1.ckpt beside a stale last.ckpt.
+                "checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "runs/default",
             }
         )

@@ -413,16 +413,16 @@ def test_missing_checkpoint_is_refused(poisoned, tmp_path, capsys):
 
 def test_another_attack_than_the_poisoned_runs_is_refused(poisoned, tmp_path, capsys):
     run = tmp_path / "defense"
-    banana = attack_config(tmp_path, "BadNet", "banana")
-    args = [*defense_args(poisoned, "cleanclip", run), "--config", str(banana)]
-    # the poisoned run's target was "dog": composing another target is refused first
+    cat = attack_config(tmp_path, "BadNet", "cat")
+    args = [*defense_args(poisoned, "cleanclip", run), "--config", str(cat)]
+    # the poisoned run's target was "dog": another target, even one the eval set knows, is refused
     refused(capsys, args, run, "but the poisoned run used BadNet with target 'dog'")
 
 
 def test_target_not_among_eval_classes_is_refused(poisoned, tmp_path, capsys):
     run = tmp_path / "defense"
     args = [*defense_args(poisoned, "cleanclip", run), "--data.init_args.class_names=[cat,car,truck,bus]"]
-    refused(capsys, args, run, "data.attack.target_class='dog' is not a class of the eval set")
+    refused(capsys, args, run, "data.attack.target_class='dog' is not one of the eval classes")
 
 
 def test_no_attack_is_refused(poisoned, tmp_path, capsys):
