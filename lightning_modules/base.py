@@ -14,7 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torchmetrics import SumMetric
 
 from datamodules.faults import FAULT_KINDS
@@ -82,6 +82,9 @@ class ContrastiveModule(L.LightningModule):
             optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
         total = self.total_steps()
         warmup = hp.warmup_steps or int(hp.warmup_fraction * total)
+        if warmup > total:
+            rank_zero_warn(f"model.warmup_steps={warmup} is longer than this run's {total} steps; warming up over all")
+            warmup = total
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
         )
