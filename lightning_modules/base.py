@@ -66,6 +66,17 @@ class ContrastiveModule(L.LightningModule):
         self.data_report: dict[str, Any] = {"faults": {k: 0 for k in FAULT_KINDS}, "poisoned": 0, "excluded": 0}
         self._stream_stats: dict[str, dict[str, Any]] = {}
 
+    def setup(self, stage: str) -> None:
+        """Checks that need the data module, before any compute: evaluation needs class names."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        evaluates = stage in ("test", "validate") or (stage == "fit" and getattr(datamodule, "val_shards", None))
+        if datamodule is not None and evaluates and not datamodule.class_names:
+            split = "test" if stage == "test" else "val"
+            raise ValueError(
+                f"data.{split}_shards: the eval set has no class names (its index has no 'classes'); "
+                "give data.class_names or convert it with class folders"
+            )
+
     # ---- optimisation -------------------------------------------------------------------------------------
     def optimized_module(self) -> torch.nn.Module:
         """The parameters to train (a defense may train only part of the model)."""

@@ -1,0 +1,125 @@
+"""The clbd command: help, tool routing, evaluation results files, and configuration errors before compute."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from datamodules.shards import ShardSink
+from lightning_modules.cli import main
+from tests.conftest import png_bytes, solid_class_image
+
+
+def test_help_lists_every_command():
+    done = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in ("fit", "validate", "test", "data", "poison", "demo", "experiment"):
+        assert f"  {command} " in done.stdout
+
+
+def test_data_tools_are_routed(make_shards, capsys):
+    folder = make_shards(n=30, per_shard=10)
+    assert main(["data", "info", str(folder)]) == 0
+    assert "30" in capsys.readouterr().out
+
+
+def simclr_args(shards, run, *extra):
+    return [
+        "--model=lightning_modules.SimCLR",
+        "--model.width=8",
+        "--model.proj_hidden_dim=32",
+        "--model.probe_epochs=5",
+        "--data=datamodules.SimCLRDataModule",
+        f"--data.train_shards={shards}",
+        f"--data.val_shards={shards}",
+        "--data.batch_size=16",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}",
+        *extra,
+    ]
+
+
+def clip_args(shards, run, *extra):
+    return [
+        "--model=lightning_modules.CLIP",
+        "--model.model_name=clip-tiny-vit",
+        "--model.zero_shot_templates=photo",
+        "--data=datamodules.CLIPDataModule",
+        "--data.model_name=clip-tiny-vit",
+        f"--data.train_shards={shards}",
+        f"--data.val_shards={shards}",
+        "--data.batch_size=16",
+        "--data.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}",
+        *extra,
+    ]
+
+
+def test_metrics_json_for_simclr_and_clip(tmp_path, make_shards):
+    shards = make_shards(n=64, per_shard=16, captions=True)
+    na = [
+        "--data.attack=poisoning.NoisyAlignment",
+        "--data.attack.target_class=1",
+        "--data.attack.rate=0.2",
+        "--data.attack.reference_pool_size=4",
+    ]
+    badnet = ["--data.attack=poisoning.BadNet", "--data.attack.target_class=class1", "--data.attack.rate=0.2"]
+    for name, args, attack in (("simclr", simclr_args, na), ("clip", clip_args, badnet)):
+        run = tmp_path / name
+        assert main(["fit", *args(shards, run, *attack)]) == 0
+        ckpt = run / "checkpoints" / "last.ckpt"
+        assert main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"]) == 0
+        results = json.loads((ckpt.parent / "metrics.json").read_text())["last.ckpt"]
+        assert results["attack"]["target"] == 1 and results["attack"]["target_name"] == "class1"
+        assert "true class is not the target" in results["asr_definition"]
+        if name == "simclr":
+            for evaluation in ("knn", "linear_probe"):
+                assert 0 <= results[evaluation]["accuracy"] <= 1 and results[evaluation]["n_images"] == 64
+                assert results[evaluation]["asr_images"] == 48  # the 16 target-class images are not counted
+        else:
+            assert 0 <= results["clean_accuracy_top1"] <= results["clean_accuracy_top5"] <= 1
+            assert results["n_images"] == 64 and results["asr_images"] == 48
+            assert 0 <= results["asr_top1"] <= results["asr_top10"] <= 1
+        # Evaluation logs go beside the training log, never over it.
+        assert (run / "metrics.csv").exists() and (run / "test" / "metrics.csv").exists()
+
+
+def write_unlabelled_names(folder):
+    with ShardSink(folder, "val", maxcount=16) as sink:  # labels but no class names in the index
+        for i in range(32):
+            sink.write(f"v{i}", {"png": png_bytes(solid_class_image(i % 2, i)), "cls": i % 2})
+    return folder
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.backbone=resnet7"], "resnet7"),
+        (["--data.batch_size=0"], "batch_size"),
+        (["--ckpt_path=/nowhere/last.ckpt"], "/nowhere/last.ckpt"),
+    ],
+)
+def test_configuration_errors_stop_before_compute(tmp_path, make_shards, capsys, extra, message):
+    shards = make_shards(n=32, per_shard=16)
+    run = tmp_path / "run"
+    assert main(["fit", *simclr_args(shards, run, *extra)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
+
+
+def test_unknown_clip_model_and_eval_set_without_class_names(tmp_path, make_shards, capsys):
+    shards = make_shards(n=32, per_shard=16, captions=True)
+    assert main(["fit", *clip_args(shards, tmp_path / "a", "--model.model_name=ViT-Q-99")]) == 2
+    assert "ViT-Q-99" in capsys.readouterr().err
+    unnamed = write_unlabelled_names(tmp_path / "unnamed")  # (an eval set falls back on the train set's names)
+    run = tmp_path / "b"
+    assert main(["fit", *simclr_args(unnamed, run)]) == 2
+    assert "no class names" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
