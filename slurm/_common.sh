@@ -12,6 +12,12 @@
 # Functions set variables rather than print values: a failure inside "$(...)" would only end the subshell,
 # while clbd_die here ends the batch script itself, with the reason in the job log.
 # Nothing here enables "set -e" or changes the caller's shell options.
+#
+# The job scripts of slurm/ use the second half (clbd_enter_root ... clbd_fit): see slurm/pretrain_cc3m.sh.
+
+# shellcheck shell=bash
+# Variables these functions set are read by the scripts that source this file.
+# shellcheck disable=SC2034
 
 # Prints "clbd: ERROR: ..." to the job log (stderr) and ends the batch script with status 1.
 clbd_die() {
@@ -53,8 +59,9 @@ clbd_dist_env() {
         [[ $digits =~ ^[0-9]+$ ]] || clbd_die "SLURM_JOB_ID='$SLURM_JOB_ID' is not a number"
         MASTER_PORT=$((15000 + 10#$digits))
     fi
-    [[ $MASTER_PORT =~ ^[0-9]+$ ]] && ((MASTER_PORT > 0 && MASTER_PORT < 65536)) ||
+    if ! [[ $MASTER_PORT =~ ^[0-9]+$ ]] || ((MASTER_PORT < 1 || MASTER_PORT > 65535)); then
         clbd_die "MASTER_PORT='$MASTER_PORT' is not a port number"
+    fi
     export MASTER_ADDR MASTER_PORT
 }
 
@@ -337,11 +344,12 @@ clbd_consolidated() {
     if [[ ! -f $out || $ckpt -nt $out ]]; then
         mkdir -p "$parent/consolidated" || clbd_die "cannot create $parent/consolidated"
         echo "clbd: consolidating DeepSpeed checkpoint $ckpt into $out"
-        "$CLBD_PY" -c 'import sys
+        if ! "$CLBD_PY" -c 'import sys
 from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2])' "$ckpt" "$out.partial" &&
-            mv -f "$out.partial" "$out" ||
+convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2])' "$ckpt" "$out.partial"; then
             clbd_die "could not consolidate $ckpt (is deepspeed installed? pip install -e '.[deepspeed]')"
+        fi
+        mv -f "$out.partial" "$out" || clbd_die "cannot write $out"
     fi
     CLBD_CKPT_FILE=$out
 }

@@ -23,6 +23,7 @@ CLBD_ROOT=${CLBD_ROOT:-${SLURM_SUBMIT_DIR:?submit this script with sbatch}}
     echo "clbd: ERROR: $CLBD_ROOT/slurm/_common.sh not found: run sbatch from the clbd checkout or set CLBD_ROOT" >&2
     exit 1
 }
+# shellcheck source=slurm/_common.sh
 source "$CLBD_ROOT/slurm/_common.sh"
 clbd_enter_root
 
