@@ -45,10 +45,39 @@ class StreamLoader(StatefulDataLoader):
     def __init__(self, dataset: ShardStream, epoch_fn: Callable[[], int], **kwargs: Any):
         super().__init__(dataset, batch_size=None, worker_init_fn=_worker_signals, **kwargs)
         self._epoch_fn = epoch_fn
+        self._next_epoch: int | None = None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A state taken after the last batch of an epoch resumes at the start of the next epoch. Lightning (2.6)
+        creates the iterator before it counts that epoch as done, so the restored stream would hold the ended
+        epoch: no batch, and the run would skip an epoch number (other data, one epoch less under max_epochs)."""
+        ended = _ended_epoch(state_dict, self.dataset)
+        if ended is None:
+            self._next_epoch = None
+            super().load_state_dict(state_dict)
+        else:
+            self._next_epoch = ended + 1
+            super().load_state_dict({})
 
     def __iter__(self):
-        self.dataset.set_epoch(self._epoch_fn())
+        epoch = self._next_epoch if self._next_epoch is not None else self._epoch_fn()
+        self._next_epoch = None
+        self.dataset.set_epoch(epoch)
         return super().__iter__()
+
+
+def _ended_epoch(state: dict[str, Any], stream: ShardStream) -> int | None:
+    """The epoch a loader state was taken at the end of (every batch of this rank delivered), else None."""
+    if not stream.train or not state:
+        return None
+    snapshots = (state.get("_snapshot") or {}).get("_worker_snapshots")
+    positions = [s.get("dataset_state") for s in snapshots.values()] if snapshots else [state.get("dataset_state")]
+    if not positions or any(not isinstance(p, dict) for p in positions):
+        return None
+    epochs = {int(p["epoch"]) for p in positions}
+    if len(epochs) != 1 or sum(int(p["batches"]) for p in positions) < stream.batches_per_rank():
+        return None
+    return epochs.pop()
 
 
 class ShardDataModule(L.LightningDataModule):

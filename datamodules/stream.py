@@ -274,6 +274,7 @@ class ShardStream(IterableDataset):
             quota = None
             raw = self._eval_samples(self.rank * workers + worker, self.world_size * workers)
 
+        position.excluded = 0  # the replay below reads (and counts) the same pool drops again
         for _ in range(position.consumed):  # resume: replay the shuffle on raw bytes, decode nothing
             next(raw, None)
 

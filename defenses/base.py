@@ -51,7 +51,7 @@ class DefenseMixin:
     def init_defense(self, checkpoint: str) -> dict[str, Any]:
         """Load the poisoned weights into this module (call at the end of ``__init__``); returns the checkpoint."""
         state = load_poisoned_checkpoint(checkpoint, self.repairs)
-        weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("poisoned_seen")}
+        weights = state["state_dict"]
         missing, unexpected = self.load_state_dict(weights, strict=False)
         own = [k for k in missing if not self.is_defense_parameter(k)]
         if own or unexpected:

@@ -135,7 +135,7 @@ class TACleaner(CleanCLIP):
 
     def defense_report(self) -> dict[str, Any]:
         report = super().defense_report()
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
         report["lambda_subtext"] = self.hparams.lambda_subtext
         if isinstance(datamodule, TACleanerDataModule):
             report.update(

@@ -15,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from torchmetrics import SumMetric
 
 from datamodules.faults import FAULT_KINDS
 
@@ -61,8 +60,6 @@ class ContrastiveModule(L.LightningModule):
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.run_config: dict[str, Any] | None = None  # set by the CLI; stored in checkpoints
-        self.poisoned_seen = SumMetric()
-        self.poisoned_seen_total = 0
         self.data_report: dict[str, Any] = {"faults": {k: 0 for k in FAULT_KINDS}, "poisoned": 0, "excluded": 0}
         self._stream_stats: dict[str, dict[str, Any]] = {}
 
@@ -124,19 +121,17 @@ class ContrastiveModule(L.LightningModule):
         """Count poisoned samples and keep each stream's latest skip counts (they travel with the batch)."""
         poisoned = batch.get("poisoned")
         if poisoned is not None:
-            count = poisoned.sum()
-            self.poisoned_seen.update(count)
-            self.log("train/poisoned_in_batch", count.float(), on_step=True, on_epoch=False)
+            self.log("train/poisoned_in_batch", poisoned.sum().float(), on_step=True, on_epoch=False)
         stats = batch.get("stream_stats")
         if isinstance(stats, dict) and "stream" in stats:
             self._stream_stats[stats["stream"]] = stats
 
     def on_train_epoch_end(self) -> None:
-        seen = int(self.poisoned_seen.compute().item())  # summed over ranks by torchmetrics
-        self.poisoned_seen.reset()
-        self.poisoned_seen_total += seen
-        self.log("train/poisoned_seen_epoch", float(seen), sync_dist=False)
-        self.log("train/poisoned_seen_total", float(self.poisoned_seen_total), sync_dist=False)
+        """Sum every stream's counts of the epoch over workers and ranks into the run's data report.
+
+        The counts come from the streams themselves (cumulative per epoch, part of the loader state), so a run
+        resumed mid-epoch counts every sample exactly once.
+        """
         local = torch.zeros(len(FAULT_KINDS) + 2, dtype=torch.long, device=self.device)
         for stats in self._stream_stats.values():
             for i, kind in enumerate(FAULT_KINDS):
@@ -150,21 +145,52 @@ class ContrastiveModule(L.LightningModule):
             self.log(f"data/{kind}", float(self.data_report["faults"][kind]), sync_dist=False)
         self.data_report["poisoned"] += int(totals[-2])
         self.data_report["excluded"] += int(totals[-1])
+        self.log("train/poisoned_seen_epoch", float(totals[-2]), sync_dist=False)
+        self.log("train/poisoned_seen_total", float(self.data_report["poisoned"]), sync_dist=False)
 
+    # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["clbd_run_config"] = self.run_config
-        checkpoint["clbd_counters"] = {"poisoned_seen_total": self.poisoned_seen_total, "data_report": self.data_report}
+        checkpoint["clbd_counters"] = {"data_report": self.data_report}
+        # Lightning writes rank 0's checkpoint only, with rank 0's loader state; every rank streams its own shards,
+        # so each rank's stream position (and its epoch's counts so far) is gathered into the file.
+        mine = {"loaders": self._loader_states(), "stream_stats": self._stream_stats}
+        checkpoint["clbd_per_rank"] = self._gather_objects(mine)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("clbd_counters") or {}
-        self.poisoned_seen_total = counters.get("poisoned_seen_total", 0)
         if "data_report" in counters:
             self.data_report = counters["data_report"]
+        per_rank = checkpoint.get("clbd_per_rank")
+        if not per_rank or self._trainer is None:
+            return
+        world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        if len(per_rank) != world_size:
+            raise ValueError(
+                f"--ckpt_path: the checkpoint was written by {len(per_rank)} rank(s), this run has {world_size}; "
+                "an exact resume of the data streams needs the same number of ranks"
+            )
+        mine = per_rank[rank]
+        self._stream_stats = dict(mine.get("stream_stats") or {})
+        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
+        if fit_loop is not None and mine.get("loaders") is not None:
+            fit_loop["combined_loader"] = mine["loaders"]
+
+    def _loader_states(self) -> list[dict[str, Any]] | None:
+        combined = getattr(self.trainer.fit_loop, "_combined_loader", None) if self._trainer is not None else None
+        return combined._state_dicts() if combined is not None else None
+
+    def _gather_objects(self, value: Any) -> list[Any]:
+        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [value]
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
 
     def finish_fit(self, trainer: L.Trainer) -> None:
         """After fit: the data report (skips by kind, poisoned samples) beside the checkpoints."""
         if trainer.is_global_zero:
-            report = dict(self.data_report, poisoned_seen=self.poisoned_seen_total, epochs=trainer.current_epoch)
+            report = dict(self.data_report, poisoned_seen=self.data_report["poisoned"], epochs=trainer.current_epoch)
             path = Path(trainer.default_root_dir) / "data_report.json"
             path.write_text(json.dumps(report, indent=1) + "\n")
 
@@ -172,7 +198,7 @@ class ContrastiveModule(L.LightningModule):
     @rank_zero_only
     def write_metrics(self, results: dict[str, Any]) -> Path:
         """``metrics.json`` beside the evaluated checkpoint (or in the run directory), one entry per checkpoint."""
-        ckpt = self.trainer.ckpt_path if self.trainer is not None else None
+        ckpt = self.trainer.ckpt_path if self._trainer is not None else None
         folder = Path(ckpt).parent if ckpt else Path(self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "metrics.json"
@@ -189,7 +215,7 @@ class ContrastiveModule(L.LightningModule):
 
     def all_ranks_sum(self, value: int | float) -> float:
         """Sum of a Python number over ranks (the number itself on one process)."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return value
         return float(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum"))
 

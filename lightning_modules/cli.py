@@ -8,6 +8,7 @@ and only with the same model and data config.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from datamodules import ShardDataModule
 
@@ -41,6 +44,66 @@ TRAINER_COMMANDS = {
 class RunConfigCallback(SaveConfigCallback):
     """Writes ``config.yaml`` into the run directory; the CLI checked beforehand that this overwrites nothing
     a user made (a new run in a fresh directory, or a resume of the same config)."""
+
+
+class ContinuedExperimentWriter(ExperimentWriter):
+    """Keeps the ``metrics.csv`` it finds: a run's logs are in the run directory itself, and Lightning's writer
+    deletes that file when it starts, so a resumed run would lose every row logged before its checkpoint."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+    def drop_rows_from(self, step: int) -> None:
+        """Removes the saved rows of steps ``>= step``: a run resumed at ``step`` logs them again."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if row.get("step") and int(row["step"]) < step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+
+
+class RunCSVLogger(CSVLogger):
+    """CSVLogger whose ``metrics.csv`` continues across resumes (``ContinuedExperimentWriter``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ContinuedExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = ContinuedExperimentWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class ContinueMetrics(Callback):
+    """At the start of training (after a checkpoint was restored), drops the rows a resumed run will log again."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, RunCSVLogger) and trainer.is_global_zero:
+                logger.experiment.drop_rows_from(trainer.global_step)
+
+
+class FinalCheckpoint(Callback):
+    """``last.ckpt`` holds the end of training. ModelCheckpoint writes it every ``every_n_train_steps`` only (at
+    the end only when it never wrote one), so a run whose length is not a multiple of that interval would end with
+    a ``last.ckpt`` up to interval - 1 steps short of the model ``fit_finished.json`` reports."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        callback = trainer.checkpoint_callback
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last or callback.dirpath is None:
+            return
+        # Runs before ModelCheckpoint's own on_train_end, which saves last.ckpt when it never wrote one.
+        if callback._last_checkpoint_saved and callback._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(
+                Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            )
 
 
 class ClbdCLI(LightningCLI):
@@ -81,7 +144,7 @@ class ClbdCLI(LightningCLI):
             # Training metrics land in the run directory itself (metrics.csv), not lightning_logs/version_N;
             # an evaluation's go to a folder of their own (test/, validate/) and never touch the training log.
             name = "" if self.subcommand == "fit" else str(self.subcommand)
-            kwargs["logger"] = CSVLogger(save_dir=config["default_root_dir"], name=name, version="")
+            kwargs["logger"] = RunCSVLogger(save_dir=config["default_root_dir"], name=name, version="")
         return super().instantiate_trainer(**kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -98,6 +161,7 @@ class ClbdCLI(LightningCLI):
         ckpt_path = self.config["fit"].get("ckpt_path")
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
+        self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
 
     def after_fit(self) -> None:
         consolidate_deepspeed(self.trainer)

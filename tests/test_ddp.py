@@ -59,3 +59,64 @@ def test_ddp_two_ranks_poisoned_simclr(tmp_path, make_shards):
     assert report["excluded"] >= 2 * 10
     metrics = (run / "metrics.csv").read_text()
     assert "val/knn_acc" in metrics and "val/knn_asr" in metrics
+
+
+def ddp_fit(shards, run, *extra):
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_modules.cli",
+        "fit",
+        "--model=lightning_modules.SimCLR",
+        "--model.width=8",
+        "--model.proj_hidden_dim=32",
+        "--data=datamodules.SimCLRDataModule",
+        f"--data.train_shards={shards}",
+        "--data.val_shards=null",
+        "--data.batch_size=16",
+        "--data.num_workers=2",
+        "--data.shuffle_buffer=30",
+        "--data.attack=poisoning.NoisyAlignment",
+        "--data.attack.target_class=0",
+        "--data.attack.rate=0.2",
+        "--data.attack.reference_pool_size=10",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_epochs=2",
+        "--trainer.deterministic=true",
+        "--trainer.enable_progress_bar=false",
+        "--checkpoint.every_n_train_steps=3",
+        f"--trainer.default_root_dir={run}",
+        *extra,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+
+
+def test_ddp_resume_restores_each_ranks_stream(tmp_path):
+    """Ranks read different shards with different per-worker quotas; each must get its own stream back."""
+    from datamodules.shards import ShardSink
+    from tests.conftest import png_bytes, solid_class_image
+
+    shards = tmp_path / "shards"
+    sizes = [37, 11, 29, 23, 41, 17, 31, 19]  # uneven: workers and ranks get different quotas
+    with ShardSink(shards, "train", maxcount=max(sizes), classes=[f"c{i}" for i in range(4)]) as sink:
+        for shard, size in enumerate(sizes):
+            for i in range(size):
+                key = f"s{shard}_{i:03d}"
+                sink.write(key, {"png": png_bytes(solid_class_image(i % 4, 100 * shard + i)), "cls": i % 4})
+            sink._open_next()  # one tar per size (the sink otherwise fills shards to maxcount)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert ddp_fit(shards, straight).returncode == 0
+    killed = ddp_fit(
+        shards, interrupted, "--trainer.callbacks+=tests.callbacks.InterruptAfterStep", "--trainer.callbacks.step=7"
+    )
+    assert killed.returncode != 0 and "SimulatedPreemption" in killed.stderr
+    resumed = ddp_fit(shards, interrupted, "--ckpt_path", str(interrupted / "checkpoints" / "last.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"]
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert a["clbd_counters"] == b["clbd_counters"]
