@@ -162,8 +162,8 @@ class ContrastiveModule(L.LightningModule):
         if "data_report" in counters:
             self.data_report = counters["data_report"]
         per_rank = checkpoint.get("clbd_per_rank")
-        if not per_rank or self._trainer is None:
-            return
+        if not per_rank or self._trainer is None or self.trainer.state.fn != "fit":
+            return  # evaluating a checkpoint reads no training stream: any number of ranks will do
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
         if len(per_rank) != world_size:
             raise ValueError(
