@@ -16,7 +16,10 @@ from PIL import Image
 from datamodules.shards import ShardSink
 from tests.slurm.fixtures import slurm_cluster  # noqa: F401  (the local SLURM cluster, for slurm-marked tests)
 
-SHARED_DATA = Path(os.environ.get("CLBD_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout (or beside the main checkout, for git worktrees), or $CLBD_SHARED_DATA.
+SHARED_DATA_FOLDERS = [Path(os.environ["CLBD_SHARED_DATA"])] if os.environ.get("CLBD_SHARED_DATA") else []
+SHARED_DATA_FOLDERS += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]
 
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 
@@ -28,10 +31,11 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 def shared_data(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is absent (../shared/data is only on the project's machines)")
-    return path
+    """A file of ../shared/data; the test skips, saying where it looked, when it is absent."""
+    for folder in SHARED_DATA_FOLDERS:
+        if (folder / name).is_file():
+            return folder / name
+    pytest.skip(f"{name} not found in {', '.join(map(str, SHARED_DATA_FOLDERS))} (set CLBD_SHARED_DATA)")
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:

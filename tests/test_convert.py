@@ -34,18 +34,9 @@ from datamodules.convert import (
     prepare_image,
 )
 from datamodules.shards import ShardIndex, resolve_shards
+from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data(name: str) -> Path:
-    """A file of ../shared/data (or $CLBD_SHARED_DATA); the test skips, saying so, when it is absent."""
-    candidates = [Path(os.environ["CLBD_SHARED_DATA"])] if os.environ.get("CLBD_SHARED_DATA") else []
-    candidates += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]
-    for folder in candidates:
-        if (folder / name).is_file():
-            return folder / name
-    pytest.skip(f"shared data file {name} not found in {', '.join(map(str, candidates))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ import io
 import math
 import socket
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from PIL import Image
 from lightning_modules.metrics import AttackSuccessRate, KNNMonitor, weighted_knn_scores
 from lightning_modules.probes import fit_linear_probe, label_fraction_subset
 from lightning_modules.zero_shot import CIFAR10_CLASSNAMES
+from tests.conftest import shared_data
 
 # 5 triggered images, 3 classes, target 0. Top-1 predictions: 0, 0, 1, 0, 2; the target is 2nd for image 2.
 SCORES = torch.tensor(
@@ -213,7 +213,6 @@ def test_synced_metrics_equal_single_process_with_uneven_ranks(tmp_path):
 
 
 # ---- linear probe and label subsets ----
-SHARED_CIFAR = Path(__file__).resolve().parents[1].parent.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,13 +252,12 @@ def test_linear_probe_rejects_bad_input():
 
 
 @pytest.mark.shared_data
-@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"real CIFAR-10 not found at {SHARED_CIFAR}")
 def test_linear_probe_on_real_cifar10_pixels():
     # 16x16 RGB pixels as features: a linear classifier on raw pixels reaches ~39% on CIFAR-10 (chance 10%)
     per_class = {"train": 300, "test": 60}
     data = {"train": ([], []), "test": ([], [])}
     classes = list(CIFAR10_CLASSNAMES)
-    with tarfile.open(SHARED_CIFAR) as tar:
+    with tarfile.open(shared_data("cifar10-jpg.tar.gz")) as tar:
         for member in tar:
             parts = member.name.split("/")
             if not member.isfile() or len(parts) < 3 or parts[-3] not in data or parts[-2] not in classes:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ from PIL import Image
 
 from poisoning import CTRL, SSLBKD, CatalogEntry, NoisyAlignment
 from poisoning.preview import attack_rows, render_grid
+from tests.conftest import shared_data
 
 pytestmark = pytest.mark.shared_data
 
@@ -20,24 +19,10 @@ CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
 PER_CLASS = 30
 
 
-def _archive() -> Path | None:
-    candidates = [
-        os.environ.get("CLBD_SHARED_DATA", ""),
-        Path(__file__).resolve().parents[2] / "shared" / "data",
-        "/work/shared/data",
-    ]
-    for folder in candidates:
-        if folder and (Path(folder) / "cifar10-jpg.tar.gz").is_file():
-            return Path(folder) / "cifar10-jpg.tar.gz"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cifar() -> dict[str, tuple[int, bytes]]:
     """key -> (label, JPEG bytes): the first PER_CLASS training images of each class."""
-    archive = _archive()
-    if archive is None:
-        pytest.skip("cifar10-jpg.tar.gz not found in ../shared/data (set CLBD_SHARED_DATA)")
+    archive = shared_data("cifar10-jpg.tar.gz")
     taken: dict[str, tuple[int, bytes]] = {}
     counts = dict.fromkeys(CIFAR_CLASSES, 0)
     with tarfile.open(archive) as tar:
