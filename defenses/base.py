@@ -17,19 +17,17 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from lightning_modules.run_dir import consolidate
+
 DEFENSE_METRICS = "defense_metrics.json"
 
 
 def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, Any]:
     """A clbd checkpoint of one of the ``expected`` module classes, or a clear error naming the field."""
     checkpoint = Path(path)
-    if checkpoint.is_dir():
-        raise ValueError(
-            f"model.checkpoint: {checkpoint} is a DeepSpeed checkpoint folder; give the consolidated file "
-            "clbd wrote beside it (consolidated.ckpt)"
-        )
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(f"model.checkpoint: no checkpoint file at {checkpoint}")
+    checkpoint = consolidate(checkpoint)  # a DeepSpeed folder: its fp32 copy
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     config = state.get("clbd_run_config") or {}
     class_path = (config.get("model") or {}).get("class_path", "")

@@ -33,6 +33,7 @@ TOOLS = {
     "poison": "poison manifest / preview / geometry, offline from a config (clbd poison --help)",
     "demo": "the README's main job: clean vs NA-poisoned SimCLR on the built-in dataset, then CA / ASR",
     "experiment": "attack x defense table on one poisoned checkpoint (clbd experiment --help)",
+    "consolidate": "fp32 single-file copy of a DeepSpeed checkpoint folder (printed); files are returned as is",
 }
 TRAINER_COMMANDS = {
     "fit": "train (pretraining or a defense's fine-tuning); --ckpt_path last resumes a run",
@@ -214,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if command == "consolidate":
+        from .run_dir import consolidate
+
+        try:
+            print(consolidate(rest[0]) if len(rest) == 1 else "usage: clbd consolidate CHECKPOINT")
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"clbd consolidate: error: {exc}", file=sys.stderr)
+            return 2
+        return 0 if len(rest) == 1 else 2
     if command == "experiment":
         from defenses.experiment import main as experiment_main
 

@@ -329,29 +329,13 @@ clbd_strategy_args() {
 }
 
 # clbd_consolidated CKPT: sets CLBD_CKPT_FILE to a single-file checkpoint for CKPT: CKPT itself when it is a file;
-# for a DeepSpeed checkpoint (a folder), its fp32 copy RUN/consolidated/<name> (written once, with Lightning's
-# convert_zero_checkpoint_to_fp32_state_dict; RUN = the folder above checkpoints/).
+# for a DeepSpeed checkpoint (a folder), its fp32 copy RUN/consolidated/<name>, written once (clbd consolidate).
 clbd_consolidated() {
-    local ckpt=$1 parent out
-    if [[ -f $ckpt ]]; then
-        CLBD_CKPT_FILE=$ckpt
-        return 0
-    fi
-    [[ -d $ckpt ]] || clbd_die "checkpoint not found: $ckpt"
-    parent=$(dirname "$ckpt")
-    [[ $(basename "$parent") == checkpoints ]] && parent=$(dirname "$parent")
-    out="$parent/consolidated/$(basename "$ckpt")"
-    if [[ ! -f $out || $ckpt -nt $out ]]; then
-        mkdir -p "$parent/consolidated" || clbd_die "cannot create $parent/consolidated"
-        echo "clbd: consolidating DeepSpeed checkpoint $ckpt into $out"
-        if ! "$CLBD_PY" -c 'import sys
-from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-convert_zero_checkpoint_to_fp32_state_dict(sys.argv[1], sys.argv[2])' "$ckpt" "$out.partial"; then
-            clbd_die "could not consolidate $ckpt (is deepspeed installed? pip install -e '.[deepspeed]')"
-        fi
-        mv -f "$out.partial" "$out" || clbd_die "cannot write $out"
-    fi
-    CLBD_CKPT_FILE=$out
+    local ckpt=$1
+    [[ -e $ckpt ]] || clbd_die "checkpoint not found: $ckpt"
+    CLBD_CKPT_FILE=$("$CLBD_PY" -c 'import sys
+from lightning_modules.run_dir import consolidate
+print(consolidate(sys.argv[1]))' "$ckpt") || clbd_die "could not consolidate $ckpt (is deepspeed installed? pip install -e '.[deepspeed]')"
 }
 
 # clbd_link_job_log DIR: DIR/slurm-<job id>.out points at this job's log (sbatch --output), so a run directory
@@ -395,9 +379,6 @@ clbd_fit() {
         "--trainer.num_nodes=$CLBD_NUM_NODES" "--trainer.devices=$CLBD_DEVICES" \
         "--trainer.default_root_dir=$CLBD_RUN_DIR" "${CLBD_RESUME_ARGS[@]}" ||
         return
-    # A finished DeepSpeed run: its last checkpoint is a folder of per-rank shards; keep one fp32 file beside it.
-    if [[ -e $CLBD_RUN_DIR/fit_finished.json && -d $CLBD_RUN_DIR/checkpoints/last.ckpt ]]; then
-        clbd_consolidated "$CLBD_RUN_DIR/checkpoints/last.ckpt"
-    fi
+    # (A DeepSpeed fit writes the fp32 copy RUN/consolidated/last.ckpt itself when it ends.)
     echo "clbd: fit ended; run directory $CLBD_RUN_DIR"
 }

@@ -39,7 +39,7 @@ def test_deepspeed_fit_writes_a_consolidated_checkpoint(tmp_path, make_shards, s
     )
     assert code == 0
     assert (run / "checkpoints" / "last.ckpt").is_dir()  # DeepSpeed's per-rank folder
-    consolidated = run / "checkpoints" / "consolidated.ckpt"
+    consolidated = run / "consolidated" / "last.ckpt"
     state = load_poisoned_checkpoint(str(consolidated), ("CLIP",))  # what defenses and evaluation load
     assert any(name.startswith("model.") for name in state["state_dict"])
     assert all(t.dtype == torch.float32 for t in state["state_dict"].values() if t.is_floating_point())
