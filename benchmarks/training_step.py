@@ -60,15 +60,19 @@ def clock() -> tuple[float, float]:
 
 
 class StepClock(L.Callback):
-    """Clock readings at the start of training steps ``first`` and ``last`` (timed: ``first .. last - 1``)."""
+    """Clock readings at the start of training steps ``first`` and ``last`` (timed: ``first .. last - 1``).
 
-    def __init__(self, first: int, last: int):
-        self.first, self.last = first, last
+    ``sync``: wait for the accelerator's queued work first (CUDA runs asynchronously)."""
+
+    def __init__(self, first: int, last: int, sync: bool = False):
+        self.first, self.last, self.sync = first, last, sync
         self.readings: dict[int, tuple[float, float]] = {}
         self.threads = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step in (self.first, self.last):
+            if self.sync:
+                torch.cuda.synchronize()
             self.readings[trainer.global_step] = clock()
             self.threads = torch.get_num_threads()
 
@@ -142,10 +146,10 @@ def plain_run(kind: str, build, batches: list, warmup: int, steps: int) -> dict[
     return {**rates(start, clock(), steps), "threads": torch.get_num_threads()}
 
 
-def lightning_run(build, batches: list, warmup: int, steps: int) -> dict[str, float]:
+def lightning_run(build, batches: list, warmup: int, steps: int, **trainer_options: Any) -> dict[str, float]:
+    """``trainer_options`` override the CPU defaults (e.g. ``accelerator="cuda", precision="bf16-mixed"``)."""
     module = build()
-    timer = StepClock(warmup, warmup + steps)
-    trainer = L.Trainer(
+    options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
         max_steps=warmup + steps + 1,
@@ -153,8 +157,10 @@ def lightning_run(build, batches: list, warmup: int, steps: int) -> dict[str, fl
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
     )
+    options.update(trainer_options)
+    timer = StepClock(warmup, warmup + steps, sync=options["accelerator"] in ("cuda", "gpu"))
+    trainer = L.Trainer(callbacks=[timer], **options)
     feed = InMemoryBatches([batches[i % len(batches)] for i in range(warmup + steps + 1)])
     fit_start = time.perf_counter()
     trainer.fit(module, train_dataloaders=feed)
@@ -178,10 +184,12 @@ class InMemoryBatches:
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
-def make_batches(kind: str, index_file: Path, batch: int, count: int) -> list[dict[str, Any]]:
+def make_batches(
+    kind: str, index_file: Path, batch: int, count: int, model_name: str = "clip-tiny-vit"
+) -> list[dict[str, Any]]:
     """``count`` real training batches from clbd's data module, held in memory."""
     common = dict(train_shards=str(index_file), val_shards=None, batch_size=batch, num_workers=0)
-    module = SimCLRDataModule(**common) if kind == "simclr" else CLIPDataModule(model_name="clip-tiny-vit", **common)
+    module = SimCLRDataModule(**common) if kind == "simclr" else CLIPDataModule(model_name=model_name, **common)
     batches = []
     for b in module.train_dataloader():
         batches.append(b)
