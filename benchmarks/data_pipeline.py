@@ -400,7 +400,7 @@ def main() -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="loader worker processes (default 0 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
-    parser.add_argument("--samples", type=int, default=None, help="CIFAR-10 samples per pass (default 1024 / 10240)")
+    parser.add_argument("--samples", type=int, default=None, help="CIFAR-10 samples per pass (default 1024 / 4096)")
     parser.add_argument(
         "--skip", nargs="*", default=[], choices=["simclr", "clip-tiny", "clip-vit-b-32", "rss", "breakdown"]
     )
@@ -413,7 +413,7 @@ def main() -> int:
     quick = args.quick
     repeats = args.repeats or (3 if quick else 5)
     workers_list = args.workers or ([2] if quick else [0, 2])
-    n_small, n_large = (1024, 128) if quick else (10240, 1024)
+    n_small, n_large = (1024, 128) if quick else (4096, 1024)
     n_small = args.samples or n_small
     batch = 256
     out = args.cache / "data_pipeline"
@@ -439,7 +439,7 @@ def main() -> int:
     if "breakdown" not in args.skip:
         payload["breakdown"] = run_breakdown(cases, 256 if quick else 1024, 64 if quick else 256, repeats)
     if "rss" not in args.skip:
-        payload["memory"] = run_memory(args, out, 1024 if quick else 10240, [0] if quick else [0, 2], batch)
+        payload["memory"] = run_memory(args, out, 1024 if quick else 4096, [0] if quick else [0, 2], batch)
     print()
     for r in results:
         print(
