@@ -277,25 +277,30 @@ def stage_breakdown(index_file: Path, kind: str, model_name: str, n: int, batch:
 
 
 # ---- peak memory against the number of shards --------------------------------------------------------------------
-def current_rss_kb() -> int:
+def proc_status_kb(field: str) -> int:
+    """A memory field of /proc/self/status in KiB (VmRSS: now; VmHWM: this process's peak since its exec).
+
+    VmHWM rather than getrusage's ru_maxrss: Linux carries the pre-exec high-water mark into ru_maxrss, so a child
+    started by a big parent would report the parent's size."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    return 0
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def rss_child(spec: dict[str, Any]) -> None:
     """Runs in a fresh process: one clbd pass; RSS before it, and the peak RSS of this process and its workers."""
     torch.set_num_threads(1)
     loader = clbd_loader(Path(spec["index"]), "simclr", spec["batch"], spec["workers"])
-    before = current_rss_kb()  # everything imported and the loader built: what the pass starts from
+    before = proc_status_kb("VmRSS")  # everything imported and the loader built: what the pass starts from
     started = time.perf_counter()
     samples = sum(batch_size_of(batch) for batch in loader)
     result = {
         "samples": samples,
         "seconds": time.perf_counter() - started,
         "before_kb": before,
-        "self_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "self_kb": proc_status_kb("VmHWM"),
+        # forked workers: their peak, which counts the pages they share with this process
         "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     }
     print(json.dumps(result))
