@@ -78,6 +78,12 @@ def machine() -> dict[str, object]:
     }
 
 
+def load_at_end(info: dict[str, object]) -> None:
+    """Record and print the load average after the run (the start's is in ``machine()``)."""
+    info["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"load average at the end: {info['load_avg_end']} (1/5/15 min)")
+
+
 def print_machine(info: dict[str, object]) -> None:
     print(
         f"machine: {info['cpu']}, {info['cores']} cores, load average {info['load_avg']} (1/5/15 min), "
@@ -335,6 +341,7 @@ __all__ = [
     "cifar_like_shards",
     "interleaved",
     "large_image_shards",
+    "load_at_end",
     "machine",
     "one_pass",
     "paired_ratios",

@@ -47,6 +47,7 @@ from benchmarks.common import (  # noqa: E402
     cifar_like_shards,
     interleaved,
     large_image_shards,
+    load_at_end,
     machine,
     one_pass,
     paired_ratios,
@@ -451,6 +452,7 @@ def main() -> int:
             f"verdict {r['case']}, {r['workers']} workers: clbd/bare = {r['wall']['ratio_median']:.3f} wall, "
             f"{r['cpu']['ratio_median']:.3f} CPU (goal >= {GOAL}) -> {verdicts(r, GOAL)}"
         )
+    load_at_end(info)
     write_json(args.json, payload)
     return 0
 

@@ -35,6 +35,7 @@ from benchmarks.common import (  # noqa: E402
     base_parser,
     cifar_like_shards,
     large_image_shards,
+    load_at_end,
     machine,
     print_machine,
     print_table,
@@ -193,6 +194,7 @@ def main() -> int:
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
     print_table(["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results])
+    load_at_end(info)
     write_json(
         args.json,
         {

@@ -33,6 +33,7 @@ from benchmarks.common import (  # noqa: E402
     cifar_like_shards,
     interleaved,
     large_image_shards,
+    load_at_end,
     machine,
     one_pass,
     paired_ratios,
@@ -187,6 +188,7 @@ def main() -> int:
             f"{r['cpu']['ratio_median']:.3f} CPU, {r['wall']['ratio_median']:.3f} wall (goal >= {r['goal']}) -> "
             f"{verdicts(r, r['goal'])}"
         )
+    load_at_end(info)
     write_json(
         args.json,
         {"machine": info, "quick": quick, "results": [{k: v for k, v in r.items() if k != "row"} for r in results]},

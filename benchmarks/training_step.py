@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     base_parser,
     cifar_like_shards,
     interleaved,
+    load_at_end,
     machine,
     paired_ratios,
     print_machine,
@@ -302,6 +303,7 @@ def main() -> int:
             f"verdict {r['case']}: lightning/plain = {r['cpu']['ratio_median']:.3f} CPU, "
             f"{r['wall']['ratio_median']:.3f} wall (goal >= {GOAL}) -> {verdicts(r, GOAL)}"
         )
+    load_at_end(info)
     write_json(
         args.json,
         {"machine": info, "quick": quick, "results": [{k: v for k, v in r.items() if k != "row"} for r in results]},
