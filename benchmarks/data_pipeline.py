@@ -347,8 +347,43 @@ def run_throughput(args, cases, workers_list, repeats) -> list[dict[str, Any]]:
     return results
 
 
+def raw_reads_per_pass(index_file: Path, batch: int) -> dict[str, int]:
+    """Raw samples one clbd training stream (one process) reads from the tars in a pass, against what it delivers.
+
+    Reads are counted by wrapping the stream's tar reader on this instance; items are trivial so that the count is
+    cheap. A bare loop reads each sample once."""
+    module = SimCLRDataModule(train_shards=str(index_file), val_shards=None, batch_size=batch, num_workers=0)
+    stream = module.train_stream()
+    stream.configure(rank=0, world_size=1, num_workers=0)
+    reader, reads = stream._raw_samples, [0]
+
+    def counted(urls):
+        for raw in reader(urls):
+            reads[0] += 1
+            yield raw
+
+    stream._raw_samples = counted
+    stream.to_item = lambda sample, epoch: {"one": 1}
+    delivered = sum(len(b["one"]) for b in stream)
+    return {
+        "read": reads[0],
+        "delivered": delivered,
+        "in_shards": resolve_shards(str(index_file)).total,
+        "shuffle_buffer": stream.shuffle_buffer,
+    }
+
+
 def run_breakdown(cases, n_small: int, n_large: int, repeats: int) -> list[dict[str, Any]]:
     out = []
+    if cases:
+        reads = raw_reads_per_pass(cases[0][1], cases[0][3])
+        print()
+        print(
+            f"tar reads in one pass of one clbd stream (no workers): {reads['read']} raw samples read to deliver "
+            f"{reads['delivered']} of the {reads['in_shards']} in the shards (shuffle buffer {reads['shuffle_buffer']}); "
+            f"a bare loop reads each once"
+        )
+        out.append({"case": "raw reads per pass", **reads})
     for label, index_file, kind, batch, model_name in cases:
         n = n_large if model_name == "ViT-B-32" else n_small
         rows, data = stage_breakdown(index_file, kind, model_name, n, min(batch, n), repeats)
