@@ -95,6 +95,7 @@ def print_machine(info: dict[str, object]) -> None:
 def cifar_converted(source: Path, cache: Path) -> Path | None:
     """CIFAR-10 converted by ``datamodules.convert.convert_cifar10`` once into the cache; None when absent."""
     if not source.exists():
+        print(f"note: no CIFAR-10 at {source} (--data): using generated images instead", flush=True)
         return None
     stat = source.stat()
     target = cache / f"cifar10-{stat.st_size}-{int(stat.st_mtime)}"
@@ -210,6 +211,8 @@ def large_image_shards(
     """
     rng = random.Random(0)
     origin = "coco" if args.coco.exists() else "generated"
+    if origin == "generated":
+        print(f"note: no COCO photos at {args.coco} (--coco): using generated images instead", flush=True)
     folder = out / f"{origin}-{sides[0]}-{sides[1]}-{n}-{shards}"
     index_file = index_path_for(folder, "train")
     if index_file.exists():
