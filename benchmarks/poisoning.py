@@ -17,7 +17,9 @@ Run: ``python benchmarks/poisoning.py [--quick]``.
 
 from __future__ import annotations
 
+import itertools
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from benchmarks.common import (  # noqa: E402
     paired_ratios,
     print_machine,
     print_table,
+    verdict,
     verdicts,
     write_json,
 )
@@ -127,6 +130,51 @@ def compare(label: str, modules: dict[str, Any], repeats: int, workers: int) -> 
     return results
 
 
+# ---- per-sample cost: the poisoned item against the clean one, in one process ---------------------------------------
+def per_sample_costs(label: str, modules: dict[str, Any], n: int, repeats: int) -> dict[str, Any]:
+    """CPU microseconds per sample of decode -> poison stage -> item, every sample poisoned (the 100% module) or
+    none (clean), on the same ``n`` raw samples, interleaved; the expected throughput ratio at a rate r follows as
+    clean / ((1 - r) clean + r poisoned). Far less noisy than whole passes, so it resolves a 1% effect.
+
+    Reference images are decoded once per process and cached (a worker decodes those it needs once per epoch)."""
+    from datamodules.decode import decode_sample
+    from datamodules.faults import FaultCounter
+
+    everything = next(name for name in modules if name.endswith("100%"))
+    streams = {}
+    for name in ("clean", everything):
+        modules[name].setup("fit")
+        streams[name] = modules[name].train_stream()
+    urls = [shard.url for shard in modules["clean"].index("train").shards]
+    raw = list(itertools.islice(streams["clean"]._raw_samples(urls), n))
+    need_text = isinstance(modules["clean"], CLIPDataModule)
+    faults = FaultCounter()
+
+    def run(name: str) -> float:
+        stream, module = streams[name], modules[name]
+        started = time.process_time()
+        for sample in raw:
+            decoded = decode_sample(sample, faults, need_label=False, need_text=need_text)
+            module.train_item(stream.poison(decoded), 0)
+        return (time.process_time() - started) / len(raw) * 1e6
+
+    for name in streams:  # warm-up: lazy transforms, the references' decode cache
+        run(name)
+    costs = interleaved({name: (lambda name=name: run(name)) for name in streams}, repeats)
+    clean, poisoned = Series("clean", costs["clean"]), Series(everything, costs[everything])
+    expected = {rate: clean.median / ((1 - rate) * clean.median + rate * poisoned.median) for rate in GOALS}
+    row = [label, n, f"{clean.median:.0f} ({clean.spread()})", f"{poisoned.median:.0f} ({poisoned.spread()})"]
+    row += [f"**{expected[rate]:.3f}** ({verdict(expected[rate], GOALS[rate])})" for rate in GOALS]
+    print(f"  {label}: clean {clean.median:.0f} us/sample, poisoned {poisoned.median:.0f} us/sample", flush=True)
+    return {
+        "case": label,
+        "clean_us": clean.values,
+        "poisoned_us": poisoned.values,
+        "expected_ratio": {str(rate): value for rate, value in expected.items()},
+        "row": row,
+    }
+
+
 HEADERS = [
     "pipeline",
     "attack",
@@ -147,7 +195,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="loader worker processes (default 0 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--samples", type=int, default=None, help="CIFAR-10 samples per pass (default 1024 / 4096)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["simclr", "clip-tiny", "clip-vit-b-32"])
+    parser.add_argument(
+        "--skip", nargs="*", default=[], choices=["simclr", "clip-tiny", "clip-vit-b-32", "passes", "per-sample"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick
@@ -165,7 +215,7 @@ def main() -> int:
     print(f"batch {batch} (ViT-B-32: 64); {repeats} interleaved repeats of one full pass per contender")
 
     results = []
-    for workers in workers_list:
+    for workers in workers_list if "passes" not in args.skip else []:
         if "simclr" not in args.skip:
             modules = simclr_modules(small, references, batch, workers)
             results += compare("SimCLR 32 px", modules, repeats, workers)
@@ -177,10 +227,45 @@ def main() -> int:
         if "clip-vit-b-32" not in args.skip and not quick and workers == max(workers_list):
             large = large_image_shards(args, out, n=n_large, shards=8)
             results += compare("CLIP ViT-B-32 224 px", clip_modules(large, "ViT-B-32", 64, workers), repeats, workers)
-    print()
-    print("samples/s: median (min..max) over repeats; ratios: median (min..max) of the per-repeat poisoned/clean;")
-    print("CPU = samples per CPU-second of the main process and its workers")
-    print_table(HEADERS, [r["row"] for r in results])
+    costs = []
+    if "per-sample" not in args.skip:
+        print("per-sample cost, one process (decode -> poison stage -> item):")
+        n_cost = 256 if quick else 1024
+        if "simclr" not in args.skip:
+            costs.append(
+                per_sample_costs("SimCLR 32 px, NA", simclr_modules(small, references, batch, 0), n_cost, repeats)
+            )
+        if "clip-tiny" not in args.skip:
+            costs.append(
+                per_sample_costs(
+                    "CLIP clip-tiny-vit 32 px, BadNet", clip_modules(small, "clip-tiny-vit", batch, 0), n_cost, repeats
+                )
+            )
+        if "clip-vit-b-32" not in args.skip and not quick:
+            large = large_image_shards(args, out, n=n_large, shards=8)
+            costs.append(
+                per_sample_costs("CLIP ViT-B-32 224 px, BadNet", clip_modules(large, "ViT-B-32", 64, 0), 256, repeats)
+            )
+    if results:
+        print()
+        print("samples/s: median (min..max) over repeats; ratios: median (min..max) of the per-repeat poisoned/clean;")
+        print("CPU = samples per CPU-second of the main process and its workers")
+        print_table(HEADERS, [r["row"] for r in results])
+    if costs:
+        print()
+        print("per-sample CPU cost in one process, us: median (min..max) over interleaved repeats; expected")
+        print("throughput ratio at rate r = clean / ((1 - r) clean + r poisoned)")
+        print_table(
+            [
+                "pipeline",
+                "samples",
+                "clean us/sample",
+                "poisoned us/sample",
+                "expected ratio at 1%",
+                "expected ratio at 100%",
+            ],
+            [c["row"] for c in costs],
+        )
     print()
     for r in results:
         print(
@@ -191,7 +276,12 @@ def main() -> int:
     load_at_end(info)
     write_json(
         args.json,
-        {"machine": info, "quick": quick, "results": [{k: v for k, v in r.items() if k != "row"} for r in results]},
+        {
+            "machine": info,
+            "quick": quick,
+            "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
+            "per_sample": [{k: v for k, v in c.items() if k != "row"} for c in costs],
+        },
     )
     return 0
 
