@@ -1,0 +1,212 @@
+"""Training throughput (images/s) and model FLOPs utilisation (MFU) of clbd's SimCLR and CLIP steps on one device.
+
+What runs: clbd's LightningModules under ``lightning.Trainer`` (``precision`` bf16-mixed on CUDA by default) on
+real batches made once by clbd's data modules and moved to the device beforehand (the data pipeline and host-to-device
+copies are not measured here; ``benchmarks/data_pipeline.py`` measures the pipeline):
+
+* SimCLR: ResNet-18 with the CIFAR stem, 32 px CIFAR-10 views, LARS, batch 512 (``--quick``: width 8, batch 32);
+* CLIP: open_clip ViT-B-32 at 224 px on captioned 256-500 px photos, AdamW, batch 256 (``--quick``: clip-tiny-vit,
+  batch 32).
+
+FLOPs per step are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one forward + backward of the same
+loss on the same batch (matmuls, convolutions, attention; elementwise work is not counted, as usual for MFU).
+MFU = counted FLOPs per step x steps/s / the device's peak dense FLOP/s (a table of known GPUs for bf16, or
+``--peak-tflops``). Images/s counts both views for SimCLR (2 x batch images per step) and one image per pair for CLIP.
+
+Run on a GPU: ``python benchmarks/gpu_throughput.py``; here: ``python benchmarks/gpu_throughput.py --device cpu --quick``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Series,
+    base_parser,
+    cifar_like_shards,
+    large_image_shards,
+    load_at_end,
+    machine,
+    print_machine,
+    print_table,
+    write_json,
+)
+from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
+from lightning_modules.clip import CLIP  # noqa: E402
+from lightning_modules.simclr import SimCLR  # noqa: E402
+
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
+BF16_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # SXM
+    "H200": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 70.0,
+}
+
+
+def peak_tflops(device: torch.device, precision: str, given: float | None) -> tuple[float | None, str]:
+    if given is not None:
+        return given, "--peak-tflops"
+    if device.type != "cuda" or "bf16" not in precision:
+        return None, "unknown (give --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in BF16_PEAK_TFLOPS.items():  # more specific names first
+        if key in name:
+            return value, f"{name}: bf16 dense {value} TFLOP/s"
+    return None, f"{name}: not in the table (give --peak-tflops)"
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device)
+        elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            value = [v.to(device) for v in value]
+        out[name] = value
+    return out
+
+
+def count_flops(build, loss_fn, batch: dict[str, Any], device: torch.device, precision: str) -> int:
+    """FLOPs of one forward + backward of the training loss (a fresh model; autocast like the run)."""
+    module = build().to(device).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in precision)
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            loss = loss_fn(module, batch)
+        loss.backward()
+    return int(counter.get_total_flops())
+
+
+def measure(label, build, loss_fn, batches, images_per_step, args, device, precision, repeats) -> dict[str, Any]:
+    flops = count_flops(build, loss_fn, batches[0], device, precision)
+    accelerator = "cuda" if device.type == "cuda" else "cpu"
+    runs = [
+        lightning_run(build, batches, args.warmup, args.steps, accelerator=accelerator, precision=precision)
+        for _ in range(repeats)
+    ]
+    steps = Series("steps/s", [r["wall"] for r in runs])
+    peak, peak_source = peak_tflops(device, precision, args.peak_tflops)
+    mfu = Series("mfu", [flops * s / (peak * 1e12) for s in steps.values]) if peak else None
+    result = {
+        "case": label,
+        "flops_per_step": flops,
+        "images_per_step": images_per_step,
+        "steps_per_s": steps.values,
+        "images_per_s_median": steps.median * images_per_step,
+        "achieved_tflops_median": flops * steps.median / 1e12,
+        "peak": peak_source,
+        "mfu": mfu.values if mfu else None,
+    }
+    result["row"] = [
+        label,
+        f"{flops / 1e9:.1f}",
+        f"{steps.median * images_per_step:.0f} ({min(steps.values) * images_per_step:.0f}.."
+        f"{max(steps.values) * images_per_step:.0f})",
+        f"{flops * steps.median / 1e12:.3g}",
+        f"{mfu.median:.1%} ({min(mfu.values):.1%}..{max(mfu.values):.1%})" if mfu else "n/a",
+    ]
+    print(f"  {label}: {result['row'][2]} images/s, MFU {result['row'][4]} ({peak_source})", flush=True)
+    return result
+
+
+def main() -> int:
+    parser = base_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--precision", default=None, help="Lightning precision (default bf16-mixed on cuda, else 32)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU, TFLOP/s")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 2 quick / 30)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 1 quick / 10)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["simclr", "clip"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu (and --quick) to check the script on a CPU", file=sys.stderr)
+        return 2
+    precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    quick = args.quick
+    args.steps = args.steps or (2 if quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
+    repeats = args.repeats or (1 if quick else 3)
+    for name in ("lightning.pytorch", "lightning.fabric", "root"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*set_vital.*",
+        ".*srun.*",
+        ".*no `val_dataloader`.*",
+        ".*LeafSpec.*",
+    ):
+        warnings.filterwarnings("ignore", pattern)
+
+    info = machine()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    print_machine(info)
+    print(
+        f"device {device} ({info.get('gpu', 'CPU')}), precision {precision}, warm-up {args.warmup} + "
+        f"{args.steps} timed steps, {repeats} run(s) each"
+    )
+    out = args.cache / "gpu_throughput"
+    results = []
+    if "simclr" not in args.skip:
+        batch, width = (32, 8) if quick else (512, None)
+        index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
+        batches = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2)]
+        label = f"SimCLR ResNet-18{f' width {width}' if width else ''} CIFAR 32 px, batch {batch}"
+
+        def build_simclr() -> SimCLR:
+            torch.manual_seed(0)
+            return SimCLR(backbone="resnet18", width=width, cifar_stem=True)
+
+        results.append(measure(label, build_simclr, simclr_loss, batches, 2 * batch, args, device, precision, repeats))
+    if "clip" not in args.skip:
+        batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
+        if quick:
+            index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
+        else:
+            index_file = large_image_shards(args, out, n=2 * batch, shards=1)
+        batches = [to_device(b, device) for b in make_batches("clip", index_file, batch, 2, model_name=model_name)]
+        label = f"CLIP {model_name}, batch {batch}"
+
+        def build_clip() -> CLIP:
+            torch.manual_seed(0)
+            return CLIP(model_name=model_name)
+
+        results.append(measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats))
+    print()
+    print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
+    print_table(["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results])
+    load_at_end(info)
+    write_json(
+        args.json,
+        {
+            "machine": info,
+            "device": str(device),
+            "precision": precision,
+            "quick": quick,
+            "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
