@@ -279,9 +279,9 @@ class ShardStream(IterableDataset):
             next(raw, None)
 
         items: list[dict[str, Any]] = []
+        if quota is not None and position.batches >= quota:
+            return
         for sample in raw:
-            if quota is not None and position.batches >= quota:
-                break
             position.consumed += 1
             sample = decode_sample(
                 sample,
@@ -299,6 +299,10 @@ class ShardStream(IterableDataset):
             if len(items) == self.batch_size:
                 yield self._batch(items, worker)
                 items = []
+                if quota is not None and position.batches >= quota:
+                    # Stop before pulling another raw sample: past the quota the stream would begin a new pass
+                    # and read a whole shuffle buffer of samples only to drop them.
+                    break
         if items and not self.train:
             yield self._batch(items, worker)
 

@@ -114,7 +114,10 @@ class ContrastiveModule(L.LightningModule):
         return max(steps * max(trainer.max_epochs or 1, 1), 1)
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
-        return torch.compile(module) if self.hparams.compile else module
+        """``torch.compile`` in place (``Module.compile``): parameter names, so checkpoints, stay the same."""
+        if self.hparams.compile:
+            module.compile()
+        return module
 
     # ---- stream bookkeeping -------------------------------------------------------------------------------
     def track_batch(self, batch: dict[str, Any]) -> None:

@@ -75,7 +75,7 @@ class CLIP(ContrastiveModule):
                 f"model.pretrained: no checkpoint file at {pretrained} (clbd downloads nothing; give a local file)"
             )
         self.save_hyperparameters()
-        self.model = open_clip.create_model(model_name, pretrained=pretrained)
+        self.model = self.maybe_compile(open_clip.create_model(model_name, pretrained=pretrained))
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.tokenizer = open_clip.get_tokenizer(model_name)
