@@ -13,7 +13,7 @@ token parameters (class token and positional embedding) and the text token-embed
 characterise the flagged captions; every other weight is frozen (``requires_grad`` off, not in the optimiser),
 and the other rows of the token table get a zero gradient, so with weight decay 0 they stay bit for bit.
 
-Every choice the paper's abstract leaves open is listed in docs/defenses_mcldef_ubt.md.
+Every choice the paper's abstract leaves open is listed in docs/defenses.md.
 """
 
 from __future__ import annotations

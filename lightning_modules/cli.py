@@ -182,9 +182,9 @@ def _plain(value: Any) -> Any:
 
 def _top_level_help() -> str:
     lines = ["usage: clbd COMMAND [options]", "", "Training and evaluation (LightningCLI; clbd COMMAND --help):"]
-    lines += [f"  {name:<11}{text}" for name, text in TRAINER_COMMANDS.items()]
+    lines += [f"  {name:<12}{text}" for name, text in TRAINER_COMMANDS.items()]
     lines += ["", "Tools:"]
-    lines += [f"  {name:<11}{text}" for name, text in TOOLS.items()]
+    lines += [f"  {name:<12}{text}" for name, text in TOOLS.items()]
     lines += [
         "",
         "Examples:",
