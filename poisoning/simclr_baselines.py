@@ -1,6 +1,6 @@
 """SimCLR baselines beside Noisy Alignment: SSLBKD, CorruptEncoder and CTRL.
 
-- SSLBKD (Saha et al., AAAI 2022): the trigger patch pasted at a random place on target-class images.
+- SSLBKD (Saha et al., CVPR 2022): the trigger patch pasted at a random place on target-class images.
 - CorruptEncoder (Zhang et al., CVPR 2024): a reference object pasted on a background (the stream's sample), the
   trigger in the remaining part; layout after the authors' ``generate_poisoned_images.py``.
 - CTRL (Li et al., ICCV 2023): an imperceptible frequency-domain trigger on target-class images.
