@@ -212,6 +212,7 @@ class ShardDataModule(L.LightningDataModule):
             self.index("val")
         if stage == "test":
             self.index("test")
+            self._check_eval_classes()
         if self.attack is not None:
             # Always, poisoned training or not: validation also fixes the trigger's size for this run's images,
             # so a clean defense run measures ASR exactly as clbd test does.
@@ -221,6 +222,17 @@ class ShardDataModule(L.LightningDataModule):
                 self.plan = self.build_plan()
                 self._write_manifest()
             self._check_train_subset()
+
+    def _check_eval_classes(self) -> None:
+        """The model reads its class names from the val set when there is one: the test set must use the same."""
+        if self._class_names or not self.val_shards:
+            return
+        val, test = self.index("val").classes, self.index("test").classes
+        if val and test and list(val) != list(test):
+            raise ValueError(
+                f"data.test_shards ({self.test_shards}) has classes {list(test)} but data.val_shards "
+                f"({self.val_shards}) has {list(val)}: evaluate with one class list (or set data.class_names)"
+            )
 
     def catalog(self) -> list[KeyEntry]:
         """Keys and labels of the training shards (read once from tar headers)."""

@@ -7,6 +7,7 @@ own run directory under ``--out`` (printed as it runs, so any step can be rerun 
       configs: [configs/smoke/clip_shapes.yaml, configs/attack/badnet_shapes.yaml]
       overrides: ["--trainer.max_epochs=30"]
       checkpoint: null
+    clean_reference: true           # also pretrain without the attack and measure it with the same trigger
     defenses:                       # name -> the defense's configs (the attack config is added by the runner)
       cleanclip: {configs: [configs/defense/cleanclip.yaml], overrides: [...]}
 
@@ -71,7 +72,7 @@ def summarise(results: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def markdown(rows: list[dict[str, Any]], definition: str) -> str:
+def markdown(rows: list[dict[str, Any]], definition: str, reference: dict[str, Any] | None = None) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}"
 
@@ -88,10 +89,16 @@ def markdown(rows: list[dict[str, Any]], definition: str) -> str:
             f"| {row['name']} | {pct(b['ca'])} | {pct(a['ca'])} | {pct(b['asr'])} | {pct(a['asr'])} | "
             f"{delta(a['ca'], b['ca'])} | {delta(a['asr'], b['asr'])} | {a['asr_images']} | {row['minutes']:.1f} |"
         )
-    return "\n".join(lines) + f"\n\nCA and ASR in %. ASR: {definition}.\n"
+    text = "\n".join(lines) + f"\n\nCA and ASR in %. ASR: {definition}.\n"
+    if reference:
+        text += (
+            f"\nReference, the same pretraining without poisoning, measured with the same trigger: CA {pct(reference['ca'])},"
+            f" ASR {pct(reference['asr'])} (how often a triggered image is called the target with no backdoor).\n"
+        )
+    return text
 
 
-def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+def bar_chart(rows: list[dict[str, Any]], path: Path, title: str, reference: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,14 +116,32 @@ def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     for i, (label, values, colour) in enumerate(series):
         xs = [j + (i - 1.5) * width for j in range(len(rows))]
         ax.bar(xs, [100 * (v or 0) for v in values], width, label=label, color=colour)
+    if reference and reference.get("asr") is not None:
+        ax.axhline(100 * reference["asr"], color="#de2d26", linestyle="--", linewidth=1, label="ASR, clean model")
     ax.set_xticks(range(len(rows)), names)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def clean_reference(plan: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Pretrain without the attack, then evaluate with it: the ASR a model without a backdoor already has."""
+    pretrain = plan["pretrain"]
+    base = ["--config", pretrain["configs"][0], *flatten(pretrain.get("overrides", []))]
+    attack = [item for c in pretrain["configs"][1:] for item in ("--config", c)]
+    run_dir = out / "clean"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    metrics = run_dir / "checkpoints" / "metrics.json"
+    if not checkpoint.exists():
+        run_clbd(["fit", *base, f"--trainer.default_root_dir={run_dir}"])
+    if not metrics.exists():
+        run_clbd(["test", *base, *attack, f"--trainer.default_root_dir={run_dir}", f"--ckpt_path={checkpoint}"])
+    results = json.loads(metrics.read_text())[checkpoint.name]
+    return {**summarise(results), "checkpoint": str(checkpoint)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             ["fit", *configs, *flatten(pretrain.get("overrides", [])), f"--trainer.default_root_dir={poisoned_dir}"]
         )
     pretrain_minutes = (time.time() - started) / 60
+    reference = clean_reference(plan, out) if plan.get("clean_reference") else None
     rows = []
     for name, defense in plan["defenses"].items():
         if args.only and name not in args.only:
@@ -182,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": str(args.config),
         "poisoned_checkpoint": checkpoint,
         "pretrain_minutes": pretrain_minutes,
+        "clean_reference": reference,
         "asr_definition": definition,
         "rows": rows,
     }
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
-    text = markdown(rows, definition)
+    text = markdown(rows, definition, reference)
     (out / "table.md").write_text(text)
-    bar_chart(rows, out / "table.png", f"{args.config.stem}: CA and ASR before / after each defense")
+    bar_chart(rows, out / "table.png", f"{args.config.stem}: CA and ASR before / after each defense", reference)
     print("\n" + text)
     print(f"Written: {out / 'table.json'}, {out / 'table.md'}, {out / 'table.png'}")
     return 0

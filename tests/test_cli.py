@@ -123,3 +123,15 @@ def test_unknown_clip_model_and_eval_set_without_class_names(tmp_path, make_shar
     assert main(["fit", *simclr_args(unnamed, run)]) == 2
     assert "no class names" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
+
+
+def test_test_set_with_other_classes_than_the_val_set(tmp_path, make_shards, capsys):
+    shards = make_shards(n=32, per_shard=16)
+    other = make_shards(n=32, per_shard=16, classes=2, prefix="test")
+    run = tmp_path / "run"
+    assert main(["fit", *simclr_args(shards, run)]) == 0
+    argv = simclr_args(shards, run, f"--data.test_shards={other}", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert main(["test", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "data.test_shards" in err and "class0" in err
+    assert not (run / "checkpoints" / "metrics.json").exists()

@@ -20,6 +20,7 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
         "--data.init_args.model_name=clip-tiny-vit",
         f"--data.init_args.train_shards={shards}",
         f"--data.init_args.val_shards={shards}",
+        f"--data.init_args.test_shards={shards}",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=32",
         "--data.init_args.eval_batch_size=64",
@@ -42,6 +43,7 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
     )
     plan = {
         "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", str(attack)], "overrides": data},
+        "clean_reference": True,
         "defenses": {
             "cleanclip": {"configs": ["configs/defense/cleanclip.yaml"], "overrides": data},
             "mcldef": {
@@ -62,7 +64,12 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
             assert 0.0 <= row[when]["ca"] <= 1.0 and row[when]["asr_images"] > 0
     # Both defenses start from the same poisoned model, measured the same way: the same "before".
     assert table["rows"][0]["before"] == table["rows"][1]["before"]
+    # The clean reference: trained without the attack, measured with its trigger on the same images.
+    reference = table["clean_reference"]
+    assert 0.0 <= reference["ca"] <= 1.0 and reference["asr_images"] == table["rows"][0]["after"]["asr_images"]
+    assert not (out / "clean" / "poison_manifest.jsonl").exists()
     assert "| cleanclip |" in (out / "table.md").read_text()
+    assert "Reference, the same pretraining without poisoning" in (out / "table.md").read_text()
     assert Image.open(out / "table.png").size[0] > 300
     # A second call reuses finished defenses and only rewrites the table.
     assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
