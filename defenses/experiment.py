@@ -76,6 +76,9 @@ def markdown(rows: list[dict[str, Any]], definition: str, reference: dict[str, A
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}"
 
+    def minutes(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
     def delta(after: float | None, before: float | None) -> str:
         return "n/a" if after is None or before is None else f"{100 * (after - before):+.1f}"
 
@@ -87,7 +90,7 @@ def markdown(rows: list[dict[str, Any]], definition: str, reference: dict[str, A
         b, a = row["before"], row["after"]
         lines.append(
             f"| {row['name']} | {pct(b['ca'])} | {pct(a['ca'])} | {pct(b['asr'])} | {pct(a['asr'])} | "
-            f"{delta(a['ca'], b['ca'])} | {delta(a['asr'], b['asr'])} | {a['asr_images']} | {row['minutes']:.1f} |"
+            f"{delta(a['ca'], b['ca'])} | {delta(a['asr'], b['asr'])} | {a['asr_images']} | {minutes(row['minutes'])} |"
         )
     text = "\n".join(lines) + f"\n\nCA and ASR in %. ASR: {definition}.\n"
     if reference:
@@ -170,13 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     pretrain_minutes = (time.time() - started) / 60
     reference = clean_reference(plan, out) if plan.get("clean_reference") else None
+    earlier = out / "table.json"  # a rerun keeps the minutes of the defenses it does not run again
+    earlier_minutes = (
+        {row["name"]: row["minutes"] for row in json.loads(earlier.read_text())["rows"]} if earlier.exists() else {}
+    )
     rows = []
     for name, defense in plan["defenses"].items():
         if args.only and name not in args.only:
             continue
         run_dir = out / name
         started = time.time()
-        if not (run_dir / DEFENSE_METRICS).exists():  # a finished defense is kept: rerunning resumes the table
+        reused = (run_dir / DEFENSE_METRICS).exists()
+        if not reused:  # a finished defense is kept: rerunning resumes the table
             defense_configs = [item for c in defense["configs"] for item in ("--config", c)]
             run_clbd(
                 [
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 "name": name,
                 "before": summarise(report["before"]),
                 "after": summarise(report["after"]),
-                "minutes": (time.time() - started) / 60,
+                "minutes": earlier_minutes.get(name) if reused else (time.time() - started) / 60,
                 "report": str(run_dir / DEFENSE_METRICS),
                 "extra": report.get("extra", {}),
             }

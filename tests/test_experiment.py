@@ -71,8 +71,10 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
     assert "| cleanclip |" in (out / "table.md").read_text()
     assert "Reference, the same pretraining without poisoning" in (out / "table.md").read_text()
     assert Image.open(out / "table.png").size[0] > 300
-    # A second call reuses finished defenses and only rewrites the table.
+    # A second call reuses finished defenses and only rewrites the table, keeping their measured minutes.
     assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+    again = json.loads((out / "table.json").read_text())
+    assert [row["minutes"] for row in again["rows"]] == [row["minutes"] for row in table["rows"]]
 
 
 def test_experiment_file_errors_name_the_problem(tmp_path, capsys):
