@@ -490,6 +490,13 @@ class CLIPDataModule(ShardDataModule):
     def image_size(self) -> int:
         return self._size
 
+    def train_stream(self) -> ShardStream:
+        # Built here, before the loader forks its workers, so they inherit it: built lazily in each worker it cost
+        # ~60 ms (open_clip's tokenizer) per worker per epoch, as workers are not persistent.
+        if self._train_pre is None:
+            self._train_pre = CLIPPreprocess(self.model_name, train=True, seed=self.seed)
+        return super().train_stream()
+
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         if self._train_pre is None:
             self._train_pre = CLIPPreprocess(self.model_name, train=True, seed=self.seed)
