@@ -63,8 +63,8 @@ BACKGROUND_WEIGHTS = (0.35, 0.35, 0.15, 0.15)
 # Foreground and background colours must differ by at least this RGB distance, or the shape would vanish.
 MIN_CONTRAST = 110.0
 # Shapes are tilted by at most this much. SimCLR's views (crop, flip, colour) teach no rotation invariance, so with
-# any rotation a kNN sees same-class shapes at unrelated angles as different: measured at 32 px, width 8, five
-# CPU minutes, kNN accuracy stayed within 2 points of a random encoder's (21%).
+# any rotation a kNN sees same-class shapes at unrelated angles as different. Measured (32 px, width 8, batch 128,
+# 5 epochs): kNN accuracy 22.5% with rotations over 360 degrees (a random encoder: 21%), 30.1% with +-20 degrees.
 MAX_ROTATION_DEG = 20.0
 MIN_LUMA_CONTRAST = 40.0
 CAPTION_TEMPLATES = (
