@@ -15,15 +15,7 @@ import numpy as np
 from .file_tree import FileTree
 from .image_folder import class_order, class_samples, group_by_class
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits, encode_png
-from .writer import (
-    DEFAULT_MAXCOUNT,
-    SourceSample,
-    SplitResult,
-    check_output_free,
-    common_options,
-    split_report,
-    write_split,
-)
+from .writer import DEFAULT_MAXCOUNT, SourceSample, SplitResult, SplitWriter
 
 SPLIT_FOLDERS = ("train", "val", "test")
 
@@ -47,41 +39,21 @@ def convert_cifar10(
     ``train_<class>_<name>``, shuffled with ``shuffle_seed`` like ``convert_image_folder``).
     """
     started = time.perf_counter()
-    limits = ImageLimits(min_side, max_pixels)
-    check_output_free(out, ["train", "test"], overwrite)
+    writer = SplitWriter(out, maxcount, overwrite, ImageLimits(min_side, max_pixels), progress)
+    writer.check_free(["train", "test"])
     with FileTree(src) as tree:
         files = tree.files()
         batches = [f for f in files if f.rpartition("/")[2] == "data_batch_1"]
         if batches:
-            results = _cifar10_python(
-                tree,
-                files,
-                batches[0].rpartition("/")[0],
-                src,
-                out,
-                overwrite=overwrite,
-                maxcount=maxcount,
-                limits=limits,
-                progress=progress,
-            )
+            results = _cifar10_python(tree, files, batches[0].rpartition("/")[0], src, writer)
         else:
-            results = _cifar10_folders(
-                tree,
-                files,
-                src,
-                out,
-                overwrite=overwrite,
-                maxcount=maxcount,
-                limits=limits,
-                progress=progress,
-                shuffle_seed=shuffle_seed,
-            )
-    return split_report("cifar10", out, results, started)
+            results = _cifar10_folders(tree, files, src, writer, shuffle_seed)
+    return writer.report("cifar10", results, started)
 
 
 def _cifar10_folders(
-    tree: FileTree, files: list[str], src, out, *, overwrite, maxcount, limits, progress, shuffle_seed
-):
+    tree: FileTree, files: list[str], src: str | os.PathLike, writer: SplitWriter, shuffle_seed: int | None
+) -> list[SplitResult]:
     root = _find_split_root(files)
     if root is None:
         raise ValueError(
@@ -90,7 +62,7 @@ def _cifar10_folders(
         )
     base = f"{root}/" if root else ""
     splits = [s for s in SPLIT_FOLDERS if any(f.startswith(f"{base}{s}/") for f in files)]
-    check_output_free(out, splits, overwrite)
+    writer.check_free(splits)
     grouped = {s: group_by_class(tree, f"{base}{s}") for s in splits}
     order = class_order([c for g in grouped.values() for c in g.by_class], None, str(src))
     results = []
@@ -101,22 +73,9 @@ def _cifar10_folders(
             "layout": f"image folders ({tree.kind})",
             "path": str(Path(src).resolve()),
             "split": split,
-            "options": {"shuffle_seed": shuffle_seed, **common_options(maxcount, limits)},
+            "options": {"shuffle_seed": shuffle_seed, **writer.options()},
         }
-        results.append(
-            write_split(
-                out,
-                split,
-                samples,
-                classes=order,
-                source=source,
-                maxcount=maxcount,
-                overwrite=overwrite,
-                limits=limits,
-                progress=progress,
-                faults=grouped[split].faults,
-            )
-        )
+        results.append(writer.write(split, samples, classes=order, source=source, faults=grouped[split].faults))
     return results
 
 
@@ -162,7 +121,7 @@ def load_cifar_batch(data: bytes, name: str) -> dict[bytes, Any]:
 
 
 def _cifar10_python(
-    tree: FileTree, files: list[str], folder: str, src, out, *, overwrite, maxcount, limits, progress
+    tree: FileTree, files: list[str], folder: str, src: str | os.PathLike, writer: SplitWriter
 ) -> list[SplitResult]:
     base = f"{folder}/" if folder else ""
     needed = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -189,21 +148,9 @@ def _cifar10_python(
             "path": str(Path(src).resolve()),
             "split": split,
             "batches": batch_names,
-            "options": common_options(maxcount, limits),
+            "options": writer.options(),
         }
-        results.append(
-            write_split(
-                out,
-                split,
-                samples,
-                classes=classes,
-                source=source,
-                maxcount=maxcount,
-                overwrite=overwrite,
-                limits=limits,
-                progress=progress,
-            )
-        )
+        results.append(writer.write(split, samples, classes=classes, source=source))
     return results
 
 

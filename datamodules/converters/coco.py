@@ -11,16 +11,7 @@ from typing import Any
 from datamodules.faults import FaultCounter
 
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
-from .writer import (
-    DEFAULT_MAXCOUNT,
-    KeyMaker,
-    SourceSample,
-    check_output_free,
-    check_prefix,
-    common_options,
-    split_report,
-    write_split,
-)
+from .writer import DEFAULT_MAXCOUNT, KeyMaker, SourceSample, SplitWriter, check_prefix
 
 
 def convert_coco_captions(
@@ -46,12 +37,12 @@ def convert_coco_captions(
     check_prefix(prefix)
     if captions not in ("first", "all"):
         raise ValueError(f"captions must be 'first' or 'all', got {captions!r}")
-    limits = ImageLimits(min_side, max_pixels)
+    writer = SplitWriter(out, maxcount, overwrite, ImageLimits(min_side, max_pixels), progress)
     images = Path(images)
     if not images.is_dir():
         raise FileNotFoundError(f"images folder does not exist: {images}")
     entries, captions_of, faults = _read_coco(Path(annotations))
-    check_output_free(out, [prefix], overwrite)
+    writer.check_free([prefix])
     keys = KeyMaker(prefix)
     samples: list[SourceSample] = []
     for entry in sorted(entries, key=lambda e: (str(e["file_name"]), str(e["id"]))):
@@ -85,21 +76,10 @@ def convert_coco_captions(
         "converter": "coco_captions",
         "images": str(images.resolve()),
         "annotations": str(Path(annotations).resolve()),
-        "options": {"prefix": prefix, "captions": captions, **common_options(maxcount, limits)},
+        "options": {"prefix": prefix, "captions": captions, **writer.options()},
     }
-    result = write_split(
-        out,
-        prefix,
-        samples,
-        classes=None,
-        source=source,
-        maxcount=maxcount,
-        overwrite=overwrite,
-        limits=limits,
-        progress=progress,
-        faults=faults,
-    )
-    return split_report("coco_captions", out, [result], started)
+    result = writer.write(prefix, samples, classes=None, source=source, faults=faults)
+    return writer.report("coco_captions", [result], started)
 
 
 def _read_coco(path: Path) -> tuple[list[dict[str, Any]], dict[Any, list[str]], FaultCounter]:

@@ -11,16 +11,7 @@ from typing import Any
 from datamodules.faults import FaultCounter
 
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
-from .writer import (
-    DEFAULT_MAXCOUNT,
-    SourceSample,
-    check_output_free,
-    check_prefix,
-    common_options,
-    sanitize_key,
-    split_report,
-    write_split,
-)
+from .writer import DEFAULT_MAXCOUNT, SourceSample, SplitWriter, check_prefix, sanitize_key
 
 
 def convert_csv(
@@ -44,7 +35,7 @@ def convert_csv(
     """
     started = time.perf_counter()
     check_prefix(prefix)
-    limits = ImageLimits(min_side, max_pixels)
+    writer = SplitWriter(out, maxcount, overwrite, ImageLimits(min_side, max_pixels), progress)
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"CSV file does not exist: {csv_path}")
@@ -53,7 +44,7 @@ def convert_csv(
         raise FileNotFoundError(f"root folder does not exist: {base}")
     delimiter = delimiter or ("\t" if csv_path.suffix.lower() == ".tsv" else ",")
     rows = _read_csv(csv_path, delimiter)
-    check_output_free(out, [prefix], overwrite)
+    writer.check_free([prefix])
     faults = FaultCounter()
     samples = []
     width = max(6, len(str(len(rows))))
@@ -85,21 +76,10 @@ def convert_csv(
         "converter": "csv",
         "path": str(csv_path.resolve()),
         "root": str(base.resolve()),
-        "options": {"prefix": prefix, "delimiter": delimiter, **common_options(maxcount, limits)},
+        "options": {"prefix": prefix, "delimiter": delimiter, **writer.options()},
     }
-    result = write_split(
-        out,
-        prefix,
-        samples,
-        classes=None,
-        source=source,
-        maxcount=maxcount,
-        overwrite=overwrite,
-        limits=limits,
-        progress=progress,
-        faults=faults,
-    )
-    return split_report("csv", out, [result], started)
+    result = writer.write(prefix, samples, classes=None, source=source, faults=faults)
+    return writer.report("csv", [result], started)
 
 
 def _read_csv(path: Path, delimiter: str) -> list[dict[str, str]]:

@@ -15,16 +15,7 @@ from datamodules.faults import FaultCounter
 
 from .file_tree import FileTree, clean_member_name
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
-from .writer import (
-    DEFAULT_MAXCOUNT,
-    KeyMaker,
-    SourceSample,
-    check_output_free,
-    check_prefix,
-    common_options,
-    split_report,
-    write_split,
-)
+from .writer import DEFAULT_MAXCOUNT, KeyMaker, SourceSample, SplitWriter, check_prefix
 
 # Folders named exactly like CIFAR-10's classes get its official label order, not the sorted one.
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -140,8 +131,8 @@ def convert_image_folder(
     """
     started = time.perf_counter()
     check_prefix(prefix)
-    limits = ImageLimits(min_side, max_pixels)
-    check_output_free(out, [prefix], overwrite)
+    writer = SplitWriter(out, maxcount, overwrite, ImageLimits(min_side, max_pixels), progress)
+    writer.check_free([prefix])
     with FileTree(src) as tree:
         files = tree.files()
         if subdir is not None:
@@ -161,22 +152,11 @@ def convert_image_folder(
                 "subdir": subdir,
                 "classes": classes and list(classes),
                 "shuffle_seed": shuffle_seed,
-                **common_options(maxcount, limits),
+                **writer.options(),
             },
         }
-        result = write_split(
-            out,
-            prefix,
-            samples,
-            classes=order,
-            source=source,
-            maxcount=maxcount,
-            overwrite=overwrite,
-            limits=limits,
-            progress=progress,
-            faults=grouped.faults,
-        )
-    return split_report("image_folder", out, [result], started)
+        result = writer.write(prefix, samples, classes=order, source=source, faults=grouped.faults)
+    return writer.report("image_folder", [result], started)
 
 
 def _unwrap_single_folder(files: Sequence[str]) -> str:

@@ -112,50 +112,83 @@ class SplitResult:
 _CONVERSION_KINDS = ("color_converted", "format_converted", "key_renamed")
 
 
-def write_split(
-    out: str | os.PathLike,
-    prefix: str,
-    samples: Sequence[SourceSample],
-    *,
-    classes: Sequence[str] | None,
-    source: dict[str, Any],
-    maxcount: int,
-    overwrite: bool,
-    limits: ImageLimits,
-    progress: bool,
-    faults: FaultCounter | None = None,
-) -> SplitResult:
-    """Check and write ``samples`` (already in their final order) as the shard set ``prefix`` in ``out``."""
-    result = SplitResult(prefix, classes=list(classes) if classes is not None else None)
-    if faults is not None:
-        result.faults = faults
-    if not samples:
-        skipped = {k: v for k, v in result.faults.as_dict().items() if v}
-        raise ValueError(
-            f"{source.get('path') or source.get('images') or out}: no sample to write for {prefix!r}"
-            + (f" (skipped: {skipped})" if skipped else " (the source is empty)")
-        )
-    sink = ShardSink(out, prefix, maxcount=maxcount, overwrite=overwrite, classes=classes, source=source)
-    with sink:
-        for sample in tqdm(
-            samples,
-            desc=f"{source.get('converter', 'convert')} {prefix}",
-            unit="img",
-            disable=not progress,
-            dynamic_ncols=True,
-        ):
-            try:
-                members = _sample_members(sample, limits, result.faults)
-            except SkipSample as exc:
-                result.faults.add(exc.reason, f"{sample.name or sample.key}: {exc.detail}"[:500])
-                continue
-            sink.write(sample.key, members)
-        sink.source["counts"] = {k: v for k, v in result.faults.as_dict().items() if v}
-    result.written = sink.count
-    result.shards = len(sink.shards)
-    result.index = str(index_path_for(out, prefix))
-    result.class_counts = sink.class_counts
-    return result
+@dataclass(frozen=True)
+class SplitWriter:
+    """Where and how a converter writes its splits: the output folder, samples per shard, the overwrite rule and the
+    image checks. One per conversion; it also makes the options a shard set's index records and the report."""
+
+    out: str | os.PathLike
+    maxcount: int
+    overwrite: bool
+    limits: ImageLimits
+    progress: bool
+
+    def options(self) -> dict[str, Any]:
+        """The settings every converter records under ``source.options`` of its index."""
+        return {"maxcount": self.maxcount, "min_side": self.limits.min_side, "max_pixels": self.limits.max_pixels}
+
+    def check_free(self, prefixes: Iterable[str]) -> None:
+        check_output_free(self.out, prefixes, self.overwrite)
+
+    def write(
+        self,
+        prefix: str,
+        samples: Sequence[SourceSample],
+        *,
+        classes: Sequence[str] | None,
+        source: dict[str, Any],
+        faults: FaultCounter | None = None,
+    ) -> SplitResult:
+        """Check and write ``samples`` (already in their final order) as the shard set ``prefix`` in ``out``."""
+        out, limits = self.out, self.limits
+        result = SplitResult(prefix, classes=list(classes) if classes is not None else None)
+        if faults is not None:
+            result.faults = faults
+        if not samples:
+            skipped = {k: v for k, v in result.faults.as_dict().items() if v}
+            raise ValueError(
+                f"{source.get('path') or source.get('images') or out}: no sample to write for {prefix!r}"
+                + (f" (skipped: {skipped})" if skipped else " (the source is empty)")
+            )
+        sink = ShardSink(out, prefix, maxcount=self.maxcount, overwrite=self.overwrite, classes=classes, source=source)
+        with sink:
+            for sample in tqdm(
+                samples,
+                desc=f"{source.get('converter', 'convert')} {prefix}",
+                unit="img",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            ):
+                try:
+                    members = _sample_members(sample, limits, result.faults)
+                except SkipSample as exc:
+                    result.faults.add(exc.reason, f"{sample.name or sample.key}: {exc.detail}"[:500])
+                    continue
+                sink.write(sample.key, members)
+            sink.source["counts"] = {k: v for k, v in result.faults.as_dict().items() if v}
+        result.written = sink.count
+        result.shards = len(sink.shards)
+        result.index = str(index_path_for(out, prefix))
+        result.class_counts = sink.class_counts
+        return result
+
+    def report(self, converter: str, results: Sequence[SplitResult], started: float) -> dict[str, Any]:
+        """The report every converter returns (see the package's docstring)."""
+        splits = {r.prefix: r.as_dict() for r in results}
+        skipped: Counter[str] = Counter()
+        converted: Counter[str] = Counter()
+        for split in splits.values():
+            skipped.update(split["skipped"])
+            converted.update(split["converted"])
+        return {
+            "converter": converter,
+            "out": str(Path(self.out)),
+            "splits": splits,
+            "written": sum(s["written"] for s in splits.values()),
+            "skipped": dict(sorted(skipped.items())),
+            "converted": dict(sorted(converted.items())),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
 
 
 def _sample_members(sample: SourceSample, limits: ImageLimits, faults: FaultCounter) -> dict[str, bytes | str | int]:
@@ -177,30 +210,6 @@ def _sample_members(sample: SourceSample, limits: ImageLimits, faults: FaultCoun
     if sample.meta is not None:
         members["json"] = json.dumps(sample.meta, ensure_ascii=False, sort_keys=True)
     return members
-
-
-def split_report(
-    converter: str, out: str | os.PathLike, results: Sequence[SplitResult], started: float
-) -> dict[str, Any]:
-    splits = {r.prefix: r.as_dict() for r in results}
-    skipped: Counter[str] = Counter()
-    converted: Counter[str] = Counter()
-    for split in splits.values():
-        skipped.update(split["skipped"])
-        converted.update(split["converted"])
-    return {
-        "converter": converter,
-        "out": str(Path(out)),
-        "splits": splits,
-        "written": sum(s["written"] for s in splits.values()),
-        "skipped": dict(sorted(skipped.items())),
-        "converted": dict(sorted(converted.items())),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-
-
-def common_options(maxcount: int, limits: ImageLimits) -> dict[str, Any]:
-    return {"maxcount": maxcount, "min_side": limits.min_side, "max_pixels": limits.max_pixels}
 
 
 def iter_index_files(path: str | os.PathLike) -> Iterator[Path]:
