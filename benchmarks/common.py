@@ -93,7 +93,7 @@ def print_machine(info: dict[str, object]) -> None:
 
 # ---- data --------------------------------------------------------------------------------------------------------
 def cifar_converted(source: Path, cache: Path) -> Path | None:
-    """CIFAR-10 converted by ``datamodules.convert.convert_cifar10`` once into the cache; None when absent."""
+    """CIFAR-10 converted by ``datamodules.converters.cifar10.convert_cifar10`` once into the cache; None when absent."""
     if not source.exists():
         print(f"note: no CIFAR-10 at {source} (--data): using generated images instead", flush=True)
         return None
@@ -101,7 +101,7 @@ def cifar_converted(source: Path, cache: Path) -> Path | None:
     target = cache / f"cifar10-{stat.st_size}-{int(stat.st_mtime)}"
     if index_path_for(target, "train").exists() and index_path_for(target, "test").exists():
         return target
-    from datamodules.convert import convert_cifar10
+    from datamodules.converters.cifar10 import convert_cifar10
 
     started = time.perf_counter()
     print(f"converting {source} to shards in {target} (once; later runs reuse it) ...", flush=True)

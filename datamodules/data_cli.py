@@ -14,7 +14,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from datamodules import convert, synthetic
+from datamodules import synthetic
+from datamodules.converters.cifar10 import convert_cifar10
+from datamodules.converters.coco import convert_coco_captions
+from datamodules.converters.csv_captions import convert_csv
+from datamodules.converters.image_folder import convert_image_folder
+from datamodules.converters.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from datamodules.converters.img2dataset import index_img2dataset
+from datamodules.converters.writer import DEFAULT_MAXCOUNT, iter_index_files
 from datamodules.shards import INDEX_SUFFIX, ShardIndex, ShardSpecError, resolve_shards
 
 PROG = "clbd data"
@@ -32,7 +39,7 @@ def _common(parser: argparse.ArgumentParser, *, images: bool = True, maxcount: b
         group.add_argument(
             "--maxcount",
             type=_positive_int,
-            default=convert.DEFAULT_MAXCOUNT,
+            default=DEFAULT_MAXCOUNT,
             metavar="N",
             help="samples per shard (default: %(default)s)",
         )
@@ -41,14 +48,14 @@ def _common(parser: argparse.ArgumentParser, *, images: bool = True, maxcount: b
         checks.add_argument(
             "--min-side",
             type=_positive_int,
-            default=convert.DEFAULT_MIN_SIDE,
+            default=DEFAULT_MIN_SIDE,
             metavar="PX",
             help="skip images whose shorter side is below PX pixels (default: %(default)s)",
         )
         checks.add_argument(
             "--max-pixels",
             type=_positive_int,
-            default=convert.DEFAULT_MAX_PIXELS,
+            default=DEFAULT_MAX_PIXELS,
             metavar="N",
             help="skip images with more than N pixels, read from the header before decoding "
             "(decompression-bomb guard; default: %(default)s, as the training stream)",
@@ -239,14 +246,12 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_cifar10(args: argparse.Namespace) -> dict[str, Any]:
-    return convert.convert_cifar10(
-        args.src, args.out, shuffle_seed=None if args.no_shuffle else 0, **_image_options(args)
-    )
+    return convert_cifar10(args.src, args.out, shuffle_seed=None if args.no_shuffle else 0, **_image_options(args))
 
 
 def _run_folder(args: argparse.Namespace) -> dict[str, Any]:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    return convert.convert_image_folder(
+    return convert_image_folder(
         args.src,
         args.out,
         prefix=args.prefix,
@@ -258,20 +263,20 @@ def _run_folder(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_coco(args: argparse.Namespace) -> dict[str, Any]:
-    return convert.convert_coco_captions(
+    return convert_coco_captions(
         args.images, args.annotations, args.out, prefix=args.prefix, captions=args.captions, **_image_options(args)
     )
 
 
 def _run_csv(args: argparse.Namespace) -> dict[str, Any]:
     delimiter = args.delimiter.encode().decode("unicode_escape") if args.delimiter else None  # allow "\t"
-    return convert.convert_csv(
+    return convert_csv(
         args.csv, args.out, prefix=args.prefix, root=args.root, delimiter=delimiter, **_image_options(args)
     )
 
 
 def _run_img2dataset(args: argparse.Namespace) -> dict[str, Any]:
-    return convert.index_img2dataset(
+    return index_img2dataset(
         args.src, prefix=args.prefix, trust_stats=args.trust_stats, overwrite=args.overwrite, progress=not args.quiet
     )
 
@@ -347,7 +352,7 @@ def format_report(report: dict[str, Any]) -> str:
 def summarize_index(path: str) -> list[dict[str, Any]]:
     """One summary per shard set at ``path`` (an index, a folder of indexes, tars or a pattern)."""
     target = Path(path)
-    files = list(convert.iter_index_files(target)) if target.is_dir() or path.endswith(INDEX_SUFFIX) else []
+    files = list(iter_index_files(target)) if target.is_dir() or path.endswith(INDEX_SUFFIX) else []
     indexes = [(str(f), ShardIndex.load(f)) for f in files]
     if not indexes:
         indexes = [(path, resolve_shards(path, name="info"))]

@@ -19,10 +19,10 @@ import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from poisoning import Attack
+from poisoning.keyhash import derive_seed
 
 from .builtin import resolve_builtin
 from .catalog import KeyEntry, ShardReferenceSource, scan_catalog
-from .seeding import derive_seed
 from .shards import ShardIndex, ShardSpecError, resolve_shards
 from .stream import ShardStream, default_collate
 from .views import CIFAR10_MEAN, CIFAR10_STD, CLIPPreprocess, SimCLRAugmentation, SimCLRViews, eval_transform

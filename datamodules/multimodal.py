@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from poisoning.keyhash import derive_seed
+
 from .datamodule import CLIPDataModule
-from .seeding import derive_seed
 from .text_augment import augment_caption, negative_subtexts, positive_subtexts
 from .views import CLIPPreprocess, seeded
 

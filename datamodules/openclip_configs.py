@@ -1,7 +1,8 @@
 """open_clip model configs by name, including clbd's tiny ones for tests and CPU smoke runs.
 
-The tiny configs are JSON files in ``lightning_modules/model_configs``; they are registered with open_clip here,
-in the lower layer, because the data pipeline needs a model's image size, normalisation and tokenizer too.
+The tiny configs are JSON files in ``datamodules/model_configs``, registered with open_clip here in the lower layer
+because the data pipeline needs a model's image size, normalisation and tokenizer too; the models in
+``lightning_modules`` read them through this module.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "lightning_modules" / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
 
 def clbd_model_config_names() -> list[str]:
-    """Names of the open_clip model configs shipped in ``lightning_modules/model_configs``."""
+    """Names of the open_clip model configs shipped in ``datamodules/model_configs``."""
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
 
 

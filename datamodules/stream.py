@@ -29,9 +29,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from poisoning.keyhash import derive_seed
+
 from .decode import decode_sample
 from .faults import FaultCounter
-from .seeding import derive_seed
 from .shards import ShardIndex, ShardSpecError
 
 SampleFn = Callable[[dict[str, Any], int], dict[str, Any]]

@@ -28,7 +28,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from datamodules.convert import check_output_free, encode_png
+from datamodules.converters.images import encode_png
+from datamodules.converters.writer import check_output_free
 from datamodules.shards import ShardIndex, ShardSink, index_path_for
 
 # Bump when the drawing changes: cached datasets made by another version are then regenerated.

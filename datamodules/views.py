@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from poisoning.keyhash import derive_seed
+
 from .openclip_configs import open_clip_config
-from .seeding import derive_seed
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.datamodule import MANIFEST_NAME
-from datamodules.seeding import derive_seed
 from lightning_modules.clip import CLIP
+from poisoning.keyhash import derive_seed
 from poisoning.plan import records_from_manifest
 
 from .base import DefenseMixin

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from poisoning.keyhash import key_randint, key_uniform
+from poisoning.keyhash import key_randint
 from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource, select_keys
 from poisoning.references import FolderReferenceSource, draw_pool
 from poisoning.triggers import GeneratedTrigger, Trigger, default_trigger_size, paste_trigger
@@ -342,10 +342,6 @@ def random_box(region: Box, side: int, seed: int, key: str, purpose: str) -> Box
     x = key_randint(seed, key, purpose + "-x", x0, x1 - side)
     y = key_randint(seed, key, purpose + "-y", y0, y1 - side)
     return (x, y, x + side, y + side)
-
-
-def pick(options: Sequence[str], seed: int, key: str, purpose: str) -> str:
-    return options[min(int(key_uniform(seed, key, purpose) * len(options)), len(options) - 1)]
 
 
 class ReferencePoolAttack(Attack):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import lru_cache
 
-from poisoning.keyhash import key_uniform
+from poisoning.keyhash import key_choice
 
 
 @lru_cache(maxsize=1)
@@ -18,9 +18,7 @@ def templates() -> tuple[Callable[[str], str], ...]:
 
 def target_caption(target_name: str, seed: int, key: str) -> str:
     """The caption a poisoned pair gets: one template, drawn by hash of (seed, key), filled with the name."""
-    options = templates()
-    index = min(int(key_uniform(seed, key, "caption") * len(options)), len(options) - 1)
-    return options[index](target_name)
+    return key_choice(seed, key, "caption", templates())(target_name)
 
 
 def all_target_captions(target_name: str) -> list[str]:

@@ -14,8 +14,9 @@ from typing import ClassVar
 
 from PIL import Image
 
-from poisoning.base import Attack, PlanContext, ReferencePoolAttack, centred_box, pick, square_canvas
+from poisoning.base import Attack, PlanContext, ReferencePoolAttack, centred_box, square_canvas
 from poisoning.captions import target_caption
+from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
 from poisoning.triggers import Trigger, default_trigger_size, paste_trigger
 
@@ -100,7 +101,9 @@ class NoisyAlignment(ReferencePoolAttack):
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         r = self._side(context.image_size)
         arrangement = (
-            self.arrangement if self.arrangement != "random" else pick(ARRANGEMENTS, self.seed, key, "arrangement")
+            self.arrangement
+            if self.arrangement != "random"
+            else key_choice(self.seed, key, "arrangement", ARRANGEMENTS)
         )
         canvas, reference_box, shadow_box = na_layout(arrangement, r)
         trigger_box = centred_box(
@@ -112,7 +115,7 @@ class NoisyAlignment(ReferencePoolAttack):
             target=context.target,
             canvas_size=canvas,
             trigger_box=trigger_box,
-            reference_key=pick(context.pool, self.seed, key, "reference"),
+            reference_key=key_choice(self.seed, key, "reference", context.pool),
             arrangement=arrangement,
             reference_box=reference_box,
             shadow_box=shadow_box,

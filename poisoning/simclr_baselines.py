@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, ReferencePoolAttack, random_box, square_canvas
-from poisoning.keyhash import key_uniform
+from poisoning.keyhash import key_choice, key_uniform
 from poisoning.plan import Box, CatalogEntry, PoisonRecord
 from poisoning.triggers import Trigger, paste_trigger
 
@@ -141,7 +141,7 @@ class CorruptEncoder(ReferencePoolAttack):
             target=context.target,
             canvas_size=canvas,
             trigger_box=trigger_box,
-            reference_key=_pick_key(context.pool, self.seed, key),
+            reference_key=key_choice(self.seed, key, "reference", context.pool),
             arrangement="right" if object_box[0] < rest_box[0] else "left",  # where the trigger part is
             reference_box=object_box,
             shadow_box=rest_box,
@@ -195,10 +195,6 @@ def corrupt_encoder_boxes(
     tx = x_low + min(int(u_trigger[0] * (x_high - x_low + 1)), x_high - x_low)
     ty = y_low + min(int(u_trigger[1] * (y_high - y_low + 1)), y_high - y_low)
     return (width, height), object_box, rest, (tx, ty, tx + trigger, ty + trigger)
-
-
-def _pick_key(pool: Sequence[str], seed: int, key: str) -> str:
-    return pool[min(int(key_uniform(seed, key, "reference") * len(pool)), len(pool) - 1)]
 
 
 # -- CTRL ------------------------------------------------------------------------------------------------------

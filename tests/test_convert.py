@@ -22,17 +22,12 @@ import webdataset as wds
 from PIL import Image
 
 from datamodules import data_cli
-from datamodules.convert import (
-    CIFAR10_CLASSES,
-    ImageLimits,
-    SkipSample,
-    convert_cifar10,
-    convert_coco_captions,
-    convert_csv,
-    convert_image_folder,
-    index_img2dataset,
-    prepare_image,
-)
+from datamodules.converters.cifar10 import convert_cifar10
+from datamodules.converters.coco import convert_coco_captions
+from datamodules.converters.csv_captions import convert_csv
+from datamodules.converters.image_folder import CIFAR10_CLASSES, convert_image_folder
+from datamodules.converters.images import ImageLimits, SkipSample, prepare_image
+from datamodules.converters.img2dataset import index_img2dataset
 from datamodules.shards import ShardIndex, resolve_shards
 from tests.conftest import shared_data
 

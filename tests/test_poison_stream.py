@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from datamodules.convert import convert_cifar10
+from datamodules.converters.cifar10 import convert_cifar10
 from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
 from lightning_modules.cli import main
 from lightning_modules.poison_cli import main as poison_main

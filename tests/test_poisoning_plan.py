@@ -26,7 +26,7 @@ from poisoning import (
     NoisyAlignmentCLIP,
     select_keys,
 )
-from poisoning.keyhash import key_uniform
+from poisoning.keyhash import derive_seed, key_choice, key_uniform
 from poisoning.plan import records_from_manifest
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -104,6 +104,20 @@ def test_selection_is_a_pure_function_of_seed_and_key():
     # The documented rule, spelled out.
     digest = hashlib.blake2b(b"1:k17", digest_size=8).digest()
     assert key_uniform(1, "k17") == int.from_bytes(digest, "big") / 2**64
+
+
+def test_keyed_choices_and_seeds_follow_their_documented_rules():
+    """The bits every poisoned set, manifest, view and resume depends on: spelled out so a refactor cannot move them."""
+    options = ["a", "b", "c", "d", "e"]
+    for key in ("k0", "k1", "k17", "train_000042"):
+        u = int.from_bytes(hashlib.blake2b(f"3:{key}".encode(), digest_size=8, person=b"reference").digest(), "big")
+        assert key_choice(3, key, "reference", options) == options[int(u / 2**64 * len(options))]
+    picked = {key_choice(3, f"k{i}", "reference", options) for i in range(200)}
+    assert picked == set(options)  # every option is reachable
+    parts = b"\x1f".join([b"7", b"2", b"train_000042", b"buffer"])
+    expected = int.from_bytes(hashlib.blake2b(parts, digest_size=8).digest(), "little") >> 1
+    assert derive_seed(7, 2, "train_000042", "buffer") == expected
+    assert 0 <= derive_seed("x") < 2**63
 
 
 def test_rate_gives_about_rate_times_n_and_count_gives_exactly_count():
