@@ -571,6 +571,7 @@ class UBT(DefenseMixin, CLIP):
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train/retain", retain.detach(), batch_size=size)
+        self.log("train/retain_pairs", keep.sum().float(), on_step=True, on_epoch=True, reduce_fx="sum")
         self.log("train/forget_similarity", similarity.detach().mean(), batch_size=size)
         return loss
 
@@ -626,7 +627,7 @@ class UBT(DefenseMixin, CLIP):
         saved = checkpoint.get("clbd_ubt")
         if saved is not None:
             self.flagged = frozenset(saved["flagged"])
-            self.retain_keys = frozenset(saved["retain"])
+            self.retain_keys = frozenset(saved.get("retain", ()))
             self.forget_images, self.forget_tokens = saved["forget_images"], saved["forget_tokens"]
             self.text_rows = saved["text_rows"]
             self.detection_report = saved["report"]
