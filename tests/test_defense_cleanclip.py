@@ -333,11 +333,32 @@ def _step(image_encoder, text_encoder, rows: slice) -> torch.Tensor:
     return loss.detach()
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _inmodal_step(image_encoder, text_encoder, rows: slice) -> torch.Tensor:
+    """CleanCLIP's in-modal term on both modalities (the augmented views: the inputs slightly perturbed)."""
+    from defenses.cleanclip import inmodal_loss
+
+    pixels, tokens, *_ = (x[rows] for x in _inputs())
+    g = torch.Generator().manual_seed(2)
+    noise = 0.3 * torch.randn(N, 6, generator=g, dtype=torch.float64)[rows]
+    text_noise = 0.3 * torch.randn(N, 5, generator=g, dtype=torch.float64)[rows]
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    loss = inmodal_loss(
+        F.normalize(image_encoder(pixels), dim=-1), F.normalize(image_encoder(pixels + noise), dim=-1), scale
+    ) + inmodal_loss(
+        F.normalize(text_encoder(tokens), dim=-1), F.normalize(text_encoder(tokens + text_noise), dim=-1), scale
+    )
+    loss.backward()
+    return loss.detach()
+
+
+STEPS = {"subtext": _step, "inmodal": _inmodal_step}
+
+
+def _ddp_worker(rank: int, port: int, out: str, kind: str = "subtext") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     encoders = _encoders()
-    _step(*encoders, slice(rank * N // WORLD, (rank + 1) * N // WORLD))
+    STEPS[kind](*encoders, slice(rank * N // WORLD, (rank + 1) * N // WORLD))
     grads = []
     for encoder in encoders:
         for p in encoder.parameters():
@@ -348,13 +369,15 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_subtext_loss_across_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["subtext", "inmodal"])
+def test_subtext_and_inmodal_losses_across_two_ranks_equal_one_process(tmp_path, kind):
     out = tmp_path / "grads.pt"
     # fork: the children reuse this process's imports (spawn would re-import Lightning in each, ~10 s); they set
     # one intra-op thread first, as DataLoader workers do after a fork
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(port, str(out), kind), nprocs=WORLD, join=True, start_method="fork")
     encoders = _encoders()
-    _step(*encoders, slice(0, N))
+    STEPS[kind](*encoders, slice(0, N))
     single = [p.grad for encoder in encoders for p in encoder.parameters()]
     for ddp, one in zip(torch.load(out), single):
         assert torch.allclose(ddp, one, atol=1e-12), (ddp - one).abs().max()
