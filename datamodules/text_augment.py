@@ -162,6 +162,7 @@ class Vocabulary:
     class_names: tuple[str, ...] = ()
     groups: tuple[WordGroup, ...] = field(init=False)
     word_group: dict[str, WordGroup] = field(init=False)
+    multi_word_names: dict[str, list[list[str]]] = field(init=False)  # first word -> names, longest first
 
     def __post_init__(self) -> None:
         names = tuple(dict.fromkeys(" ".join(normalise(n)) for n in self.class_names if normalise(n)))
@@ -171,6 +172,10 @@ class Vocabulary:
         object.__setattr__(self, "class_names", names)
         object.__setattr__(self, "groups", GROUPS + classes)
         object.__setattr__(self, "word_group", word_group)
+        multi: dict[str, list[list[str]]] = {}
+        for name in sorted((n.split() for n in names if " " in n), key=len, reverse=True):
+            multi.setdefault(name[0], []).append(name)
+        object.__setattr__(self, "multi_word_names", multi)
 
     def lookup(self, word: str) -> tuple[WordGroup, str, bool] | None:
         """(group, listed form, is plural) of a caption word (or class unit), or None when it is not listed."""
@@ -188,11 +193,10 @@ class Vocabulary:
 
     def units(self, words: list[str]) -> list[str]:
         """The caption's words with each class name of several words (singular or plural) joined into one unit."""
-        multi = sorted((n.split() for n in self.class_names if " " in n), key=len, reverse=True)
         out: list[str] = []
         i = 0
         while i < len(words):
-            for name in multi:
+            for name in self.multi_word_names.get(words[i], ()):
                 k = len(name)
                 span = words[i : i + k]
                 if span[:-1] == name[:-1] and len(span) == k and span[-1] in (name[-1], _plural(name[-1])):
