@@ -427,6 +427,7 @@ def test_tacleaner_end_to_end(poisoned, tmp_path):
     assert main(defense_args(poisoned, "tacleaner", run, "--data.init_args.subtext_fraction=0.5")) == 0
     report = check_report(run, "tacleaner", poisoned["checkpoint"])
     assert report["extra"]["subtext_fraction"] == 0.5 and report["extra"]["n_positive"] == 2
+    assert report["extra"]["class_words"] == CLASSES  # the eval index's class names carry the captions' meaning
     subtext = logged(run, "train/loss_subtext_step")
     assert len(subtext) == 2 and all(math.isfinite(v) and v > 0 for v in subtext)
     assert sum(logged(run, "train/subtext_images_step")) > 16  # about half of the 64 samples
