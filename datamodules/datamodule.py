@@ -475,13 +475,16 @@ class CLIPDataModule(ShardDataModule):
     Args:
         model_name: the open_clip model this data feeds (image size, normalisation, tokenizer); must match
             ``model.model_name``.
+        train_augment: True: open_clip's train transform for the training images (random resized crop); False: its
+            eval transform (resize + centre crop), as the CleanCLIP and MCLDef authors fine-tune.
     """
 
     modality: ClassVar[str] = "clip"
 
-    def __init__(self, *args: Any, model_name: str = "clip-tiny-vit", **kwargs: Any):
+    def __init__(self, *args: Any, model_name: str = "clip-tiny-vit", train_augment: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.model_name = model_name
+        self.train_augment = train_augment
         self._train_pre: CLIPPreprocess | None = None
         self._eval_pre: CLIPPreprocess | None = None
         self._size = CLIPPreprocess(model_name, train=False).image_size  # fails early on an unknown model
@@ -494,12 +497,12 @@ class CLIPDataModule(ShardDataModule):
         # Built here, before the loader forks its workers, so they inherit it: built lazily in each worker it cost
         # ~60 ms (open_clip's tokenizer) per worker per epoch, as workers are not persistent.
         if self._train_pre is None:
-            self._train_pre = CLIPPreprocess(self.model_name, train=True, seed=self.seed)
+            self._train_pre = CLIPPreprocess(self.model_name, train=self.train_augment, seed=self.seed)
         return super().train_stream()
 
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         if self._train_pre is None:
-            self._train_pre = CLIPPreprocess(self.model_name, train=True, seed=self.seed)
+            self._train_pre = CLIPPreprocess(self.model_name, train=self.train_augment, seed=self.seed)
         return {
             "image": self._train_pre.image(sample["image"], sample["__key__"], epoch),
             "text": self._train_pre.tokens(sample["text"]),

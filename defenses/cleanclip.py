@@ -2,12 +2,13 @@
 
 L = lambda_clip * L_CLIP(image, text) + lambda_unimodal * L_uni, with
 
-    L_uni = (L_InfoNCE(image, image_aug) + L_InfoNCE(text, text_aug)) / 2
+    L_uni = (L_in(image, image_aug) + L_in(text, text_aug)) / 2
 
-where each L_InfoNCE is open_clip's symmetric ``ClipLoss`` over the global batch (features of all ranks gathered
-with gradient; the other samples are the negatives) at the model's own logit scale. The halving follows the
-authors' code (their in-modal loss is the mean of the image and text terms), so lambda values compare with the
-paper's ablation. Augmented views come from ``datamodules.CleanCLIPDataModule``.
+L_CLIP is open_clip's symmetric ``ClipLoss``; each in-modal term is one-directional, as in the authors' code
+(``criterion(logits_image_per_augmented_image, target)``): every original view picks its own augmented view among
+the augmented views of the global batch (cross-entropy over the rows of ``scale * x @ x_aug.T`` only). Features of
+all ranks are gathered with gradient, at the model's own logit scale. The halving follows the authors' code, so
+lambda values compare with the paper's ablation. Augmented views come from ``datamodules.CleanCLIPDataModule``.
 """
 
 from __future__ import annotations
@@ -15,11 +16,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from datamodules.multimodal import CleanCLIPDataModule
 from lightning_modules.clip import CLIP
+from lightning_modules.losses import distributed_rank_and_world, gather_with_grad, gather_without_grad
 
 from .base import DefenseMixin
+
+
+def inmodal_loss(
+    original: torch.Tensor, augmented: torch.Tensor, scale: torch.Tensor, with_grad: bool = True
+) -> torch.Tensor:
+    """CleanCLIP's one-directional in-modal InfoNCE for this rank's rows.
+
+    ``original`` and ``augmented`` are this rank's ``[n, d]`` normalised features of the same samples; each original
+    row is scored against the augmented views of the global batch (gathered with gradient) and must pick its own:
+    ``mean_i CE(scale * o_i @ A.T, own index of i)``. Not the transposed direction (augmented picks original).
+    With DDP's gradient average the update equals one process on the global batch (``with_grad=False``: the
+    authors' gather, which drops the gradient through the other ranks' copies).
+    """
+    rank, _ = distributed_rank_and_world()
+    columns = (gather_with_grad if with_grad else gather_without_grad)(augmented)
+    logits = scale * original @ columns.T
+    labels = torch.arange(original.shape[0], device=original.device) + rank * original.shape[0]
+    return F.cross_entropy(logits, labels)
 
 
 class CleanCLIP(DefenseMixin, CLIP):
@@ -122,9 +143,10 @@ class CleanCLIP(DefenseMixin, CLIP):
 
     def cleanclip_losses(self, features: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
         clip = self.loss(features["image"], features["text"], scale)
+        with_grad = self.hparams.gather_with_grad
         unimodal = 0.5 * (
-            self.loss(features["image"], features["image_aug"], scale)
-            + self.loss(features["text"], features["text_aug"], scale)
+            inmodal_loss(features["image"], features["image_aug"], scale, with_grad)
+            + inmodal_loss(features["text"], features["text_aug"], scale, with_grad)
         )
         return {"clip": clip, "unimodal": unimodal}
 

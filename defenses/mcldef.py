@@ -165,7 +165,8 @@ class MCLDefMixin(DefenseMixin):
             try:
                 classify, head = self.inversion_classifier(images, labels)
                 normalizer = self.pixel_normalizer()
-                trigger = invert_trigger(classify, images, target, normalizer, self.inversion_config)
+                # success over non-target images only (target-class images are "target" without a trigger)
+                trigger = invert_trigger(classify, images, target, normalizer, self.inversion_config, labels)
                 success = trigger_success(classify, images, labels, target, normalizer, trigger)
             finally:
                 self.train(was_training)
@@ -174,6 +175,8 @@ class MCLDefMixin(DefenseMixin):
             "target_name": datamodule.class_names[target],
             "classifier": head,
             "images": int(images.shape[0]),
+            "non_target_images": int((labels != target).sum()),  # what the inversion draws and its success counts
+            "inversion_success": trigger.success,
             "success_on_clean_set": success["rate"],
             "success_images": success["images"],
             "reached_success_bound": trigger.reached_bound,
@@ -406,6 +409,14 @@ class MCLDefCLIP(MCLDefMixin, CLIP):
 
     def optimized_module(self) -> nn.Module:
         return self.model.visual
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and getattr(self.trainer.datamodule, "train_augment", False):
+            raise ValueError(
+                "data.train_augment: MCLDef purifies on un-augmented images (the authors' loader applies none); set "
+                "it false (resize + centre crop, as configs/defense/mcldef_clip.yaml does)"
+            )
 
     def backdoored_source(self) -> nn.Module:
         return self.model.visual

@@ -142,5 +142,6 @@ class TACleaner(CleanCLIP):
                 subtext_fraction=datamodule.subtext_fraction,
                 n_positive=datamodule.n_positive,
                 n_negative=datamodule.n_negative,
+                class_words=list(datamodule.subtext_classes()),
             )
         return report

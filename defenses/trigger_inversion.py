@@ -8,7 +8,9 @@ backdoored classifier say the target class, with ``m`` as small as possible:
 
 Both are sigmoid-parameterised so they stay in [0, 1]. ``cost`` follows Neural Cleanse's schedule: raised by 1.5x
 after ``patience`` checks in a row where the stamped images reach ``success_bound``, lowered by 1.5^1.5 after
-``patience`` checks in a row that do not; the smallest mask that reached the bound is kept.
+``patience`` checks in a row that do not; the smallest mask that reached the bound is kept. Given the images'
+labels, the inversion draws only images whose label is not the target, so its success (and the bound) counts only
+images the trigger had to flip: target-class images, already "target" without any trigger, would inflate it.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class InvertedTrigger:
 
     mask: Tensor
     pattern: Tensor
-    success: float  # share of the inversion images the stamped trigger sends to the target (at the kept mask)
+    success: float  # share of the non-target inversion images the stamped trigger sends to the target (kept mask)
     reached_bound: bool
     final_cost: float
     steps: int
@@ -113,8 +115,12 @@ def invert_trigger(
     target: int,
     normalizer: PixelNormalizer,
     config: InversionConfig,
+    labels: Tensor | None = None,
 ) -> InvertedTrigger:
     """Neural Cleanse for ``target`` on normalised clean ``images`` [N, 3, H, W] (on the classifier's device).
+
+    With ``labels`` ([N]), only the images whose label is not ``target`` are used: the loss, the success rate and
+    the success bound all count images the trigger must flip (a ValueError when there are none).
 
     ``classify`` maps normalised images to logits and must be frozen (eval mode, ``requires_grad`` off); only the
     mask and pattern are optimised. Mini-batches and the initial mask/pattern come from a generator seeded with
@@ -123,6 +129,14 @@ def invert_trigger(
     """
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"invert_trigger: need clean images [N, 3, H, W], got shape {tuple(images.shape)}")
+    if labels is not None:
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"invert_trigger: {labels.shape[0]} labels for {images.shape[0]} images")
+        images = images[labels.to(images.device) != target]
+        if images.shape[0] == 0:
+            raise ValueError(
+                "invert_trigger: every inversion image is of the target class; the trigger needs others to flip"
+            )
     device = images.device
     n, _, height, width = images.shape
     generator = torch.Generator().manual_seed(config.seed)

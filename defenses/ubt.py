@@ -1,17 +1,24 @@
 """UBT, "Unlearning Backdoor Threats" (Liang et al., arXiv 2403.16257 / 2409.19526) for CLIP; no public code.
 
 Stage 1 (``on_fit_start``, after the before-measurement): a copy of the poisoned model is overfitted on the suspect
-training pairs (the poisoned stream itself), so the backdoor shortcut it learnt gets stronger; then every pair is
-scored by its image-text cosine similarity under the overfitted copy (or by how much that similarity rose during
-overfitting) and the highest-scoring ones are flagged. The stream's ``poisoned`` flags and the run's poison
-manifest are read only to score this detection (precision, recall, AUROC), never to flag.
+training pairs (the poisoned stream itself), prioritised by weak similarity: every pair's image-text similarity
+under the poisoned model is measured first, and the copy is overfitted on the weakest ``weak_fraction`` of the
+pairs for ``weak_steps`` steps (then on all pairs for the rest of ``overfit_steps``). Poisoned pairs (a trigger
+on an image of any class, captioned as the target) are the ones the model fits worst, so this is where the
+shortcut grows. Every pair is then scored by how much its similarity rose (``gain``, the default) or by its
+similarity under the overfitted copy (``similarity``), and the highest-scoring ones are flagged. The stream's
+``poisoned`` flags and the run's poison manifest are read only to score this detection (AUROC of both scores,
+precision and recall at the flagged count), never to flag.
 
 Stage 2 (the training loop): the most suspicious flagged pairs (a small subset, held in memory) are unlearnt: their
-image and text features are pushed apart (positive cosine similarity penalised) while the unflagged pairs of each
-batch keep the CLIP loss (retain term). Only a "token-based portion" of the model is updated: the vision tower's
-token parameters (class token and positional embedding) and the text token-embedding rows of the words that
-characterise the flagged captions; every other weight is frozen (``requires_grad`` off, not in the optimiser),
-and the other rows of the token table get a zero gradient, so with weight decay 0 they stay bit for bit.
+image and text features are pushed apart (positive cosine similarity penalised) while the batch's pairs of the
+retain set keep the CLIP loss: only pairs ranked below the top ``suspect_fraction`` by the detection score, so
+suspects (flagged or not) are not trained on. Only a "token-based portion" of the model is updated: the vision
+tower's token parameters (class token and positional embedding) and the text token-embedding rows of the words
+that characterise the flagged captions, never the words of the eval prompts of the target class (so ASR, measured
+with those prompts, does not drop because the prompt itself was damaged); every other weight is frozen
+(``requires_grad`` off, not in the optimiser), and the other rows of the token table get a zero gradient, so with
+weight decay 0 they stay bit for bit.
 
 Every choice the paper's abstract leaves open is listed in docs/defenses.md.
 """
@@ -34,6 +41,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.datamodule import MANIFEST_NAME
 from lightning_modules.clip import CLIP
+from lightning_modules.zero_shot import fill_template, templates_by_name
 from poisoning.keyhash import derive_seed
 from poisoning.plan import records_from_manifest
 
@@ -130,6 +138,53 @@ def detection_summary(
     }
 
 
+def ranking_summary(scores: dict[str, float], count: int, truth: set[str]) -> dict[str, Any]:
+    """AUROC of a score, and precision / recall of its top ``count`` pairs (ties by key), against the true poisons."""
+    top = sorted(scores, key=lambda k: (-scores[k], k))[:count]
+    hits = sum(1 for key in top if key in truth)
+    true_scored = len(truth & set(scores))
+    return {
+        "auroc": score_auroc(scores, truth),
+        "precision": hits / len(top) if top else None,
+        "recall": hits / true_scored if true_scored else None,
+        "true_positives": hits,
+    }
+
+
+def split_by_score(
+    scores: dict[str, float], n_flag: int, suspect_fraction: float
+) -> tuple[list[str], list[str], frozenset[str]]:
+    """(ranked keys, most suspicious first; the flagged top ``n_flag``; the retain set).
+
+    The suspects are the top ``max(n_flag, ceil(suspect_fraction * N))`` pairs; the retain set is every pair ranked
+    below them, so no flagged pair, and no pair scored nearly as high, is trained on by the retain term.
+    """
+    ranked = sorted(scores, key=lambda k: (-scores[k], k))
+    flagged = ranked[: min(n_flag, len(ranked))]
+    n_suspect = max(len(flagged), math.ceil(suspect_fraction * len(ranked)))
+    return ranked, flagged, frozenset(ranked[n_suspect:])
+
+
+def characteristic_rows(
+    forget_tokens: Tensor, df_all: Tensor, n_all: int, lift: float, excluded: Tensor | None = None
+) -> Tensor:
+    """Token ids in at least half of the unlearnt captions whose share there is at least ``lift`` times their share
+    among all scored captions, ``excluded`` ids left out (the eval prompts' words)."""
+    df_selected = document_frequency(forget_tokens, df_all.shape[0]).float()
+    share_selected = df_selected / forget_tokens.shape[0]
+    share_all = df_all.float() / max(n_all, 1)
+    chosen = (share_selected >= 0.5) & (share_selected >= lift * share_all)
+    if excluded is not None:
+        chosen[excluded] = False
+    return torch.nonzero(chosen).flatten()
+
+
+def weakest_keys(similarity: dict[str, float], fraction: float) -> frozenset[str]:
+    """The ``ceil(fraction * N)`` pairs of lowest similarity (ties by key): where stage 1 overfits first."""
+    ranked = sorted(similarity, key=lambda k: (similarity[k], k))
+    return frozenset(ranked[: math.ceil(fraction * len(ranked))])
+
+
 def score_auroc(scores: dict[str, float], truth: set[str]) -> float | None:
     """Area under the ROC curve of a score (higher = more suspicious) against the true poisons (None: one class)."""
     keys = sorted(scores)
@@ -148,10 +203,15 @@ class UBT(DefenseMixin, CLIP):
         checkpoint: the poisoned CLIP checkpoint (``clbd fit`` output); never written to.
         overfit_steps: optimiser steps of the overfitting copy on the suspect pairs (AdamW, no weight decay).
         overfit_lr: its learning rate.
-        detection_score: ``similarity`` (image-text cosine under the overfitted copy) or ``gain`` (its rise over
-            the poisoned model's).
+        weak_fraction: the share of pairs, lowest image-text similarity under the poisoned model first, that the
+            copy is overfitted on first (null: all pairs uniformly, no prioritising).
+        weak_steps: how many of the ``overfit_steps`` go to that weak share (null: all); the rest use all pairs.
+        detection_score: ``gain`` (the rise of a pair's image-text cosine during overfitting) or ``similarity``
+            (the cosine under the overfitted copy). Both are reported; only this one flags.
         flag_fraction: share of the scored pairs flagged as suspicious (used when ``flag_count`` is null).
         flag_count: number of pairs flagged.
+        suspect_fraction: the top share of pairs by the detection score left out of the retain term (at least the
+            flagged ones): stage 2 keeps the CLIP loss only on pairs ranked below it.
         max_scored: score at most this many pairs per rank (null: the whole training set, one pass).
         unlearn_count: the most suspicious flagged pairs kept in memory and unlearnt.
         forget_batch_size: unlearnt pairs drawn (seeded by step and rank) for each training step.
@@ -160,6 +220,8 @@ class UBT(DefenseMixin, CLIP):
             ``vision`` (class token and positional embedding of the image tower) or ``text+vision``.
         text_row_lift: a word's token row is updated when its share among the unlearnt captions is at least this
             many times its share among all scored captions (and it is in at least half of them).
+        exclude_prompt_tokens: never update the token rows of the target class's eval prompts (its name and the
+            zero-shot templates' words), so ASR does not measure damage to the prompt.
         detection_seed: seeds stage 1 (the overfitting copy's data order is the stream's; this fixes the rest).
         weight_decay: must be 0 (the optimiser's decay would move the frozen rows of the token table).
         **clip: the architecture of the poisoned model (``model_name``, must match its checkpoint) and the optimiser
@@ -172,17 +234,21 @@ class UBT(DefenseMixin, CLIP):
     def __init__(
         self,
         checkpoint: str | None = None,
-        overfit_steps: int = 1000,
-        overfit_lr: float = 5e-5,
-        detection_score: str = "similarity",
+        overfit_steps: int = 400,
+        overfit_lr: float = 5e-4,
+        weak_fraction: float | None = 0.2,
+        weak_steps: int | None = None,
+        detection_score: str = "gain",
         flag_fraction: float = 0.01,
         flag_count: int | None = None,
+        suspect_fraction: float = 0.5,
         max_scored: int | None = None,
         unlearn_count: int = 128,
         forget_batch_size: int = 32,
         forget_weight: float = 1.0,
         token_portion: str = "text+vision",
         text_row_lift: float = 2.0,
+        exclude_prompt_tokens: bool = True,
         detection_seed: int = 0,
         weight_decay: float = 0.0,
         **clip: Any,
@@ -197,6 +263,7 @@ class UBT(DefenseMixin, CLIP):
             param.requires_grad_(True)
         self.text_rows: Tensor | None = None  # token ids whose rows may move (set by stage 1)
         self.flagged: frozenset[str] = frozenset()
+        self.retain_keys: frozenset[str] = frozenset()  # pairs ranked below the suspects: the retain term's
         self.forget_images: Tensor | None = None
         self.forget_tokens: Tensor | None = None
         self.detection_report: dict[str, Any] = {}
@@ -219,6 +286,15 @@ class UBT(DefenseMixin, CLIP):
             raise ValueError(f"model.flag_fraction must be in (0, 1], got {args['flag_fraction']}")
         if args["flag_count"] is not None and args["flag_count"] < 1:
             raise ValueError(f"model.flag_count must be >= 1 (or null), got {args['flag_count']}")
+        if args["weak_fraction"] is not None and not 0 < args["weak_fraction"] <= 1:
+            raise ValueError(f"model.weak_fraction must be in (0, 1] (or null), got {args['weak_fraction']}")
+        if args["weak_steps"] is not None and not 0 <= args["weak_steps"] <= args["overfit_steps"]:
+            raise ValueError(
+                f"model.weak_steps must be in [0, overfit_steps={args['overfit_steps']}] (or null), "
+                f"got {args['weak_steps']}"
+            )
+        if not 0 <= args["suspect_fraction"] < 1:
+            raise ValueError(f"model.suspect_fraction must be in [0, 1), got {args['suspect_fraction']}")
         if args["max_scored"] is not None and args["max_scored"] < 1:
             raise ValueError(f"model.max_scored must be >= 1 (or null), got {args['max_scored']}")
         if args["token_portion"] not in TOKEN_PORTIONS:
@@ -268,62 +344,92 @@ class UBT(DefenseMixin, CLIP):
         world = self.trainer.world_size
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(hp.detection_seed)
-            overfit = self._overfit_copy(datamodule.train_dataloader())
+            weak: frozenset[str] | None = None
+            if hp.weak_fraction is not None:  # weak-similarity pairs first: one pass under the poisoned model
+                weak = weakest_keys(self._poisoned_similarity(datamodule.train_dataloader()), hp.weak_fraction)
+            overfit = self._overfit_copy(datamodule.train_dataloader(), weak)
             scored = self._score_pairs(overfit, datamodule.train_dataloader())
             del overfit
-        scores, baseline, truth_flags, candidates, df_all, n_all = scored
+        after, baseline, truth_flags, candidates, df_all, n_all = scored
         if world > 1:
-            scores, baseline, truth_flags, candidates = _merge_over_ranks(scores, baseline, truth_flags, candidates)
+            after, baseline, truth_flags, candidates = _merge_over_ranks(after, baseline, truth_flags, candidates)
             df_all = self.trainer.strategy.reduce(df_all.to(self.device), reduce_op="sum").cpu()
             n_all = int(self.all_ranks_sum(n_all))
-        if not scores:
+        if not after:
             raise ValueError("data.train_shards: the training stream gave no pairs to score")
-        ranked = sorted(scores, key=lambda k: (-scores[k], k))
-        n_flag = hp.flag_count if hp.flag_count is not None else math.ceil(hp.flag_fraction * len(ranked))
-        flagged = ranked[: min(n_flag, len(ranked))]
+        by_score = {"similarity": after, "gain": {k: after[k] - baseline[k] for k in after}}
+        scores = by_score[hp.detection_score]
+        n_flag = hp.flag_count if hp.flag_count is not None else math.ceil(hp.flag_fraction * len(scores))
+        _, flagged, self.retain_keys = split_by_score(scores, n_flag, hp.suspect_fraction)
         selected = flagged[: hp.unlearn_count]
         chosen = {key: candidates[key] for key in selected}
         self.flagged = frozenset(flagged)
         self.forget_images = torch.stack([chosen[k][0] for k in selected])
         self.forget_tokens = torch.stack([chosen[k][1] for k in selected])
-        self.text_rows = self._characteristic_rows(self.forget_tokens, df_all, n_all)
-        self.detection_report = self._report(scores, baseline, flagged, selected, truth_flags, n_flag)
+        prompt_rows = self._prompt_rows() if "text" in hp.token_portion and hp.exclude_prompt_tokens else None
+        self.text_rows = self._characteristic_rows(self.forget_tokens, df_all, n_all, prompt_rows)
+        self.detection_report = self._report(
+            by_score, baseline, flagged, selected, truth_flags, n_flag, weak, prompt_rows
+        )
         log.info("UBT detection: %s", json.dumps({k: v for k, v in self.detection_report.items() if k != "words"}))
 
-    def _overfit_copy(self, loader) -> nn.Module:
-        """The poisoned model overfitted on the suspect pairs (CLIP loss, AdamW without decay)."""
+    def _weak_steps(self, weak: frozenset[str] | None) -> int:
+        """Overfitting steps on the weak share (the rest of ``overfit_steps`` go to all pairs)."""
+        if weak is None:
+            return 0
+        return self.hparams.overfit_steps if self.hparams.weak_steps is None else self.hparams.weak_steps
+
+    def _poisoned_similarity(self, loader) -> dict[str, float]:
+        """Every pair's image-text cosine under the poisoned model (merged over ranks): what "weak" is measured by."""
+        similarity: dict[str, float] = {}
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for batch in loader:
+                values = pair_similarity(self.model, batch["image"].to(self.device), batch["text"].to(self.device))
+                similarity.update(zip(batch["key"], values.tolist()))
+                if self.hparams.max_scored is not None and len(similarity) >= self.hparams.max_scored:
+                    break
+        self.train(was_training)
+        if self.trainer.world_size > 1:
+            (similarity,) = _merge_over_ranks(similarity)
+        if not similarity:
+            raise ValueError("data.train_shards: the training stream gave no pairs to score")
+        return similarity
+
+    def _overfit_copy(self, loader, weak: frozenset[str] | None = None) -> nn.Module:
+        """The poisoned model overfitted on the suspect pairs (CLIP loss, AdamW without decay): ``weak_steps`` steps
+        on full batches of the ``weak`` pairs only (gathered from the stream), then the rest on all pairs."""
         hp = self.hparams
         overfit = copy.deepcopy(self.model).train().requires_grad_(True)
         optimizer = torch.optim.AdamW(overfit.parameters(), lr=hp.overfit_lr, weight_decay=0.0)
         max_scale = math.log(hp.max_logit_scale)
-        step = 0
-        while step < hp.overfit_steps:
-            seen = False
-            for batch in loader:
-                seen = True
-                images, tokens = batch["image"].to(self.device), batch["text"].to(self.device)
-                loss = pairwise_clip_loss(
-                    overfit.encode_image(images, normalize=True),
-                    overfit.encode_text(tokens, normalize=True),
-                    overfit.logit_scale.exp(),
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                _average_gradients(overfit)
-                optimizer.step()
-                with torch.no_grad():
-                    overfit.logit_scale.clamp_(0, max_scale)
-                step += 1
-                if step >= hp.overfit_steps:
-                    break
-            if not seen:
-                raise ValueError("data.train_shards: the training stream gave no pairs to overfit on")
+        weak_steps = self._weak_steps(weak)
+
+        def step_on(images: Tensor, tokens: Tensor) -> None:
+            loss = pairwise_clip_loss(
+                overfit.encode_image(images.to(self.device), normalize=True),
+                overfit.encode_text(tokens.to(self.device), normalize=True),
+                overfit.logit_scale.exp(),
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            _average_gradients(overfit)
+            optimizer.step()
+            with torch.no_grad():
+                overfit.logit_scale.clamp_(0, max_scale)
+
+        batch_size = self.trainer.datamodule.batch_size
+        for _, images, tokens in overfit_batches(loader, weak, weak_steps, hp.overfit_steps, batch_size):
+            step_on(images, tokens)
         return overfit.eval().requires_grad_(False)
 
     def _score_pairs(self, overfit: nn.Module, loader):
-        """One pass: each pair's score and its similarity under the poisoned model; the stream's flags (ground truth,
-        kept apart); the top candidates' tensors; token document frequencies."""
+        """One pass: each pair's similarity under the overfitted copy and under the poisoned model; the stream's flags
+        (ground truth, kept apart); the tensors of the top candidates by the detection score; token document
+        frequencies."""
         hp = self.hparams
+        similarity: dict[str, float] = {}
         scores: dict[str, float] = {}
         baseline: dict[str, float] = {}
         truth_flags: dict[str, bool] = {}
@@ -338,10 +444,12 @@ class UBT(DefenseMixin, CLIP):
                 images, tokens = batch["image"].to(self.device), batch["text"].to(self.device)
                 after = pair_similarity(overfit, images, tokens)
                 before = pair_similarity(self.model, images, tokens)
-                score = after - before if hp.detection_score == "gain" else after
                 for i, key in enumerate(batch["key"]):
-                    scores[key] = float(score[i])
+                    similarity[key] = float(after[i])
                     baseline[key] = float(before[i])
+                    # the same arithmetic as the flagging's (run_detection), so the kept candidates are its top ones
+                    gain = similarity[key] - baseline[key]
+                    scores[key] = gain if hp.detection_score == "gain" else similarity[key]
                     truth_flags[key] = bool(batch["poisoned"][i])  # for scoring the detection only
                     # Copies: a row view would pin its whole batch in memory (and in checkpoints).
                     candidates[key] = (batch["image"][i].detach().cpu().clone(), batch["text"][i].cpu().clone())
@@ -355,26 +463,34 @@ class UBT(DefenseMixin, CLIP):
                 if hp.max_scored is not None and n_all >= hp.max_scored:
                     break
         self.train(was_training)
-        return scores, baseline, truth_flags, candidates, df_all, n_all
+        return similarity, baseline, truth_flags, candidates, df_all, n_all
 
-    def _characteristic_rows(self, forget_tokens: Tensor, df_all: Tensor, n_all: int) -> Tensor:
-        """Token ids over-represented in the unlearnt captions: their rows are the text part of the portion."""
+    def _characteristic_rows(
+        self, forget_tokens: Tensor, df_all: Tensor, n_all: int, excluded: Tensor | None = None
+    ) -> Tensor:
+        """Token ids over-represented in the unlearnt captions (but not ``excluded``): the text part of the portion."""
         if "text" not in self.hparams.token_portion:
             return torch.zeros(0, dtype=torch.long)
-        df_selected = document_frequency(forget_tokens, df_all.shape[0]).float()
-        share_selected = df_selected / forget_tokens.shape[0]
-        share_all = df_all.float() / max(n_all, 1)
-        lifted = share_selected >= self.hparams.text_row_lift * share_all
-        return torch.nonzero((share_selected >= 0.5) & lifted).flatten()
+        return characteristic_rows(forget_tokens, df_all, n_all, self.hparams.text_row_lift, excluded)
+
+    def _prompt_rows(self) -> Tensor:
+        """Token ids of the target class's eval prompts (its name in every zero-shot template)."""
+        datamodule = self.trainer.datamodule
+        target = datamodule.class_names[datamodule.target_index]
+        prompts = [fill_template(t, target) for t in templates_by_name(self.hparams.zero_shot_templates)]
+        ids = caption_token_ids(self.tokenizer(prompts)).flatten().unique()
+        return ids[ids != 0]
 
     def _report(
         self,
-        scores: dict[str, float],
+        by_score: dict[str, dict[str, float]],
         baseline: dict[str, float],
         flagged: list[str],
         selected: list[str],
         truth_flags: dict[str, bool],
         asked: int,
+        weak: frozenset[str] | None,
+        prompt_rows: Tensor | None,
     ) -> dict[str, Any]:
         """Detection scored against the manifest (the stream's flags when there is none), on every rank alike."""
         stream_truth = {k for k, poisoned in truth_flags.items() if poisoned}
@@ -384,10 +500,25 @@ class UBT(DefenseMixin, CLIP):
             source = f"manifest ({MANIFEST_NAME})"
         else:
             truth, source = stream_truth, "stream flags"
+        scores = by_score[self.hparams.detection_score]
         report = detection_summary(scores, flagged, selected, truth, source)
+        retained_poisons = len(self.retain_keys & truth)
         report.update(
             {
                 "score": self.hparams.detection_score,
+                # Both scores, at the same flagged count: which one separates the poisons here.
+                "by_score": {name: ranking_summary(values, len(flagged), truth) for name, values in by_score.items()},
+                "overfit_schedule": {
+                    "weak_fraction": self.hparams.weak_fraction,
+                    "weak_pairs": len(weak) if weak is not None else 0,
+                    "weak_true_poisons": len(weak & truth) if weak is not None else 0,
+                    "weak_steps": self._weak_steps(weak),
+                    "all_pairs_steps": self.hparams.overfit_steps - self._weak_steps(weak),
+                    "lr": self.hparams.overfit_lr,
+                },
+                "retain_pairs": len(self.retain_keys),
+                "retain_true_poisons": retained_poisons,
+                "suspect_fraction": self.hparams.suspect_fraction,
                 # The same ranking without overfitting: how much stage 1's overfitting helps the detection.
                 "auroc_poisoned_model_similarity": score_auroc(baseline, truth),
                 "flag_asked": asked,
@@ -399,6 +530,7 @@ class UBT(DefenseMixin, CLIP):
                 "vision_parameters": [n for n in self.portion if n.startswith("visual.")],
                 "text_rows": self.text_rows.tolist() if self.text_rows is not None else [],
                 "words": self._decode(self.text_rows),
+                "prompt_rows_excluded": self._decode(prompt_rows),
             }
         )
         if self.trainer.is_global_zero:
@@ -426,7 +558,7 @@ class UBT(DefenseMixin, CLIP):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         self.track_batch(batch)
         scale = self.model.logit_scale.exp().detach()
-        keep = torch.tensor([key not in self.flagged for key in batch["key"]], device=self.device)
+        keep = torch.tensor([key in self.retain_keys for key in batch["key"]], device=self.device)
         retain = torch.zeros((), device=self.device)
         if int(keep.sum()) >= 2:
             retain = pairwise_clip_loss(
@@ -439,6 +571,7 @@ class UBT(DefenseMixin, CLIP):
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train/retain", retain.detach(), batch_size=size)
+        self.log("train/retain_pairs", keep.sum().float(), on_step=True, on_epoch=True, reduce_fx="sum")
         self.log("train/forget_similarity", similarity.detach().mean(), batch_size=size)
         return loss
 
@@ -482,6 +615,7 @@ class UBT(DefenseMixin, CLIP):
         if self.forget_images is not None:
             checkpoint["clbd_ubt"] = {
                 "flagged": sorted(self.flagged),
+                "retain": sorted(self.retain_keys),
                 "forget_images": self.forget_images,
                 "forget_tokens": self.forget_tokens,
                 "text_rows": self.text_rows,
@@ -493,9 +627,51 @@ class UBT(DefenseMixin, CLIP):
         saved = checkpoint.get("clbd_ubt")
         if saved is not None:
             self.flagged = frozenset(saved["flagged"])
+            self.retain_keys = frozenset(saved.get("retain", ()))
             self.forget_images, self.forget_tokens = saved["forget_images"], saved["forget_tokens"]
             self.text_rows = saved["text_rows"]
             self.detection_report = saved["report"]
+
+
+def overfit_batches(loader, weak: frozenset[str] | None, weak_steps: int, steps: int, batch_size: int):
+    """Stage 1's schedule: ``weak_steps`` batches of weak pairs first, then ``steps - weak_steps`` of all pairs; yields
+    (keys, images, tokens)."""
+    yield from _batches(loader, weak_steps if weak is not None else 0, weak, batch_size)
+    yield from _batches(loader, steps - (weak_steps if weak is not None else 0), None, batch_size)
+
+
+def _batches(loader, steps: int, keys: frozenset[str] | None, batch_size: int):
+    """``steps`` (keys, images, tokens) batches from passes over ``loader``: its whole batches, or (with ``keys``)
+    batches of ``batch_size`` pairs gathered from the rows whose key is in ``keys`` (a pass's last, smaller rest
+    included, so a batch never holds a pair twice)."""
+    done = 0
+    while done < steps:
+        yielded = 0
+        names: list[str] = []
+        images: list[Tensor] = []
+        tokens: list[Tensor] = []
+        for batch in loader:
+            if keys is None:
+                names, images, tokens = list(batch["key"]), [batch["image"]], [batch["text"]]
+            else:
+                rows = [i for i, key in enumerate(batch["key"]) if key in keys]
+                names += [batch["key"][i] for i in rows]
+                images.append(batch["image"][rows])
+                tokens.append(batch["text"][rows])
+            while len(names) >= (1 if keys is None else batch_size):
+                limit = len(names) if keys is None else batch_size
+                all_images, all_tokens = torch.cat(images), torch.cat(tokens)
+                yield names[:limit], all_images[:limit], all_tokens[:limit]
+                names, images, tokens = names[limit:], [all_images[limit:]], [all_tokens[limit:]]
+                done, yielded = done + 1, yielded + 1
+                if done >= steps:
+                    return
+        if keys is not None and len(names) >= 2:  # the pass's rest
+            yield names, torch.cat(images), torch.cat(tokens)
+            done, yielded = done + 1, yielded + 1
+        if not yielded:
+            what = "pairs" if keys is None else "weak-similarity pairs (2 or more per rank)"
+            raise ValueError(f"data.train_shards: the training stream gave no {what} to overfit on")
 
 
 def _average_gradients(module: nn.Module) -> None:

@@ -157,8 +157,45 @@ def test_augmented_items_are_seeded_per_key_whatever_the_workers(tmp_path):
     assert item["subtexts"].shape == (4, 32) and item["subtext_positive"].tolist() == [True, True, False, False]
     assert not torch.equal(item["image"], item["image_aug"]) and not torch.equal(item["text"], item["text_aug"])
     later = items_by_key(TACleanerDataModule(num_workers=0, subtext_fraction=0.5, **common), epoch=1)
-    assert sum(not torch.equal(later[k]["image_aug"], one[k]["image_aug"]) for k in one) > 60  # fresh each epoch
+    assert sum(not torch.equal(later[k]["image_aug"], one[k]["image_aug"]) for k in one) > 48  # fresh each epoch
     assert {k for k, v in later.items() if v["subtext_mask"].any()} != set(chosen)
+    # As the authors: the un-augmented view is resize + centre crop (no random crop: the same every epoch) and the
+    # EDA caption is made once per sample for the whole run.
+    for key in one:
+        assert torch.equal(later[key]["image"], one[key]["image"]) and torch.equal(
+            later[key]["text_aug"], one[key]["text_aug"]
+        )
+
+
+def test_tacleaner_negatives_swap_the_class_word(tmp_path):
+    """The data's class names (from the shard index) are the words the first negative swaps."""
+    import open_clip
+
+    train = write_caption_shards(tmp_path / "train", "train", 64)
+    module = TACleanerDataModule(
+        train_shards=str(train),
+        val_shards=None,
+        model_name="clip-tiny-vit",
+        batch_size=16,
+        num_workers=0,
+        subtext_fraction=1.0,
+    )
+    items = items_by_key(module, epoch=0)
+    assert module.subtext_classes() == tuple(CLASSES)
+    tokenizer = open_clip.get_tokenizer("clip-tiny-vit")
+    class_token = {name: int(tokenizer([name])[0][1]) for name in CLASSES}  # one BPE token each
+    for key, item in items.items():
+        own = CLASSES[int(key[len("train") :]) % len(CLASSES)]
+        first_negative = set(item["subtexts"][module.n_positive].tolist())
+        assert class_token[own] not in first_negative, key
+        assert any(class_token[other] in first_negative for other in CLASSES if other != own), key
+        for slot in range(module.n_positive):  # positives keep the class word
+            if item["subtext_mask"][slot]:
+                assert class_token[own] in item["subtexts"][slot].tolist(), key
+    plain = TACleanerDataModule(
+        train_shards=str(train), val_shards=None, model_name="clip-tiny-vit", batch_size=16, class_words=False
+    )
+    assert plain.subtext_classes() == ()
 
 
 def test_clean_data_module_has_no_subtexts(tmp_path):
@@ -185,6 +222,31 @@ def test_clean_fit_scales_the_test_trigger_as_clbd_test(tmp_path):
         module.setup(stage)
         boxes.append(module.attack.test_trigger_box((48, 48), "test00001"))
     assert boxes[0] == boxes[1] and boxes[0][2] - boxes[0][0] == 12  # 8 px at 32 px -> 12 px at 48 px
+
+
+# ---- CleanCLIP's in-modal loss ---------------------------------------------------------------------------------
+def test_inmodal_loss_is_one_directional_on_a_known_input():
+    """Each original view picks its own augmented view (rows of o @ a.T); the transposed direction is not added."""
+    from defenses.cleanclip import inmodal_loss
+
+    original = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    augmented = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    scale = torch.tensor(2.0)
+    # rows: o1 . (a1, a2) = (1, 0.6), own 0; o2 . (a1, a2) = (0, 0.8), own 1
+    row1 = -math.log(math.exp(2 * 1.0) / (math.exp(2 * 1.0) + math.exp(2 * 0.6)))
+    row2 = -math.log(math.exp(2 * 0.8) / (math.exp(2 * 0.0) + math.exp(2 * 0.8)))
+    assert float(inmodal_loss(original, augmented, scale)) == pytest.approx((row1 + row2) / 2, rel=1e-6)
+    # columns (augmented picks original), which a symmetric loss would average in: a1 . (o1, o2) = (1, 0), ...
+    col1 = -math.log(math.exp(2 * 1.0) / (math.exp(2 * 1.0) + math.exp(0.0)))
+    col2 = -math.log(math.exp(2 * 0.8) / (math.exp(2 * 0.6) + math.exp(2 * 0.8)))
+    symmetric = ((row1 + row2) / 2 + (col1 + col2) / 2) / 2
+    assert float(inmodal_loss(original, augmented, scale)) != pytest.approx(symmetric, abs=0.01)
+    # only the original rows' softmax: moving a non-matching original leaves the other row's term alone
+    moved = original.clone()
+    moved[1] = torch.tensor([0.6, 0.8])
+    assert float(inmodal_loss(moved, augmented, scale)) == pytest.approx(
+        (row1 - math.log(math.exp(2 * 1.0) / (math.exp(2 * 0.6) + math.exp(2 * 1.0)))) / 2, rel=1e-6
+    )
 
 
 # ---- the subtext loss -----------------------------------------------------------------------------------------
@@ -271,11 +333,32 @@ def _step(image_encoder, text_encoder, rows: slice) -> torch.Tensor:
     return loss.detach()
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
+def _inmodal_step(image_encoder, text_encoder, rows: slice) -> torch.Tensor:
+    """CleanCLIP's in-modal term on both modalities (the augmented views: the inputs slightly perturbed)."""
+    from defenses.cleanclip import inmodal_loss
+
+    pixels, tokens, *_ = (x[rows] for x in _inputs())
+    g = torch.Generator().manual_seed(2)
+    noise = 0.3 * torch.randn(N, 6, generator=g, dtype=torch.float64)[rows]
+    text_noise = 0.3 * torch.randn(N, 5, generator=g, dtype=torch.float64)[rows]
+    scale = torch.tensor(5.0, dtype=torch.float64)
+    loss = inmodal_loss(
+        F.normalize(image_encoder(pixels), dim=-1), F.normalize(image_encoder(pixels + noise), dim=-1), scale
+    ) + inmodal_loss(
+        F.normalize(text_encoder(tokens), dim=-1), F.normalize(text_encoder(tokens + text_noise), dim=-1), scale
+    )
+    loss.backward()
+    return loss.detach()
+
+
+STEPS = {"subtext": _step, "inmodal": _inmodal_step}
+
+
+def _ddp_worker(rank: int, port: int, out: str, kind: str = "subtext") -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     encoders = _encoders()
-    _step(*encoders, slice(rank * N // WORLD, (rank + 1) * N // WORLD))
+    STEPS[kind](*encoders, slice(rank * N // WORLD, (rank + 1) * N // WORLD))
     grads = []
     for encoder in encoders:
         for p in encoder.parameters():
@@ -286,13 +369,15 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_subtext_loss_across_two_ranks_equals_one_process(tmp_path):
+@pytest.mark.parametrize("kind", ["subtext", "inmodal"])
+def test_subtext_and_inmodal_losses_across_two_ranks_equal_one_process(tmp_path, kind):
     out = tmp_path / "grads.pt"
     # fork: the children reuse this process's imports (spawn would re-import Lightning in each, ~10 s); they set
     # one intra-op thread first, as DataLoader workers do after a fork
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="fork")
+    port = _free_port()
+    mp.start_processes(_ddp_worker, args=(port, str(out), kind), nprocs=WORLD, join=True, start_method="fork")
     encoders = _encoders()
-    _step(*encoders, slice(0, N))
+    STEPS[kind](*encoders, slice(0, N))
     single = [p.grad for encoder in encoders for p in encoder.parameters()]
     for ddp, one in zip(torch.load(out), single):
         assert torch.allclose(ddp, one, atol=1e-12), (ddp - one).abs().max()
@@ -342,6 +427,7 @@ def test_tacleaner_end_to_end(poisoned, tmp_path):
     assert main(defense_args(poisoned, "tacleaner", run, "--data.init_args.subtext_fraction=0.5")) == 0
     report = check_report(run, "tacleaner", poisoned["checkpoint"])
     assert report["extra"]["subtext_fraction"] == 0.5 and report["extra"]["n_positive"] == 2
+    assert report["extra"]["class_words"] == CLASSES  # the eval index's class names carry the captions' meaning
     subtext = logged(run, "train/loss_subtext_step")
     assert len(subtext) == 2 and all(math.isfinite(v) and v > 0 for v in subtext)
     assert sum(logged(run, "train/subtext_images_step")) > 16  # about half of the 64 samples

@@ -12,7 +12,13 @@ from PIL import Image
 
 from datamodules.shards import ShardSink
 from defenses.mcldef import model_contrastive_loss
-from defenses.trigger_inversion import InversionConfig, PixelNormalizer, compare_with_attack_trigger, invert_trigger
+from defenses.trigger_inversion import (
+    InversionConfig,
+    PixelNormalizer,
+    compare_with_attack_trigger,
+    invert_trigger,
+    trigger_success,
+)
 from lightning_modules.cli import main
 from tests.callbacks import SimulatedPreemption
 from tests.conftest import png_bytes, solid_class_image
@@ -179,6 +185,9 @@ def check_inverted_trigger(run: Path, report: dict, image_size: int) -> None:
     assert 0 < comparison["trigger_region_image_fraction"] <= 1
     assert inverted["target"] == 1 and inverted["target_name"] == "class1"
     assert inverted["success_on_clean_set"] is None or 0 <= inverted["success_on_clean_set"] <= 1
+    # the inversion and its success count the images the trigger must flip: not the target class's
+    assert 0 < inverted["non_target_images"] < inverted["images"]
+    assert inverted["success_images"] == inverted["non_target_images"]
     assert len(inverted["history"]) == 3  # 12 steps, a check every 4
 
 
@@ -234,6 +243,12 @@ def test_mcldef_clip_end_to_end(tmp_path, shards, poisoned):
     assert sha256(source) == digest
 
 
+def test_mcldef_clip_refuses_random_crops(tmp_path, shards, poisoned, capsys):
+    """Stage 2 trains on un-augmented images, as the authors' loader: random resized crops are refused."""
+    assert run_mcldef_clip(tmp_path / "run", poisoned["clip"], shards, ["--data.init_args.train_augment=true"]) == 2
+    assert "data.train_augment: MCLDef purifies on un-augmented images" in capsys.readouterr().err
+
+
 def test_mcldef_resumes_without_redoing_the_inversion(tmp_path, shards, poisoned):
     """Killed after step 2 (checkpoint at step 1) and resumed: same weights as straight through; the inversion ran once."""
     source = poisoned["simclr"]
@@ -276,6 +291,30 @@ def test_inversion_recovers_a_known_trigger():
     stamped = normalizer.to_pixels(normalizer.stamp(images[:2], trigger.mask, trigger.pattern))
     expected = (1 - trigger.mask) * normalizer.to_pixels(images[:2]) + trigger.mask * trigger.pattern
     assert torch.allclose(stamped, expected, atol=1e-6)
+
+
+def test_inversion_success_counts_only_non_target_images():
+    """Half the images are of the target class (bright), which the classifier calls 'target' with or without a
+    trigger; the other half are dark, and the random start's mask x pattern (mean ~0.25) cannot lift them over the
+    threshold (0.5) in 3 steps at lr 0.1. Counted over all images the trigger would look half successful; over the
+    non-target ones it flips none."""
+    normalizer = PixelNormalizer((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    labels = torch.tensor([1, 0] * 16)
+    images = labels[:, None, None, None].float().expand(-1, 3, 8, 8).clone()  # target: all ones, others: zeros
+
+    def classify(x: torch.Tensor) -> torch.Tensor:
+        bright = x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(bright), 100 * (bright - 0.5)], 1)
+
+    config = InversionConfig(steps=3, batch_size=8, check_every=1)
+    every_image = invert_trigger(classify, images, 1, normalizer, config)
+    assert 0.3 < every_image.success < 0.7  # target images inflate the unlabelled count
+    trigger = invert_trigger(classify, images, 1, normalizer, config, labels)
+    assert trigger.success == 0.0 and not trigger.reached_bound
+    assert all(check["success"] == 0.0 for check in trigger.history)
+    assert trigger_success(classify, images, labels, 1, normalizer, trigger) == {"rate": 0.0, "images": 16}
+    with pytest.raises(ValueError, match="every inversion image is of the target class"):
+        invert_trigger(classify, images[labels == 1], 1, normalizer, config, labels[labels == 1])
 
 
 def test_model_contrastive_loss_matches_its_formula():

@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
+from defenses.ubt import caption_token_ids, characteristic_rows, overfit_batches, split_by_score, weakest_keys
 from lightning_modules.cli import main
+from lightning_modules.zero_shot import fill_template, templates_by_name
 from poisoning.plan import records_from_manifest
 from tests.test_defense_mcldef import (
     CLIP_DATA,
@@ -109,6 +112,75 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert updated["updated_weights"] < updated["model_weights"] / 10
     assert sha256(source) == digest
 
+    # Stage 1 overfits the weakest 20% of the pairs (by similarity under the poisoned model), scores by gain, and
+    # reports both scores at the flagged count.
+    schedule = detection["overfit_schedule"]
+    assert schedule["weak_pairs"] == 16 and schedule["weak_steps"] == 2 and schedule["all_pairs_steps"] == 0
+    assert detection["score"] == "gain" and set(detection["by_score"]) == {"similarity", "gain"}
+    assert detection["by_score"]["gain"]["auroc"] == detection["auroc"]
+    assert detection["by_score"]["gain"]["precision"] == detection["precision"]
+    for values in detection["by_score"].values():
+        assert 0 <= values["auroc"] <= 1 and 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
+    # The retain term's pairs: every pair ranked below the top half, so no flagged pair.
+    retain = set(after["clbd_ubt"]["retain"])
+    assert len(retain) == 40 and not retain & {p["key"] for p in detection["flagged_pairs"]}
+    assert detection["retain_pairs"] == 40 and detection["retain_true_poisons"] == len(retain & poisons)
+    # No unlearnt token row is a word of the target's eval prompts.
+    tokenizer = open_clip.get_tokenizer("clip-tiny-vit")
+    prompts = [fill_template(t, "class1") for t in templates_by_name("openai_imagenet")]
+    prompt_ids = set(caption_token_ids(tokenizer(prompts)).flatten().tolist()) - {0}
+    assert not prompt_ids & set(detection["text_rows"])
+    assert "class" in detection["prompt_rows_excluded"] and "photo" in detection["prompt_rows_excluded"]
+
+
+def batches_of(keys: list[str], size: int) -> list[dict]:
+    """A stand-in loader: batches whose image rows hold each pair's index (to check rows travel with their keys)."""
+    out = []
+    for start in range(0, len(keys), size):
+        chunk = keys[start : start + size]
+        index = torch.tensor([int(k[1:]) for k in chunk], dtype=torch.float32)
+        out.append({"key": chunk, "image": index[:, None].expand(-1, 3), "text": index[:, None].long()})
+    return out
+
+
+def test_overfitting_takes_the_weak_similarity_pairs_first():
+    similarity = {f"k{i:03d}": (i * 37 % 50) / 50 for i in range(50)}  # an order unrelated to the stream's
+    weak = weakest_keys(similarity, 0.2)
+    assert weak == set(sorted(similarity, key=similarity.get)[:10])
+    loader = batches_of(sorted(similarity), 8)
+    batches = list(overfit_batches(loader, weak, weak_steps=4, steps=6, batch_size=4))
+    assert len(batches) == 6
+    # One pass holds 10 weak pairs: batches of 4, 4 and the pass's rest (2); then the next pass.
+    assert [len(keys) for keys, _, _ in batches[:4]] == [4, 4, 2, 4]
+    for keys, images, tokens in batches[:4]:
+        assert set(keys) <= weak and len(set(keys)) == len(keys)
+        assert images[:, 0].tolist() == [int(k[1:]) for k in keys] == tokens[:, 0].tolist()
+    # Then whole batches of all pairs, from the start of the stream.
+    assert [keys for keys, _, _ in batches[4:]] == [loader[0]["key"], loader[1]["key"]]
+    assert not set(batches[4][0]) <= weak
+    # Without the weak share: the stream's batches, uniformly.
+    uniform = list(overfit_batches(loader, None, weak_steps=4, steps=3, batch_size=4))
+    assert [keys for keys, _, _ in uniform] == [batch["key"] for batch in loader[:3]]
+
+
+def test_retain_set_excludes_the_suspects():
+    scores = {f"k{i}": float(i) for i in range(10)}  # k9 most suspicious
+    ranked, flagged, retain = split_by_score(scores, n_flag=3, suspect_fraction=0.5)
+    assert ranked[:3] == flagged == ["k9", "k8", "k7"]
+    assert retain == {"k0", "k1", "k2", "k3", "k4"}  # the top half are suspects, flagged or not
+    _, flagged, retain = split_by_score(scores, n_flag=3, suspect_fraction=0.0)
+    assert retain == {f"k{i}" for i in range(7)} and not retain & set(flagged)  # at least the flagged ones go
+
+
+def test_unlearnt_rows_leave_out_the_prompt_words():
+    # 4 unlearnt captions (start 1, end 15: the largest id, as open_clip's) all use ids 7 ("banana") and 9
+    # ("photo"), rare elsewhere; id 5 is in every caption.
+    forget = torch.tensor([[1, 5, 7, 9, 15, 0], [1, 5, 9, 7, 15, 0], [1, 7, 5, 9, 15, 0], [1, 9, 7, 5, 15, 0]])
+    df_all = torch.zeros(16, dtype=torch.long)
+    df_all[5], df_all[7], df_all[9] = 100, 5, 8
+    assert characteristic_rows(forget, df_all, 100, lift=2.0).tolist() == [7, 9]
+    assert characteristic_rows(forget, df_all, 100, lift=2.0, excluded=torch.tensor([7])).tolist() == [9]
+
 
 def test_ubt_resumes_without_redoing_the_detection(tmp_path, setup):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
@@ -135,6 +207,9 @@ def test_ubt_resumes_without_redoing_the_detection(tmp_path, setup):
         ("--model.init_args.weight_decay=0.1", "model.weight_decay=0.1: UBT needs 0"),
         ("--data.init_args.poison_train=false", "data.poison_train: UBT detects and unlearns poisoned pairs"),
         ("--model.init_args.token_portion=everything", "model.token_portion must be one of"),
+        ("--model.init_args.weak_fraction=0", "model.weak_fraction must be in (0, 1]"),
+        ("--model.init_args.weak_steps=3", "model.weak_steps must be in [0, overfit_steps=2]"),
+        ("--model.init_args.suspect_fraction=1", "model.suspect_fraction must be in [0, 1)"),
     ],
 )
 def test_bad_settings_are_refused(tmp_path, setup, capsys, override, message):

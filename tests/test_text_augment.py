@@ -107,8 +107,95 @@ def test_negatives_prefer_the_same_category_and_fit_the_article():
         (negative,) = ta.negative_subtexts("a dog", seed, 1)
         group = ta.lookup(negative.split()[1])[0]
         assert group.category == "animal" and negative.split()[1][0] not in "aeiou"
-    assert ta.negative_subtexts("a photo of a class0 number 3", 0, 2)  # "photo" is in the table
+    # "photo" in "a photo of" frames the caption: not swapped; "class0" is only a word with the data's class names
+    assert ta.negative_subtexts("a photo of a class0 number 3", 0, 2) == []
+    assert ta.negative_subtexts("a photo of a class0 number 3", 0, 2, ["class0", "class1"]) == [
+        "a photo of a class1 number 3"
+    ]
     assert ta.negative_subtexts("xyzzy plugh", 0, 2) == []
+
+
+SHAPES = ["circle", "square", "triangle", "diamond", "star", "cross", "ring", "crescent", "heart", "arrow"]
+SHAPE_CAPTIONS = [
+    "a photo of a small red circle.",
+    "a large blue triangle on a striped background.",
+    "an image of a arrow in green.",
+    "a picture of a small heart, colored yellow.",
+    "two stars and a ring",
+]
+
+
+@pytest.mark.parametrize("caption", SHAPE_CAPTIONS)
+def test_negatives_swap_the_class_word_first(caption):
+    """With the data's class names, the first negative names another class where the class word stood."""
+    words = ta.normalise(caption)
+    vocab = ta.vocabulary(tuple(SHAPES))
+    classes = [i for i, w in enumerate(words) if vocab.is_class_word(w)]
+    assert classes, caption
+    seen_classes = set()
+    for seed in range(10):
+        negatives = ta.negative_subtexts(caption, seed, 3, SHAPES)
+        assert len(negatives) == 3 and len(set(negatives)) == 3
+        first = negatives[0].split()
+        assert len(first) == len(words)
+        swapped = [i for i in classes if first[i] != words[i]]
+        assert len(swapped) == 1, (caption, negatives[0])
+        new = first[swapped[0]]
+        assert vocab.is_class_word(new) and vocab.lookup(new)[0] is not vocab.lookup(words[swapped[0]])[0]
+        assert vocab.lookup(new)[2] == vocab.lookup(words[swapped[0]])[2]  # same number ("stars" -> "hearts")
+        seen_classes.add(vocab.lookup(new)[1])
+        if swapped[0] > 0 and first[swapped[0] - 1] in ("a", "an"):  # the article fits the new class name
+            assert (first[swapped[0] - 1] == "an") == (new[0] in "aeiou")
+        for negative in negatives:  # never the frame ("a photo of"), never more than the article beside one word
+            diff = [i for i, (a, b) in enumerate(zip(words, negative.split())) if a != b]
+            one_word = len(diff) == 1
+            word_and_article = len(diff) == 2 and diff[1] == diff[0] + 1 and words[diff[0]] in ("a", "an")
+            assert (one_word or word_and_article) and words[diff[-1]] not in ta.FRAMES, negative
+    assert len(seen_classes) >= 4  # the replacement class varies with the seed
+
+
+def test_class_names_of_several_words_are_one_unit():
+    names = ["teddy bear", "hot dog", "circle"]
+    assert ta.vocabulary(tuple(names)).units(["two", "teddy", "bears", "on", "a", "bed"]) == [
+        "two",
+        "teddy bears",
+        "on",
+        "a",
+        "bed",
+    ]
+    negatives = ta.negative_subtexts("two teddy bears on a bed", 0, 4, names)
+    assert negatives[0] in {"two hot dogs on a bed", "two circles on a bed"}
+    assert all("teddy bears" in p for p in ta.positive_subtexts("two teddy bears on a bed", 0, 4, names))
+
+
+def test_positives_drop_modifiers_and_keep_the_class_word():
+    caption = "a photo of a small red circle on a striped background"
+    positives = set(ta.positive_subtexts(caption, 0, 20, SHAPES))
+    assert positives == {
+        "a photo of a small circle on a striped background",
+        "a photo of a red circle on a striped background",
+        "a photo of a circle on a striped background",
+        "a photo of a small red circle",
+    }
+    # a predicate adjective is not dropped alone ("colored" would dangle); its chunk is
+    assert set(ta.positive_subtexts("a picture of a small heart, colored yellow.", 0, 20, SHAPES)) == {
+        "a picture of a heart colored yellow",
+        "a picture of a small heart",
+    }
+    # the class word is kept even when it is not in the subject chunk
+    assert set(ta.positive_subtexts("a man riding a horse on a beach", 0, 20, ["horse", "cat"])) == {
+        "a man riding a horse"
+    }
+
+
+def test_word_lists_are_package_data():
+    from importlib import resources
+
+    folder = resources.files("datamodules").joinpath(ta.WORD_LISTS)
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".txt"))
+    assert names == ["adjectives.txt", "function_words.txt", "nouns.txt", "verbs.txt"]
+    assert "red" in ta.read_word_list("adjectives.txt").split() and "#" not in ta.read_word_list("nouns.txt")
+    assert {"no", "not", "without"} <= ta.NEGATIONS and "photo" in ta.FRAMES
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
