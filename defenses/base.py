@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_modules.run_dir import consolidate
+from lightning_modules.checkpoints import consolidate
 
 DEFENSE_METRICS = "defense_metrics.json"
 

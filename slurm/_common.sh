@@ -125,8 +125,8 @@ clbd_job_banner() {
 clbd_enter_root() {
     CLBD_ROOT=${CLBD_ROOT:-${SLURM_SUBMIT_DIR:-}}
     [[ -n $CLBD_ROOT ]] || clbd_die "neither CLBD_ROOT nor SLURM_SUBMIT_DIR is set: submit with sbatch"
-    [[ -f $CLBD_ROOT/lightning_modules/cli.py ]] ||
-        clbd_die "CLBD_ROOT=$CLBD_ROOT is not a clbd checkout (no lightning_modules/cli.py): run sbatch from the" \
+    [[ -f $CLBD_ROOT/lightning_modules/cli/__init__.py ]] ||
+        clbd_die "CLBD_ROOT=$CLBD_ROOT is not a clbd checkout (no lightning_modules/cli/): run sbatch from the" \
             "repository root or export CLBD_ROOT=/path/to/clbd"
     cd "$CLBD_ROOT" || clbd_die "cannot enter CLBD_ROOT=$CLBD_ROOT"
     CLBD_ROOT=$PWD
@@ -334,7 +334,7 @@ clbd_consolidated() {
     local ckpt=$1
     [[ -e $ckpt ]] || clbd_die "checkpoint not found: $ckpt"
     CLBD_CKPT_FILE=$("$CLBD_PY" -c 'import sys
-from lightning_modules.run_dir import consolidate
+from lightning_modules.checkpoints import consolidate
 print(consolidate(sys.argv[1]))' "$ckpt") || clbd_die "could not consolidate $ckpt (is deepspeed installed? pip install -e '.[deepspeed]')"
 }
 

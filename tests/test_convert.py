@@ -21,7 +21,6 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules import data_cli
 from datamodules.converters.cifar10 import convert_cifar10
 from datamodules.converters.coco import convert_coco_captions
 from datamodules.converters.csv_captions import convert_csv
@@ -29,6 +28,7 @@ from datamodules.converters.image_folder import CIFAR10_CLASSES, convert_image_f
 from datamodules.converters.images import ImageLimits, SkipSample, prepare_image
 from datamodules.converters.img2dataset import index_img2dataset
 from datamodules.shards import ShardIndex, resolve_shards
+from lightning_modules.cli import data as data_cli
 from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -759,7 +759,7 @@ def test_index_img2dataset(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "datamodules.data_cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lightning_modules.cli.data", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lightning_modules.demo import main as demo_main
+from lightning_modules.cli.demo import main as demo_main
 
 
 def test_demo_runs_the_whole_chain_and_never_overwrites(tmp_path, capsys):

@@ -7,7 +7,7 @@ import json
 import yaml
 from PIL import Image
 
-from defenses.experiment import main as experiment_main
+from lightning_modules.cli.experiment import main as experiment_main
 
 
 def test_experiment_writes_table_and_chart(tmp_path, make_shards):

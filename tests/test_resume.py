@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_modules.cli import main
-from lightning_modules.run_dir import config_differences
+from lightning_modules.cli.run_dir import config_differences
 from tests.callbacks import SimulatedPreemption
 
 

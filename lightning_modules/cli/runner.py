@@ -1,4 +1,5 @@
-"""The ``clbd`` command: LightningCLI's fit / validate / test, plus the data, poison, demo and experiment tools.
+"""LightningCLI's fit / validate / test as clbd runs them (``clbd fit|validate|test|predict``, and every step of
+``clbd demo`` and ``clbd experiment``).
 
 A run lives in one directory, ``trainer.default_root_dir``: ``config.yaml`` (everything the run used),
 ``metrics.csv``, ``checkpoints/``, ``poison_manifest.jsonl``, ``data_report.json``, ``metrics.json``.
@@ -25,21 +26,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from datamodules import ShardDataModule
 
-from .base import ContrastiveModule
-from .run_dir import FINISHED_MARKER, check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
-
-TOOLS = {
-    "data": "convert datasets to WebDataset shards and inspect shard sets (clbd data --help)",
-    "poison": "poison manifest / preview / geometry, offline from a config (clbd poison --help)",
-    "demo": "the README's main job: clean vs NA-poisoned SimCLR on the built-in dataset, then CA / ASR",
-    "experiment": "attack x defense table on one poisoned checkpoint (clbd experiment --help)",
-    "consolidate": "fp32 single-file copy of a DeepSpeed checkpoint folder (printed); files are returned as is",
-}
-TRAINER_COMMANDS = {
-    "fit": "train (pretraining or a defense's fine-tuning); --ckpt_path last resumes a run",
-    "validate": "run the per-epoch monitors once on a checkpoint",
-    "test": "evaluate a checkpoint (kNN / linear probe / zero-shot CA and ASR); writes metrics.json",
-}
+from ..base import ContrastiveModule
+from .run_dir import check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -180,57 +168,11 @@ def _plain(value: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(value, default=str))))
 
 
-def _top_level_help() -> str:
-    lines = ["usage: clbd COMMAND [options]", "", "Training and evaluation (LightningCLI; clbd COMMAND --help):"]
-    lines += [f"  {name:<12}{text}" for name, text in TRAINER_COMMANDS.items()]
-    lines += ["", "Tools:"]
-    lines += [f"  {name:<12}{text}" for name, text in TOOLS.items()]
-    lines += [
-        "",
-        "Examples:",
-        "  clbd data cifar10 --src cifar10-jpg.tar.gz --out data/cifar10",
-        "  clbd fit --config configs/pretrain/simclr_cifar10.yaml --config configs/attack/na_cifar10.yaml",
-        "  clbd test --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt",
-        f"Run directories hold config.yaml, checkpoints/, metrics.csv and {FINISHED_MARKER} once fit ends.",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
+    """One LightningCLI command (``fit``, ``validate``, ``test``, ``predict`` and its options); 0 on success, 2 on a
+    configuration error (one clear line; CLBD_DEBUG=1 shows the traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_top_level_help())
-        return 0
-    command, rest = argv[0], argv[1:]
-    if command == "data":
-        from datamodules.data_cli import main as data_main
-
-        return data_main(rest)
-    if command == "poison":
-        from .poison_cli import main as poison_main
-
-        return poison_main(rest)
-    if command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    if command == "consolidate":
-        from .run_dir import consolidate
-
-        try:
-            print(consolidate(rest[0]) if len(rest) == 1 else "usage: clbd consolidate CHECKPOINT")
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"clbd consolidate: error: {exc}", file=sys.stderr)
-            return 2
-        return 0 if len(rest) == 1 else 2
-    if command == "experiment":
-        from defenses.experiment import main as experiment_main
-
-        return experiment_main(rest)
-    if command not in TRAINER_COMMANDS and command != "predict":
-        print(f"clbd: unknown command {command!r}\n\n{_top_level_help()}", file=sys.stderr)
-        return 2
+    command = argv[0] if argv else ""
     try:
         ClbdCLI(args=argv)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -240,7 +182,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clbd {command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

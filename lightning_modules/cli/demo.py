@@ -13,11 +13,11 @@ import shlex
 import time
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def run(argv: list[str]) -> None:
-    from .cli import main
+    from .runner import run as main
 
     print("\n$ clbd " + " ".join(shlex.quote(a) for a in argv), flush=True)
     code = main(argv)

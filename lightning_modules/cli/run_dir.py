@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from ..checkpoints import consolidate, consolidated_path
 
 FINISHED_MARKER = "fit_finished.json"
 CONFIG_NAME = "config.yaml"
@@ -97,35 +98,6 @@ def write_finished_marker(run_dir: Path, trainer) -> None:
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load((run_dir / CONFIG_NAME).read_text())
-
-
-def consolidated_path(checkpoint: Path) -> Path:
-    """Where the fp32 copy of a DeepSpeed checkpoint folder lives: ``RUN/consolidated/<name>``."""
-    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run / "consolidated" / checkpoint.name
-
-
-def consolidate(checkpoint: str | Path) -> Path:
-    """A single-file checkpoint for ``checkpoint``: itself when it is a file; for a DeepSpeed folder (per-rank
-    shards only DeepSpeed reads), its fp32 copy, written once with Lightning's converter, which keeps clbd's own
-    keys (``clbd_run_config``) so ``clbd test`` and the defenses load it without DeepSpeed."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_file():
-        return checkpoint
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    target = consolidated_path(checkpoint)
-    if target.is_file() and target.stat().st_mtime >= checkpoint.stat().st_mtime:
-        return target
-    try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-    except ImportError as exc:  # pragma: no cover - depends on the deepspeed extra
-        raise ValueError(f"{checkpoint} is a DeepSpeed checkpoint; pip install -e '.[deepspeed]' to read it") from exc
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    convert_zero_checkpoint_to_fp32_state_dict(checkpoint, partial)
-    os.replace(partial, target)
-    return target
 
 
 def consolidate_deepspeed(trainer) -> Path | None:

@@ -31,7 +31,7 @@ from defenses.base import DEFENSE_METRICS
 
 
 def run_clbd(argv: list[str]) -> None:
-    from lightning_modules.cli import main
+    from .runner import run as main
 
     print("\n$ clbd " + " ".join(shlex.quote(a) for a in argv), flush=True)
     code = main(argv)
