@@ -498,6 +498,7 @@ def test_every_attack_is_exported():
         "badnet",
         "blended",
         "wanet",
+        "badclip",
         "sig",
     }
     for name, cls in poisoning.ATTACKS.items():
