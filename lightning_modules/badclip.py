@@ -179,16 +179,17 @@ def as_unit(images: torch.Tensor) -> torch.Tensor:
 class PatchObjective:
     """BadCLIP's loss on one batch, for a frozen victim."""
 
-    def __init__(self, victim: torch.nn.Module, inputs: VictimInputs, recipe: PatchRecipe):
-        self.victim = victim
+    def __init__(self, victim: torch.nn.Module, inputs: VictimInputs, recipe: PatchRecipe, device: str = "cpu"):
+        self.victim = victim.to(device)
         self.recipe = recipe
-        self.mean = torch.tensor(inputs.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(inputs.std).view(1, 3, 1, 1)
+        self.device = torch.device(device)
+        self.mean = torch.tensor(inputs.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(inputs.std, device=self.device).view(1, 3, 1, 1)
         self.scale = victim.logit_scale.exp().detach()
         self.triplet = torch.nn.TripletMarginLoss(margin=recipe.triplet_margin)
         with torch.no_grad():
             self.positive_embeds = torch.cat(
-                [self.encode(as_unit(chunk)) for chunk in inputs.positives.split(recipe.batch_size)]
+                [self.encode(as_unit(chunk.to(self.device))) for chunk in inputs.positives.split(recipe.batch_size)]
             )
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -197,15 +198,15 @@ class PatchObjective:
     def __call__(
         self, patch: torch.Tensor, images: torch.Tensor, tokens: torch.Tensor, positive_index: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        images = as_unit(images)
+        images = as_unit(images.to(self.device))
         patched = self.encode(paste_centre(images, patch))
         with torch.no_grad():
-            text = self.victim.encode_text(tokens, normalize=True)
+            text = self.victim.encode_text(tokens.to(self.device), normalize=True)
             clean = self.encode(images)
         logits = self.scale * patched @ text.t()
-        target = torch.arange(len(images))
+        target = torch.arange(len(images), device=self.device)
         contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
-        triplet = self.triplet(patched, self.positive_embeds[positive_index], clean)
+        triplet = self.triplet(patched, self.positive_embeds[positive_index.to(self.device)], clean)
         total = contrastive + self.recipe.triplet_weight * triplet
         return {"loss": total, "contrastive": contrastive, "triplet": triplet}
 
@@ -254,6 +255,7 @@ def optimize_patch(
     progress: bool = True,
     stop_after_epochs: int | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Optimise the patch; write ``trigger.png`` and ``trigger.json`` (settings, initial and final loss) in
     ``out_dir``. Resumes from ``out_dir``'s saved state when its settings are the same; ``stop_after_epochs``
@@ -266,8 +268,8 @@ def optimize_patch(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     described = {"recipe": asdict(recipe), **(settings or {})}
-    objective = PatchObjective(victim, inputs, recipe)
-    patch = initial_patch(recipe).requires_grad_(True)
+    objective = PatchObjective(victim, inputs, recipe, device)
+    patch = initial_patch(recipe).to(objective.device).requires_grad_(True)
     optimiser = torch.optim.Adam([patch], lr=recipe.lr)
     generator = torch.Generator().manual_seed(recipe.seed)
     state_path = out / STATE_FILE
@@ -309,7 +311,7 @@ def optimize_patch(
             on_epoch(epoch, history[-1])
         state = {
             "settings": json.loads(json.dumps(described)),
-            "patch": patch.detach().clone(),
+            "patch": patch.detach().cpu().clone(),
             "optimiser": optimiser.state_dict(),
             "generator": generator.get_state(),
             "history": history,
@@ -337,7 +339,7 @@ def optimize_patch(
 
 def save_patch(patch: torch.Tensor, path: Path) -> None:
     """The patch as a lossless RGB PNG (clipped to [0, 1], rounded to bytes)."""
-    pixels = (patch[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = (patch[0].detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     Image.fromarray(np.ascontiguousarray(pixels), "RGB").save(path)
 
 

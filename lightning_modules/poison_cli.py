@@ -176,10 +176,13 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triplet-weight", type=float, default=recipe.triplet_weight)
     parser.add_argument("--triplet-margin", type=float, default=recipe.triplet_margin)
     parser.add_argument("--seed", type=int, default=recipe.seed)
+    parser.add_argument("--device", default="cpu", help="torch device of the victim (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
     from lightning_modules.badclip import CAPTIONS_FILE, PatchRecipe, gather_inputs, load_victim, model_geometry
     from lightning_modules.badclip import optimize_patch as run_optimisation
 
@@ -195,6 +198,8 @@ def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
         )
         if args.max_images < 1 or args.max_positives < 1:
             raise ValueError("--max-images and --max-positives must be >= 1")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device on this machine")
         victim, model_name = load_victim(args.checkpoint, args.model)
         side, width = model_geometry(victim)
         recipe.check(side)  # the patch fits the victim's images, before any data is read
@@ -221,7 +226,9 @@ def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
         }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / CAPTIONS_FILE).write_text("".join(caption.replace("\n", " ") + "\n" for caption in captions))
-        result = run_optimisation(victim, inputs, recipe, args.out, settings=settings, progress=not args.no_progress)
+        result = run_optimisation(
+            victim, inputs, recipe, args.out, settings=settings, progress=not args.no_progress, device=args.device
+        )
     except (ValueError, FileNotFoundError) as exc:
         print(f"clbd poison optimize-trigger: error: {exc}", file=sys.stderr)
         return 2

@@ -207,3 +207,15 @@ def test_badclip_attack_bad_input(patch_file, tmp_path):
     assert plan.apply({"__key__": "a", "image": Image.new("RGB", (64, 64)), "text": "x"})["text"] in set(
         all_target_captions("banana")
     )
+
+
+@pytest.mark.gpu
+def test_optimisation_on_cuda_lowers_its_loss(tiny, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, inputs = tiny
+    recipe = PatchRecipe(patch_size=8, epochs=2, batch_size=16, lr=1e-2)
+    result = optimize_patch(model, inputs, recipe, tmp_path, progress=False, device="cuda")
+    model.to("cpu")
+    assert result["final_loss"]["loss"] < result["initial_loss"]["loss"]
+    assert Image.open(tmp_path / "trigger.png").size == (8, 8)
