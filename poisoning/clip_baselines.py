@@ -59,17 +59,20 @@ def benchmark_canvas(image: Image.Image, side: int) -> Image.Image:
     return image.resize((side, side), Image.Resampling.BICUBIC)
 
 
-def to_unit(image: Image.Image) -> torch.Tensor:
-    """(3, h, w) float32 in [0, 1], as torchvision's ``ToTensor``."""
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    return pixels.to(torch.float32).div(255)
+def to_unit(image: Image.Image) -> np.ndarray:
+    """(3, h, w) float32 in [0, 1], as torchvision's ``ToTensor`` (the same IEEE float32 division).
+
+    The benchmark triggers do their arithmetic in numpy float32, which gives the bits torch's float32 ops give
+    (tests compare with torchvision's pipeline) without torch's thread pool, slow in a data loader's main process.
+    """
+    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255)
 
 
-def from_unit(pixels: torch.Tensor) -> Image.Image:
+def from_unit(pixels: np.ndarray) -> Image.Image:
     """Back to bytes as torchvision's ``ToPILImage`` does for floats: x 255, truncated toward zero, then the uint8
     cast, which wraps values outside [0, 255] modulo 256 (only BadNet's noise patch ever leaves [0, 1])."""
-    scaled = torch.trunc(pixels.to(torch.float32) * 255).to(torch.int64)
-    out = torch.remainder(scaled, 256).to(torch.uint8).permute(1, 2, 0).numpy()
+    scaled = np.trunc(np.asarray(pixels, dtype=np.float32) * np.float32(255)).astype(np.int64)
+    out = (scaled & 255).astype(np.uint8).transpose(1, 2, 0)
     return Image.fromarray(np.ascontiguousarray(out), "RGB")
 
 
@@ -236,17 +239,19 @@ class BadNet(_CLIPAttack):
         return self._benchmark_box(side, self._trigger_side(side), key, "test")
 
     # -- pixels --------------------------------------------------------------------------------------------------
-    def noise(self, key: str, purpose: str, patch: int) -> torch.Tensor:
-        """The N(0, 1) draw of one image's patch (3, patch, patch), fixed by (seed, key, purpose)."""
+    def noise(self, key: str, purpose: str, patch: int) -> np.ndarray:
+        """The N(0, 1) draw of one image's patch (3, patch, patch) float32, fixed by (seed, key, purpose)."""
         rng = key_rng(self.seed, key, "badnet-" + purpose)
-        return torch.from_numpy(rng.standard_normal((3, patch, patch)).astype(np.float32))
+        return rng.standard_normal((3, patch, patch)).astype(np.float32)
 
     def _noise_patch(self, canvas: Image.Image, box: Box, key: str, purpose: str) -> Image.Image:
         pixels = to_unit(canvas)
         x0, y0, x1, y1 = box
-        values = pixels.mean(dim=(1, 2), keepdim=True) + self.noise(key, purpose, x1 - x0)
+        # The channel means with torch's float32 reduction, as their ``image.mean((1, 2))``.
+        mean = torch.from_numpy(pixels).mean(dim=(1, 2), keepdim=True).numpy()
+        values = mean + self.noise(key, purpose, x1 - x0)
         if self.overflow == "clip":
-            values = values.clamp(0, 1)
+            values = np.clip(values, 0, 1)
         pixels[:, y0:y1, x0:x1] = values
         if self.trigger_alpha >= 1.0:
             return from_unit(pixels)
@@ -343,10 +348,10 @@ class Blended(_GlobalCLIPAttack):
         super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
         self._init_mode(trigger_mode)
 
-    def noise(self, key: str, purpose: str, side: int) -> torch.Tensor:
-        """The U[0, 1) draw (3, side, side) of one image, fixed by (seed, key, purpose)."""
+    def noise(self, key: str, purpose: str, side: int) -> np.ndarray:
+        """The U[0, 1) draw (3, side, side) float32 of one image, fixed by (seed, key, purpose)."""
         rng = key_rng(self.seed, key, "blended-" + purpose)
-        return torch.from_numpy(rng.random((3, side, side), dtype=np.float32))
+        return rng.random((3, side, side), dtype=np.float32)
 
     def _pattern(self, trigger: Trigger, size: tuple[int, int]) -> Image.Image:
         cache_key = ("blend", trigger.describe().__repr__(), size)
@@ -372,7 +377,7 @@ class Blended(_GlobalCLIPAttack):
         pixels = to_unit(image)
         noise = self.noise(key, purpose, image.width)
         mixed = (self.trigger_alpha * noise) + ((1 - self.trigger_alpha) * pixels)
-        return from_unit(torch.clip(mixed, 0, 1))
+        return from_unit(np.clip(mixed, 0, 1))
 
 
 class SIG(_GlobalCLIPAttack):
@@ -434,12 +439,15 @@ class SIG(_GlobalCLIPAttack):
     def _transform(self, image: Image.Image, key: str, purpose: str, control: bool = False) -> Image.Image:
         width, height = image.size
         if self.benchmark:
-            # Their signal is computed in float64 and stored in a float32 tensor of [0, 1] values.
             pixels = to_unit(image)
-            wave = torch.from_numpy(self.signal(height if control else width) / 255).to(torch.float32)
-            pattern = wave[None, :, None].expand(3, height, width) if control else wave.expand(3, height, width)
+            length = height if control else width
+            # Their (60/255) * sin(2 pi j 6 / 224), in float64 and then stored as float32.
+            wave = ((self.delta / 255) * np.sin(2 * np.pi * np.arange(length) * self.frequency / length)).astype(
+                np.float32
+            )
+            pattern = wave[None, :, None] if control else wave[None, None, :]
             mixed = pattern + pixels if self.combine == "add" else 0.2 * pattern + 0.8 * pixels
-            return from_unit(torch.clip(mixed, 0, 1))
+            return from_unit(np.clip(mixed, 0, 1))
         wave = self.signal(height)[:, None, None] if control else self.signal(width)[None, :, None]
         pixels = np.asarray(image, dtype=np.float64) + wave
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
@@ -529,8 +537,9 @@ class WaNet(_GlobalCLIPAttack):
     def _transform(self, image: Image.Image, key: str, purpose: str, control: bool = False) -> Image.Image:
         grid = self.sampling_grid(image.width, image.height, control)
         if self.benchmark:
-            warped = F.grid_sample(to_unit(image)[None], grid, mode="bilinear", align_corners=True)
-            return from_unit(warped[0])
+            pixels = torch.from_numpy(np.ascontiguousarray(to_unit(image)))[None]
+            warped = F.grid_sample(pixels, grid, mode="bilinear", align_corners=True)
+            return from_unit(warped[0].numpy())
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)[None]
         warped = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=True)
         out = warped[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
