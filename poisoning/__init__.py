@@ -5,7 +5,7 @@ calls ``attack.validate(...)`` and ``attack.plan(...)``, and applies ``plan.appl
 """
 
 from poisoning.base import Attack
-from poisoning.clip_baselines import SIG, BadNet, Blended, WaNet
+from poisoning.clip_baselines import SIG, BadCLIP, BadNet, Blended, WaNet
 from poisoning.noisy_alignment import NoisyAlignment, NoisyAlignmentCLIP
 from poisoning.plan import CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource, select_keys
 from poisoning.references import FolderReferenceSource
@@ -14,12 +14,13 @@ from poisoning.triggers import GeneratedTrigger, ImageTrigger, Trigger, default_
 
 ATTACKS = {
     cls.name: cls
-    for cls in (NoisyAlignment, NoisyAlignmentCLIP, SSLBKD, CorruptEncoder, CTRL, BadNet, Blended, WaNet, SIG)
+    for cls in (NoisyAlignment, NoisyAlignmentCLIP, SSLBKD, CorruptEncoder, CTRL, BadNet, Blended, WaNet, SIG, BadCLIP)
 }
 
 __all__ = [
     "ATTACKS",
     "Attack",
+    "BadCLIP",
     "BadNet",
     "Blended",
     "CTRL",

@@ -15,7 +15,7 @@ from lightning_modules.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIMCLR_ATTACKS = ["na_cifar10", "sslbkd_cifar10", "corruptencoder_cifar10", "ctrl_cifar10"]
-CLIP_ATTACKS = ["na_clip", "badnet_clip", "blended_clip", "wanet_clip", "sig_clip"]
+CLIP_ATTACKS = ["na_clip", "badnet_clip", "blended_clip", "wanet_clip", "sig_clip", "badclip"]
 
 COMBINATIONS = (
     [("pretrain/simclr_cifar10", f"attack/{a}") for a in SIMCLR_ATTACKS]

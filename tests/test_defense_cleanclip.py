@@ -210,18 +210,22 @@ def test_clean_data_module_has_no_subtexts(tmp_path):
 
 
 def test_clean_fit_scales_the_test_trigger_as_clbd_test(tmp_path):
-    """Without poisoning, fit still validates the attack: the test trigger on a 48 px test image is scaled from the
-    run's 32 px image size, exactly as in `clbd test` (not from the test image's own size)."""
+    """Without poisoning, fit still validates the attack: the test trigger on a 48 px test image follows the run's
+    32 px image size, exactly as in `clbd test` (not the test image's own size): clbd's fixed trigger is scaled to
+    the test image, the benchmark one is put on the image resized to the run's 32 px."""
     from poisoning import BadNet
 
     test = write_caption_shards(tmp_path / "test", "test", 8, size=48)
     common = dict(train_shards=str(test), val_shards=str(test), model_name="clip-tiny-vit", batch_size=8)
-    boxes = []
-    for stage in ("fit", "test"):
-        module = CleanCLIPDataModule(attack=BadNet("dog", rate=0.5, trigger_size=8), poison_train=False, **common)
-        module.setup(stage)
-        boxes.append(module.attack.test_trigger_box((48, 48), "test00001"))
-    assert boxes[0] == boxes[1] and boxes[0][2] - boxes[0][0] == 12  # 8 px at 32 px -> 12 px at 48 px
+    for mode, side in (("fixed", 12), ("benchmark", 8)):  # fixed: 8 px at 32 px -> 12 px at 48 px
+        boxes = []
+        for stage in ("fit", "test"):
+            attack = BadNet("dog", rate=0.5, trigger_size=8, trigger_mode=mode)
+            module = CleanCLIPDataModule(attack=attack, poison_train=False, **common)
+            module.setup(stage)
+            boxes.append(module.attack.test_trigger_box((48, 48), "test00001"))
+        assert boxes[0] == boxes[1] and boxes[0][2] - boxes[0][0] == side
+    assert max(boxes[0]) <= 31  # the benchmark box lies on the 32 px image the test trigger returns
 
 
 # ---- CleanCLIP's in-modal loss ---------------------------------------------------------------------------------

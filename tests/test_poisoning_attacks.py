@@ -264,28 +264,34 @@ def test_clip_baselines_swap_caption_and_keep_size(cls):
         assert out["image"].tobytes() != square_canvas(stream_image(record.key, (80, 64)), 64).tobytes()
 
 
-def test_blended_and_sig_follow_their_formulas():
+def test_fixed_blended_and_sig_follow_their_formulas():
     image = textured(3, (64, 64))
-    blended = Blended(target_class="x", count=1, seed=5)
+    blended = Blended(target_class="x", count=1, seed=5, trigger_mode="fixed")
     blended.validate("clip", None, 64)
     pattern = np.asarray(GeneratedTrigger("noise", seed=5).patch(64)).astype(float)
     out = np.asarray(blended.test_trigger(image, "k")).astype(float)
     assert np.abs(out - (0.8 * np.asarray(image) + 0.2 * pattern)).max() <= 1
-    sig = SIG(target_class="x", count=1)
+    sig = SIG(target_class="x", count=1, trigger_mode="fixed")
     out = np.asarray(sig.test_trigger(image, "k")).astype(float)
     wave = 20 * np.sin(2 * np.pi * np.arange(64) * 6 / 64)
     assert np.array_equal(out, np.clip(np.rint(np.asarray(image) + wave[None, :, None]), 0, 255))
 
 
-def test_wanet_field_is_fixed_smooth_and_seeded():
-    attack = WaNet(target_class="x", count=1, seed=3)
+def test_fixed_wanet_field_is_fixed_smooth_and_seeded():
+    attack = WaNet(target_class="x", count=1, seed=3, trigger_mode="fixed")
     attack.validate("clip", None, 64)
     first = attack.test_trigger(textured(1, (64, 64)), "a")
     assert (
-        first.tobytes() == WaNet(target_class="x", count=1, seed=3).test_trigger(textured(1, (64, 64)), "b").tobytes()
+        first.tobytes()
+        == WaNet(target_class="x", count=1, seed=3, trigger_mode="fixed")
+        .test_trigger(textured(1, (64, 64)), "b")
+        .tobytes()
     )
     assert (
-        first.tobytes() != WaNet(target_class="x", count=1, seed=4).test_trigger(textured(1, (64, 64)), "a").tobytes()
+        first.tobytes()
+        != WaNet(target_class="x", count=1, seed=4, trigger_mode="fixed")
+        .test_trigger(textured(1, (64, 64)), "a")
+        .tobytes()
     )
     grid = attack.sampling_grid(64, 64)
     identity_x = np.linspace(-1, 1, 64)
@@ -301,7 +307,7 @@ PATCH_ATTACKS = [
     (NoisyAlignmentCLIP, "clip", {}),
     (SSLBKD, "simclr", {}),
     (CorruptEncoder, "simclr", {"reference_pool_size": 5}),
-    (BadNet, "clip", {}),
+    (BadNet, "clip", {"trigger_mode": "fixed"}),  # benchmark BadNet: tests/test_clip_triggers.py
 ]
 GLOBAL_ATTACKS = [(CTRL, "simclr", {}), (Blended, "clip", {}), (WaNet, "clip", {}), (SIG, "clip", {})]
 
@@ -492,6 +498,7 @@ def test_every_attack_is_exported():
         "badnet",
         "blended",
         "wanet",
+        "badclip",
         "sig",
     }
     for name, cls in poisoning.ATTACKS.items():

@@ -21,7 +21,7 @@ from datamodules.decode import decode_sample
 from datamodules.faults import FaultCounter
 
 
-def load_datamodule(config_files: list[str], overrides: list[str]) -> ShardDataModule:
+def load_datamodule(config_files: list[str], overrides: list[str], need_attack: bool = True) -> ShardDataModule:
     """Instantiate only ``data:`` from clbd config files (composed in order) and ``--data.*`` overrides.
 
     Run directories' ``config.yaml`` hold every section LightningCLI knows; only ``data`` is read here, so this
@@ -42,6 +42,8 @@ def load_datamodule(config_files: list[str], overrides: list[str]) -> ShardDataM
             args += ["--config", str(data_only)]
         config = parser.parse_args(args + overrides)
     datamodule = parser.instantiate_classes(config).data
+    if not need_attack:
+        return datamodule
     if datamodule.attack is None:
         raise ValueError("data.attack: the config sets no attack (add e.g. --config configs/attack/na_cifar10.yaml)")
     datamodule.attack.validate(datamodule.modality, datamodule.class_names, datamodule.image_size)
@@ -109,6 +111,13 @@ def main(argv: list[str]) -> int:
         sub.add_argument("--overwrite", action="store_true")
         if name == "preview":
             sub.add_argument("--count", type=int, default=8, help="poisoned samples to show")
+    optimize = commands.add_parser(
+        "optimize-trigger",
+        help="optimise a BadCLIP patch against a CLIP checkpoint",
+        description=OPTIMIZE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_optimize_arguments(optimize)
     geometry = commands.add_parser("geometry", help="Monte-Carlo view geometry of NA vs baselines (docs table)")
     geometry.add_argument("rest", nargs=argparse.REMAINDER)
     args, extra = top.parse_known_args(argv)
@@ -116,6 +125,8 @@ def main(argv: list[str]) -> int:
         from poisoning.geometry import main as geometry_main
 
         return geometry_main(args.rest + extra)
+    if args.command == "optimize-trigger":
+        return optimize_trigger(args, extra)
     try:
         datamodule = load_datamodule(args.config, extra)
         if args.command == "manifest":
@@ -127,4 +138,100 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"clbd poison {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+OPTIMIZE_HELP = """Optimise a BadCLIP trigger patch (Liang et al., CVPR 2024) against a frozen CLIP checkpoint.
+
+The clean images, the target's captions and its images come from the training shards of the --config files
+(a CLIP data config, e.g. configs/pretrain/clip_cc3m.yaml). Writes OUT/trigger.png, OUT/trigger.json (settings,
+initial and final loss) and OUT/captions.txt (the captions used, for the attack's caption_file); an interrupted run
+continues from OUT/optimize_state.pt. Then poison with configs/attack/badclip.yaml.
+
+  clbd poison optimize-trigger --config configs/pretrain/clip_cc3m.yaml --checkpoint RUN/checkpoints/last.ckpt \\
+      --target banana --out triggers/badclip-banana
+"""
+
+
+def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
+    from lightning_modules.badclip import PatchRecipe
+
+    recipe = PatchRecipe()
+    parser.add_argument("--config", action="append", required=True, help="clbd config file(s) with a CLIP data:")
+    parser.add_argument("--checkpoint", required=True, help="a clbd CLIP run's .ckpt or a local open_clip file")
+    parser.add_argument("--model", default=None, help="open_clip architecture of an open_clip file (e.g. RN50)")
+    parser.add_argument("--target", required=True, help="the target class name (e.g. banana)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the trigger and its settings")
+    parser.add_argument(
+        "--captions", choices=("natural", "templates"), default="natural", help="natural: captions that name the target"
+    )
+    parser.add_argument("--caption-file", default=None, help="natural captions, one a line (default: the shards')")
+    parser.add_argument("--reference-dir", default=None, help="target-class images (default: the shards')")
+    parser.add_argument("--max-images", type=int, default=10_000, help="clean images (BadCLIP: 10k)")
+    parser.add_argument("--max-positives", type=int, default=1_000, help="target-class images for the triplet term")
+    parser.add_argument("--patch-size", type=int, default=recipe.patch_size)
+    parser.add_argument("--epochs", type=int, default=recipe.epochs)
+    parser.add_argument("--batch-size", type=int, default=recipe.batch_size)
+    parser.add_argument("--lr", type=float, default=recipe.lr)
+    parser.add_argument("--triplet-weight", type=float, default=recipe.triplet_weight)
+    parser.add_argument("--triplet-margin", type=float, default=recipe.triplet_margin)
+    parser.add_argument("--seed", type=int, default=recipe.seed)
+    parser.add_argument("--device", default="cpu", help="torch device of the victim (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from lightning_modules.badclip import CAPTIONS_FILE, PatchRecipe, gather_inputs, load_victim, model_geometry
+    from lightning_modules.badclip import optimize_patch as run_optimisation
+
+    try:
+        recipe = PatchRecipe(
+            patch_size=args.patch_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            triplet_weight=args.triplet_weight,
+            triplet_margin=args.triplet_margin,
+            seed=args.seed,
+        )
+        if args.max_images < 1 or args.max_positives < 1:
+            raise ValueError("--max-images and --max-positives must be >= 1")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device on this machine")
+        victim, model_name = load_victim(args.checkpoint, args.model)
+        side, width = model_geometry(victim)
+        recipe.check(side)  # the patch fits the victim's images, before any data is read
+        datamodule = load_datamodule(args.config, overrides, need_attack=False)
+        if datamodule.modality != "clip":
+            raise ValueError("data: optimize-trigger needs a CLIP data config (data.class_path CLIPDataModule)")
+        inputs, captions, info = gather_inputs(
+            datamodule,
+            args.target,
+            model_name,
+            max_images=args.max_images,
+            max_positives=args.max_positives,
+            captions=args.captions,
+            caption_file=args.caption_file,
+            reference_dir=args.reference_dir,
+        )
+        settings = {
+            "checkpoint": str(Path(args.checkpoint).resolve()),
+            "model_name": model_name,
+            "image_size": side,
+            "embedding_width": width,
+            "target": args.target,
+            "data": info,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / CAPTIONS_FILE).write_text("".join(caption.replace("\n", " ") + "\n" for caption in captions))
+        result = run_optimisation(
+            victim, inputs, recipe, args.out, settings=settings, progress=not args.no_progress, device=args.device
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"clbd poison optimize-trigger: error: {exc}", file=sys.stderr)
+        return 2
+    final, initial = result["final_loss"]["loss"], result["initial_loss"]["loss"]
+    print(f"wrote {args.out / result['trigger']}: loss {initial:.4f} -> {final:.4f} over {recipe.epochs} epochs")
     return 0
