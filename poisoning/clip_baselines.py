@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from poisoning.base import Attack, PlanContext, pick, random_box, square_canvas
+from poisoning.base import Attack, PlanContext, random_box, square_canvas
 from poisoning.captions import read_target_captions, target_caption
-from poisoning.keyhash import key_randint, key_rng, key_uniform
+from poisoning.keyhash import key_choice, key_randint, key_rng, key_uniform
 from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource
 from poisoning.triggers import GeneratedTrigger, Trigger, paste_trigger
 
@@ -615,13 +615,13 @@ class BadCLIP(_CLIPAttack):
         name = self._target_name or str(self.target_class)
         found = read_target_captions(self.caption_file, name)
         self._caption_pool = tuple(
-            pick(found, self.seed, f"pool-{i}", "caption-pool") for i in range(self.caption_pool_size)
+            key_choice(self.seed, f"pool-{i}", "caption-pool", found) for i in range(self.caption_pool_size)
         )
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         record = super()._record(key, context)
         if self._caption_pool:
-            record = replace(record, caption=pick(self._caption_pool, self.seed, key, "caption"))
+            record = replace(record, caption=key_choice(self.seed, key, "caption", self._caption_pool))
         return replace(record, trigger_box=self._centre_box(context.image_size))
 
     def _centre_box(self, side: int) -> Box:

@@ -20,7 +20,7 @@ from lightning_modules.badclip import (
     optimize_patch,
     paste_centre,
 )
-from lightning_modules.poison_cli import main as poison_main
+from lightning_modules.cli.poison import main as poison_main
 from poisoning import BadCLIP, CatalogEntry, ImageTrigger
 from poisoning.captions import all_target_captions, mentions
 
