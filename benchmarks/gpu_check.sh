@@ -20,7 +20,8 @@
 # Settings (environment): CLBD_PYTHON (python3), CLBD_GPU_CHECK_WORK (scratch folder, /tmp/clbd_gpu_check),
 # CLBD_GPU_CHECK_STAGES (comma list of pytest,throughput,na; default all three), CLBD_GPU_CHECK_SKIP_INSTALL=1 (the
 # packages are already importable), CLBD_GPU_NA_EPOCH_S (expected seconds per NA epoch incl. monitors, sets the
-# epoch count; default 6), CLBD_GPU_NA_WORKERS (16), CLBD_GPU_NA_DEVICE_VIEWS (1: views made on the GPU; default 0),
+# epoch count; default 5 with device views, else 9), CLBD_GPU_NA_WORKERS (16), CLBD_GPU_NA_DEVICE_VIEWS (1, the default: views made on the GPU; 0: in the loaders; the run falls back to 0
+# by itself when the device path fails before its first epoch ends),
 # CLBD_GPU_NA_ARGS (extra clbd fit arguments, last: they override), CLBD_GPU_CHECK_MAXCOUNT (samples per shard, 625).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
@@ -41,8 +42,8 @@ budget=${CLBD_GPU_CHECK_BUDGET_S:-$([[ $dry == 1 ]] && echo 1500 || echo 500)}
 work=${CLBD_GPU_CHECK_WORK:-/tmp/clbd_gpu_check}
 stages=${CLBD_GPU_CHECK_STAGES:-pytest,throughput,na}
 workers=${CLBD_GPU_NA_WORKERS:-16}
-epoch_guess=${CLBD_GPU_NA_EPOCH_S:-6}
-device_views=${CLBD_GPU_NA_DEVICE_VIEWS:-0}
+device_views=${CLBD_GPU_NA_DEVICE_VIEWS:-1}
+epoch_guess=${CLBD_GPU_NA_EPOCH_S:-$([[ $device_views == 1 ]] && echo 5 || echo 9)}
 started=$(date +%s)
 
 exec > >(tee -a "$out/gpu_check.log") 2>&1
@@ -113,7 +114,6 @@ if has_stage throughput; then
     limit=$(( $(left) < 150 ? $(left) : 150 ))
     bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json")
     [[ $dry == 1 ]] && bench+=(--device cpu --quick) || bench+=(--repeats 2)
-    [[ $device_views == 1 ]] && bench+=(--views both)
     timeout -k 10 "$limit" "$PY" benchmarks/gpu_throughput.py "${bench[@]}"
     echo "throughput exit $?"
 fi
@@ -134,7 +134,7 @@ if has_stage na; then
     if (( train_seconds < 20 || epochs < 1 )); then
         echo "gpu_check: no time left for the NA run (${fit_seconds} s)"
     else
-        fit=(fit --config configs/pretrain/simclr_cifar10.yaml --config configs/attack/na_cifar10.yaml
+        fit=(fit --config configs/pretrain/simclr_cifar10_gpu.yaml --config configs/attack/na_cifar10.yaml
             --trainer.default_root_dir="$run" --trainer.max_epochs="$epochs"
             --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))"
             --trainer.enable_progress_bar=false --trainer.log_every_n_steps=20
@@ -142,17 +142,18 @@ if has_stage na; then
             --trainer.callbacks+=benchmarks.epoch_timer.EpochTimer --trainer.callbacks.path="$out/na_epochs.jsonl"
             --data.init_args.train_shards="$data/train.index.json" --data.init_args.val_shards="$data/test.index.json")
         if [[ $dry == 1 ]]; then
-            fit+=(--trainer.accelerator=cpu --trainer.precision=32-true --trainer.limit_train_batches=2
+            fit+=(--trainer.accelerator=cpu --trainer.precision=32-true --data.init_args.pin_memory=false
+                --trainer.limit_train_batches=2
                 --trainer.limit_val_batches=2 --trainer.num_sanity_val_steps=0 --model.init_args.width=8
                 --model.init_args.proj_hidden_dim=64 --data.init_args.batch_size=32 --data.init_args.eval_batch_size=64
                 --data.init_args.num_workers=2 --data.init_args.knn_bank_size=256
                 --data.init_args.attack.init_args.count=64 --data.init_args.attack.init_args.reference_pool_size=32)
         else
-            fit+=(--trainer.accelerator=gpu --trainer.precision=bf16-mixed --data.init_args.num_workers="$workers")
+            fit+=(--data.init_args.num_workers="$workers")
             # Validation every 2nd epoch when there are many: the kNN monitor reads 50k bank + 2 x 10k test images.
             (( epochs >= 10 )) && fit+=(--trainer.check_val_every_n_epoch=2)
         fi
-        [[ $device_views == 1 ]] && fit+=(--data.init_args.views_on_device=true)
+        [[ $device_views == 1 ]] || fit+=(--data.init_args.views_on_device=false)
         # shellcheck disable=SC2206
         fit+=(${CLBD_GPU_NA_ARGS:-})
         echo "NA: ${epochs} epochs planned, stopped after ${train_seconds} s of training if not done (${fit_seconds} s, ~${epoch_guess} s each), device views ${device_views}"
@@ -162,7 +163,22 @@ if has_stage na; then
         copier=$!
         t0=$(date +%s)
         timeout -k 15 $((fit_seconds + 30)) "${CLBD[@]}" "${fit[@]}"
-        echo "fit exit $? after $(($(date +%s) - t0)) s"
+        status=$?
+        echo "fit exit $status after $(($(date +%s) - t0)) s"
+        if (( status != 0 )) && [[ $device_views == 1 && ! -s $out/na_epochs.jsonl ]]; then
+            # The device path failed before finishing an epoch: the same run with the views made in the loaders.
+            fit_seconds=$(( $(left) - test_reserve - 30 ))
+            train_seconds=$((fit_seconds - 40))
+            epochs=$(( train_seconds / (2 * epoch_guess) ))
+            if (( train_seconds >= 20 && epochs >= 1 )); then
+                stage "NA again with the views made in the loaders (${epochs} epochs, ${train_seconds} s)"
+                rm -rf "$run"
+                fit+=(--data.init_args.views_on_device=false --trainer.max_epochs="$epochs"
+                    --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))")
+                timeout -k 15 $((fit_seconds + 30)) "${CLBD[@]}" "${fit[@]}"
+                echo "fit exit $? after $(($(date +%s) - t0)) s"
+            fi
+        fi
         kill "$copier" 2>/dev/null; wait "$copier" 2>/dev/null
         [[ -f $run/metrics.csv ]] && cp "$run/metrics.csv" "$out/na_metrics.csv"
 
