@@ -221,32 +221,39 @@ def _adjust(images: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor
     return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
 
 
-def _color_jitter(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Each jittered sample gets its four adjustments in its own order (a loop over 4 positions x 4 ops on the
-    samples concerned; a factor that torchvision would skip, None, is the neutral one and is skipped too)."""
+def _color_jitter(images: torch.Tensor, params: torch.Tensor, sync_free: bool) -> torch.Tensor:
+    """Each jittered sample gets its four adjustments in its own order: for each of the 4 positions and 4 ops, the
+    samples concerned (a factor torchvision would skip, None, is the neutral one and is skipped too).
+    ``sync_free`` (on a GPU): every op on the whole batch, kept where chosen (torch.where): no host synchronisation,
+    so the loop never waits for the GPU; else only the chosen samples are computed (less work, for the CPU)."""
     jittered = params[:, P["jitter"]] > 0.5
-    if not bool(jittered.any()):
+    if not sync_free and not bool(jittered.any()):
         return images
-    images = images.clone()
     factors = params[:, [P["brightness"], P["contrast"], P["saturation"], P["hue"]]].to(images.dtype)
     neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], device=images.device, dtype=images.dtype)
     orders = params[:, P["order0"] : P["order3"] + 1].round().long()
+    if not sync_free:
+        images = images.clone()
     for position in range(4):
         for op in range(4):
             chosen = jittered & (orders[:, position] == op) & (factors[:, op] != neutral[op])
+            if sync_free:
+                images = torch.where(chosen.view(-1, 1, 1, 1), _adjust(images, op, factors[:, op]), images)
+                continue
             index = chosen.nonzero().squeeze(1)
             if index.numel():
                 images[index] = _adjust(images[index], op, factors[index, op])
     return images
 
 
-def _gaussian_blur(images: torch.Tensor, params: torch.Tensor, kernel_size: int) -> torch.Tensor:
+def _gaussian_blur(images: torch.Tensor, params: torch.Tensor, kernel_size: int, sync_free: bool) -> torch.Tensor:
     """torchvision's gaussian_blur (separable kernel, reflect padding) with each blurred sample's own sigma."""
     blurred = params[:, P["blur"]] > 0.5
-    index = blurred.nonzero().squeeze(1)
+    index = torch.arange(len(images), device=images.device) if sync_free else blurred.nonzero().squeeze(1)
     if not index.numel():
         return images
     sigma = params[index, P["sigma"]].to(images.dtype)
+    sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))  # unblurred samples (sync_free): any valid sigma
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, kernel_size, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (x[None, :] / sigma[:, None]) ** 2)
@@ -257,9 +264,11 @@ def _gaussian_blur(images: torch.Tensor, params: torch.Tensor, kernel_size: int)
     flat = F.pad(selected.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
     weight = kernel.repeat_interleave(c, dim=0)  # one kernel per (sample, channel)
     flat = F.conv2d(flat, weight[:, None, None, :], groups=n * c)
-    flat = F.conv2d(flat, weight[:, None, :, None], groups=n * c)
+    flat = F.conv2d(flat, weight[:, None, :, None], groups=n * c).reshape(n, c, h, w)
+    if sync_free:
+        return torch.where(blurred.view(-1, 1, 1, 1), flat, images)
     images = images.clone()
-    images[index] = flat.reshape(n, c, h, w)
+    images[index] = flat
     return images
 
 
@@ -271,7 +280,11 @@ class DeviceViews:
         self.size = augmentation.image_size
         self.kernel_size = 2 * (self.size // 20) + 1  # as SimCLRAugmentation.build
 
-    def __call__(self, images_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    def __call__(
+        self, images_u8: torch.Tensor, params: torch.Tensor, normalize: bool = True, sync_free: bool | None = None
+    ) -> torch.Tensor:
+        """``sync_free`` (default: on anything but the CPU) avoids every host synchronisation (see _color_jitter)."""
+        sync_free = images_u8.device.type != "cpu" if sync_free is None else sync_free
         params = params.to(images_u8.device)
         images = images_u8.to(torch.float32) / 255.0
         _, _, height, width = images.shape
@@ -280,11 +293,11 @@ class DeviceViews:
         views = rows[:, None] @ images @ cols.transpose(1, 2)[:, None]  # [B, 3, S, S]
         flip = params[:, P["flip"]] > 0.5
         views = torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views).clamp(0.0, 1.0)
-        views = _color_jitter(views, params)
+        views = _color_jitter(views, params, sync_free)
         gray = params[:, P["grayscale"]] > 0.5
         views = torch.where(gray.view(-1, 1, 1, 1), _grayscale(views).expand_as(views), views)
         if self.augmentation.blur_p > 0:
-            views = _gaussian_blur(views, params, self.kernel_size)
+            views = _gaussian_blur(views, params, self.kernel_size, sync_free)
         if not normalize:
             return views
         mean = torch.tensor(self.augmentation.mean, device=views.device).view(1, 3, 1, 1)

@@ -100,6 +100,19 @@ def test_device_views_match_the_uint8_cpu_path_up_to_quantisation():
         assert (difference.amax(dim=(1, 2, 3)) <= 9.0).all()
 
 
+@pytest.mark.parametrize("blur_p", [0.0, 0.5], ids=["cifar", "with_blur"])
+def test_the_gpu_variant_without_host_syncs_computes_the_same_views(blur_p):
+    """On a GPU every op runs on the whole batch and is kept by torch.where (no .nonzero() sync); same result."""
+    augmentation = SimCLRAugmentation(image_size=32, blur_p=blur_p)
+    params = ViewParams(augmentation, seed=7)
+    batch = pad_collate(default_collate)([params(image, key, 3) for image, key in images_and_keys()])
+    transform = DeviceViews(augmentation)
+    for v in (0, 1):
+        subsets = transform(batch["image_u8"], batch["view_params"][:, v], sync_free=False)
+        masked = transform(batch["image_u8"], batch["view_params"][:, v], sync_free=True)
+        assert torch.allclose(subsets, masked, atol=1e-5)
+
+
 def test_parameters_are_the_cpu_paths_own_draws():
     """Another epoch or key gives other parameters; the same ones give the same, whatever the batch around them."""
     augmentation = SimCLRAugmentation(image_size=32)
