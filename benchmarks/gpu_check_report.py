@@ -52,6 +52,11 @@ def throughput_summary(path: Path) -> list[str]:
         )
         if r.get("epoch_s_median") is not None:
             lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s")
+        if r.get("device_views_per_s") is not None:
+            lines.append(
+                f"    views made on the device: {r['device_views_per_s']:.0f} views/s alone; step + views "
+                f"{r['images_per_s_with_device_views']:.0f} images/s, an epoch {r['epoch_s_with_device_views']:.2f} s"
+            )
     return lines
 
 
