@@ -79,9 +79,7 @@ def main() -> int:
         return len(samples)
 
     def loader_part() -> list:
-        return [
-            hook.item({"image": image, "__key__": key, "label": 0}, 0) for key, image in decoded()
-        ]
+        return [hook.item({"image": image, "__key__": key, "label": 0}, 0) for key, image in decoded()]
 
     def run_device() -> int:
         items = loader_part()

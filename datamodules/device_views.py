@@ -313,7 +313,6 @@ class DeviceViews:
         return batch
 
 
-
 class DeviceViewsHook:
     """What ``SimCLRDataModule`` needs for ``views_on_device``: the worker's item, the padding collate, and the
     device step (built once; the transform holds no state, so loader workers and the training process share it)."""
@@ -324,9 +323,7 @@ class DeviceViewsHook:
 
     def item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         item = self.params(sample["image"], sample["__key__"], epoch)
-        item.update(
-            label=sample["label"], poisoned=bool(sample.get("poisoned", False)), key=sample["__key__"]
-        )
+        item.update(label=sample["label"], poisoned=bool(sample.get("poisoned", False)), key=sample["__key__"])
         return item
 
     @staticmethod

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules.datamodule import SimCLRDataModule
-from datamodules.device_views import P, DeviceViews, DeviceViewsHook, ViewParams, pad_collate, resample_matrix
+from datamodules.device_views import DeviceViews, DeviceViewsHook, P, ViewParams, pad_collate, resample_matrix
 from datamodules.stream import default_collate
 from datamodules.views import SimCLRAugmentation, SimCLRViews
 
@@ -79,9 +79,13 @@ def test_device_views_equal_torchvision_in_float_with_the_same_parameters(blur_p
     augmentation = SimCLRAugmentation(image_size=32, blur_p=blur_p)
     pairs = images_and_keys()
     views, rows = device_views(augmentation, pairs)
-    assert rows[:, :, P["jitter"]].mean() > 0.5 and rows[:, :, P["flip"]].min() == 0 and rows[:, :, P["flip"]].max() == 1
+    assert (
+        rows[:, :, P["jitter"]].mean() > 0.5 and rows[:, :, P["flip"]].min() == 0 and rows[:, :, P["flip"]].max() == 1
+    )
     for v in (0, 1):
-        reference = torch.stack([float_reference(image, rows[i, v], augmentation) for i, (image, _) in enumerate(pairs)])
+        reference = torch.stack(
+            [float_reference(image, rows[i, v], augmentation) for i, (image, _) in enumerate(pairs)]
+        )
         difference = (to_255(views[v], augmentation) - to_255(reference, augmentation)).abs()
         assert difference.max() < 0.02, difference.max()  # float32 rounding only (measured: 4.3e-4)
 
