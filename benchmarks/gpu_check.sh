@@ -104,7 +104,12 @@ if has_stage pytest; then
     stage "pytest -m gpu"
     limit=$(( $(left) < 150 ? $(left) : 150 ))
     [[ $dry == 1 ]] && limit=60
-    timeout -k 10 "$limit" "$PY" -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/pytest_gpu.xml" tests
+    # Per-test limit (pytest-timeout, in the image): a hung test fails alone and the JUnit file is still written,
+    # which a kill of the whole pytest by the stage's timeout would prevent.
+    per_test=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout $(( (limit - 20) / 2 )))
+    timeout -k 10 "$limit" "$PY" -m pytest -m gpu -v -rA -p no:cacheprovider "${per_test[@]}" \
+        --junitxml="$out/pytest_gpu.xml" tests
     echo "pytest exit $?"
 fi
 

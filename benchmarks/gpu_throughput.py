@@ -232,6 +232,7 @@ def main() -> int:
                 flush=True,
             )
         results.append(result)
+        write_partial(args.json, info, device, precision, quick, results)  # kept if a later case is cut short
     if "clip" not in args.skip:
         batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
         if quick:
@@ -246,21 +247,24 @@ def main() -> int:
             return CLIP(model_name=model_name)
 
         results.append(measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats))
+        write_partial(args.json, info, device, precision, quick, results)
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
     print_table(["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results])
     load_at_end(info)
-    write_json(
-        args.json,
-        {
-            "machine": info,
-            "device": str(device),
-            "precision": precision,
-            "quick": quick,
-            "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
-        },
-    )
+    write_partial(args.json, info, device, precision, quick, results)
     return 0
+
+
+def write_partial(path, info, device, precision, quick, results) -> None:
+    payload = {
+        "machine": info,
+        "device": str(device),
+        "precision": precision,
+        "quick": quick,
+        "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
+    }
+    write_json(path, payload)
 
 
 if __name__ == "__main__":
