@@ -285,7 +285,12 @@ class DeviceViews:
     ) -> torch.Tensor:
         """``sync_free`` (default: on anything but the CPU) avoids every host synchronisation (see _color_jitter)."""
         sync_free = images_u8.device.type != "cpu" if sync_free is None else sync_free
-        params = params.to(images_u8.device)
+        # float32 throughout, also when called inside a bf16 autocast region (bf16 would round the resampling
+        # products to ~1/256: the uint8 CPU path's error again).
+        with torch.autocast(images_u8.device.type, enabled=False):
+            return self._views(images_u8, params.to(images_u8.device), normalize, sync_free)
+
+    def _views(self, images_u8: torch.Tensor, params: torch.Tensor, normalize: bool, sync_free: bool) -> torch.Tensor:
         images = images_u8.to(torch.float32) / 255.0
         _, _, height, width = images.shape
         rows = resample_matrix(params[:, P["top"]], params[:, P["height"]], height, self.size)

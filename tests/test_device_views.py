@@ -117,6 +117,18 @@ def test_the_gpu_variant_without_host_syncs_computes_the_same_views(blur_p):
         assert torch.allclose(subsets, masked, atol=1e-5)
 
 
+def test_views_stay_float32_inside_a_bf16_autocast_region():
+    """Lightning may call the batch hooks under bf16-mixed autocast; the views must not be made in bf16."""
+    augmentation = SimCLRAugmentation(image_size=32)
+    params = ViewParams(augmentation, seed=7)
+    batch = pad_collate(default_collate)([params(image, key, 3) for image, key in images_and_keys(12)])
+    transform = DeviceViews(augmentation)
+    plain = transform(batch["image_u8"], batch["view_params"][:, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = transform(batch["image_u8"], batch["view_params"][:, 0])
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+
+
 def test_parameters_are_the_cpu_paths_own_draws():
     """Another epoch or key gives other parameters; the same ones give the same, whatever the batch around them."""
     augmentation = SimCLRAugmentation(image_size=32)
