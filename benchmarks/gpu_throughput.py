@@ -13,6 +13,11 @@ loss on the same batch (matmuls, convolutions, attention; elementwise work is no
 MFU = counted FLOPs per step x steps/s / the device's peak dense FLOP/s (a table of known GPUs for bf16, or
 ``--peak-tflops``). Images/s counts both views for SimCLR (2 x batch images per step) and one image per pair for CLIP.
 
+SimCLR's views made on the device (``--views device`` or ``both``; ``data.views_on_device``): the same real batches
+as uint8 images + view parameters, turned into views by ``datamodules.device_views.DeviceViews`` on the device, timed
+alone (views/s) and added to the step: the epoch estimate with device views is 100k views / (step + view making).
+The FLOP count is the model's only (the view transform's few MFLOP per image are not counted).
+
 Run on a GPU: ``python benchmarks/gpu_throughput.py``; here: ``python benchmarks/gpu_throughput.py --device cpu --quick``.
 """
 
@@ -26,6 +31,8 @@ from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import time  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -42,6 +49,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
+from datamodules.device_views import DeviceViewsHook  # noqa: E402
+from datamodules.views import SimCLRAugmentation  # noqa: E402
 from lightning_modules.clip import CLIP  # noqa: E402
 from lightning_modules.simclr import SimCLR  # noqa: E402
 
@@ -92,6 +101,31 @@ def count_flops(build, loss_fn, batch: dict[str, Any], device: torch.device, pre
     return int(counter.get_total_flops())
 
 
+CIFAR10_TRAIN_VIEWS = 2 * 50_000  # one SimCLR epoch: both views of every training image
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_view_rate(raw_batches: list[dict[str, Any]], device: torch.device, image_size: int, steps: int) -> float:
+    """Views per second made by DeviceViews on ``device`` (both views of each batch; median of the timed batches)."""
+    hook = DeviceViewsHook(SimCLRAugmentation(image_size=image_size))
+    times = []
+    for i in range(steps + 2):
+        batch = dict(raw_batches[i % len(raw_batches)])
+        _sync(device)
+        start = time.perf_counter()
+        views = hook.views(batch)["views"]
+        _sync(device)
+        if i >= 2:  # two warm-up calls (kernels, allocator)
+            times.append(time.perf_counter() - start)
+        assert views[0].shape[-1] == image_size
+    per_batch = sorted(times)[len(times) // 2]
+    return 2 * raw_batches[0]["image_u8"].shape[0] / per_batch
+
+
 def measure(label, build, loss_fn, batches, images_per_step, args, device, precision, repeats) -> dict[str, Any]:
     flops = count_flops(build, loss_fn, batches[0], device, precision)
     accelerator = "cuda" if device.type == "cuda" else "cpu"
@@ -133,6 +167,12 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per run (default 1 quick / 10)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["simclr", "clip"])
+    parser.add_argument(
+        "--views",
+        default="both",
+        choices=["cpu", "device", "both"],
+        help="SimCLR: also time the views made on the device (device/both; the step itself is the same)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,7 +216,23 @@ def main() -> int:
             torch.manual_seed(0)
             return SimCLR(backbone="resnet18", width=width, cifar_stem=True)
 
-        results.append(measure(label, build_simclr, simclr_loss, batches, 2 * batch, args, device, precision, repeats))
+        result = measure(label, build_simclr, simclr_loss, batches, 2 * batch, args, device, precision, repeats)
+        result["epoch_s_median"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_median"]
+        if args.views in ("device", "both"):
+            raw = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2, views_on_device=True)]
+            view_rate = device_view_rate(raw, device, 32, args.steps)
+            step_s = 2 * batch / result["images_per_s_median"]
+            result["device_views_per_s"] = view_rate
+            result["images_per_s_with_device_views"] = 2 * batch / (step_s + 2 * batch / view_rate)
+            result["epoch_s_with_device_views"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_with_device_views"]
+            print(
+                f"  device views: {view_rate:.0f} views/s alone; step + views {result['images_per_s_with_device_views']:.0f}"
+                f" images/s, a CIFAR-10 epoch {result['epoch_s_with_device_views']:.2f} s "
+                f"(ready views: {result['epoch_s_median']:.2f} s)",
+                flush=True,
+            )
+        results.append(result)
+        write_partial(args.json, info, device, precision, quick, results)  # kept if a later case is cut short
     if "clip" not in args.skip:
         batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
         if quick:
@@ -191,21 +247,24 @@ def main() -> int:
             return CLIP(model_name=model_name)
 
         results.append(measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats))
+        write_partial(args.json, info, device, precision, quick, results)
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
     print_table(["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results])
     load_at_end(info)
-    write_json(
-        args.json,
-        {
-            "machine": info,
-            "device": str(device),
-            "precision": precision,
-            "quick": quick,
-            "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
-        },
-    )
+    write_partial(args.json, info, device, precision, quick, results)
     return 0
+
+
+def write_partial(path, info, device, precision, quick, results) -> None:
+    payload = {
+        "machine": info,
+        "device": str(device),
+        "precision": precision,
+        "quick": quick,
+        "results": [{k: v for k, v in r.items() if k != "row"} for r in results],
+    }
+    write_json(path, payload)
 
 
 if __name__ == "__main__":

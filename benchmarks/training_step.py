@@ -186,10 +186,11 @@ class InMemoryBatches:
 
 # ---- data --------------------------------------------------------------------------------------------------------
 def make_batches(
-    kind: str, index_file: Path, batch: int, count: int, model_name: str = "clip-tiny-vit"
+    kind: str, index_file: Path, batch: int, count: int, model_name: str = "clip-tiny-vit", **data_options: Any
 ) -> list[dict[str, Any]]:
-    """``count`` real training batches from clbd's data module, held in memory."""
-    common = dict(train_shards=str(index_file), val_shards=None, batch_size=batch, num_workers=0)
+    """``count`` real training batches from clbd's data module, held in memory (``data_options``: more arguments of
+    the data module, e.g. ``views_on_device=True``: uint8 images and view parameters instead of views)."""
+    common = dict(train_shards=str(index_file), val_shards=None, batch_size=batch, num_workers=0, **data_options)
     module = SimCLRDataModule(**common) if kind == "simclr" else CLIPDataModule(model_name=model_name, **common)
     batches = []
     for b in module.train_dataloader():

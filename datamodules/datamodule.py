@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from poisoning import Attack
@@ -104,6 +105,8 @@ class ShardDataModule(L.LightningDataModule):
             every epoch) — e.g. a defense's small clean set; None uses all.
         poison_train: False keeps the training stream clean while evaluation still applies the attack's test-time
             trigger (defenses fine-tune on clean data and measure ASR with the attack's trigger).
+        pin_memory: loaders hand over batches in page-locked memory (faster, asynchronous copies to a GPU; no use
+            on a CPU-only run).
     """
 
     modality: ClassVar[str] = ""
@@ -125,6 +128,7 @@ class ShardDataModule(L.LightningDataModule):
         min_image_size: int = 8,
         train_fraction: float | None = None,
         poison_train: bool = True,
+        pin_memory: bool = False,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -153,6 +157,7 @@ class ShardDataModule(L.LightningDataModule):
         self.min_image_size = min_image_size
         self.train_fraction = train_fraction
         self.poison_train = poison_train
+        self.pin_memory = pin_memory
         self.plan = None
         self._indexes: dict[str, ShardIndex] = {}
         self._catalog: list[KeyEntry] | None = None
@@ -307,6 +312,7 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=2 if self.num_workers > 0 else None,
+            pin_memory=self.pin_memory,
         )
 
     def train_stream(self) -> ShardStream:
@@ -318,7 +324,7 @@ class ShardDataModule(L.LightningDataModule):
             self.index("train"),
             batch_size=self.per_rank_batch_size(),
             to_item=self.train_item,
-            collate=default_collate,
+            collate=self.train_collate(),
             train=True,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
@@ -364,6 +370,9 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(self.eval_stream("test"))
 
     # ---- per-sample items ---------------------------------------------------------------------------------
+    def train_collate(self):
+        return default_collate
+
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -392,6 +401,11 @@ class SimCLRDataModule(ShardDataModule):
         knn_bank_shards: labelled clean shards for the kNN monitor's memory bank; default: the training shards
             read with the eval transform and no poisoning.
         knn_bank_size: use at most this many bank samples.
+        views_on_device: the loader decodes and draws each view's random parameters (the same as the CPU path's)
+            but makes no view; the views are made for the whole batch on the training device after the transfer
+            (``device_views``). Same views up to uint8 rounding; the loaders' work per image drops to the decode.
+        channels_last: training views in channels-last memory order (NHWC), which convolutions in bf16 on a GPU
+            run faster in; on a CPU it mostly adds a copy.
     """
 
     modality: ClassVar[str] = "simclr"
@@ -403,9 +417,13 @@ class SimCLRDataModule(ShardDataModule):
         augmentation: SimCLRAugmentation | None = None,
         knn_bank_shards: str | None = None,
         knn_bank_size: int | None = 10000,
+        views_on_device: bool = False,
+        channels_last: bool = False,
         **kwargs: Any,
     ):
         self._image_size = image_size
+        self.views_on_device = views_on_device
+        self.channels_last = channels_last
         super().__init__(*args, **kwargs)
         self.augmentation = augmentation or SimCLRAugmentation(image_size=image_size)
         if self.augmentation.image_size != image_size:
@@ -415,6 +433,7 @@ class SimCLRDataModule(ShardDataModule):
         self.knn_bank_shards = knn_bank_shards
         self.knn_bank_size = knn_bank_size
         self._views: SimCLRViews | None = None
+        self._device: Any = None
         self._eval: Any = None
 
     @property
@@ -422,6 +441,8 @@ class SimCLRDataModule(ShardDataModule):
         return self._image_size
 
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        if self.views_on_device:
+            return self._device_views().item(sample, epoch)
         if self._views is None:
             self._views = SimCLRViews(self.augmentation, seed=self.seed)
         return {
@@ -430,6 +451,24 @@ class SimCLRDataModule(ShardDataModule):
             "poisoned": bool(sample.get("poisoned", False)),
             "key": sample["__key__"],
         }
+
+    def _device_views(self):
+        if self._device is None:
+            from .device_views import DeviceViewsHook
+
+            self._device = DeviceViewsHook(self.augmentation, seed=self.seed)
+        return self._device
+
+    def train_collate(self):
+        return self._device_views().collate(default_collate) if self.views_on_device else default_collate
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Views on the device: the training batch (uint8 images + view parameters) becomes the usual ``views``."""
+        if self.views_on_device and isinstance(batch, dict) and "view_params" in batch:
+            batch = self._device_views().views(batch)
+        if self.channels_last and isinstance(batch, dict) and "views" in batch:
+            batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
+        return batch
 
     def _eval_transform(self):
         if self._eval is None:

@@ -19,6 +19,7 @@ CLIP_ATTACKS = ["na_clip", "badnet_clip", "blended_clip", "wanet_clip", "sig_cli
 
 COMBINATIONS = (
     [("pretrain/simclr_cifar10", f"attack/{a}") for a in SIMCLR_ATTACKS]
+    + [("pretrain/simclr_cifar10_gpu", "attack/na_cifar10")]
     + [("pretrain/clip_cc3m", f"attack/{a}") for a in CLIP_ATTACKS]
     + [
         ("smoke/simclr_shapes", "smoke/na_shapes"),

@@ -42,6 +42,8 @@ SIMCLR = (
         "--data.attack.reference_pool_size=10",
     ],
 )
+# The same run with the views made after the transfer (datamodules.device_views): resumes exactly too.
+SIMCLR_DEVICE_VIEWS = (SIMCLR[0], [*SIMCLR[1], "--data.views_on_device=true"], SIMCLR[2])
 CLIP = (
     ["--model=lightning_modules.CLIP", "--model.model_name=clip-tiny-vit"],
     ["--data=datamodules.CLIPDataModule", "--data.model_name=clip-tiny-vit", "--data.batch_size=16"],
@@ -49,7 +51,9 @@ CLIP = (
 )
 
 
-@pytest.mark.parametrize("method", [SIMCLR, CLIP], ids=["simclr", "clip"])
+@pytest.mark.parametrize(
+    "method", [SIMCLR, SIMCLR_DEVICE_VIEWS, CLIP], ids=["simclr", "simclr_device_views", "clip"]
+)
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path, make_shards, method):
     model, data, attack = method
     shards = make_shards(n=160, per_shard=40, captions=True)

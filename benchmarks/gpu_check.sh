@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one call on one GPU machine (one H200, 16 cores), at most ~8.5 minutes, run from the
+# repository root. Everything it measures lands as files in OUT as each stage ends, so a late failure loses nothing:
+#
+#   gpu_check.log        everything printed             env.txt          GPU, driver, python, package versions
+#   pytest_gpu.xml       the gpu-marked tests (JUnit)   gpu_throughput.json   images/s, FLOPs, MFU (SimCLR, CLIP)
+#   na_epochs.jsonl      NA run: one line per epoch     na_metrics.csv   NA run: Lightning's metrics.csv
+#   na_run.tar.gz        NA run: config, poison summary, test metrics.json      summary.txt   the table printed last
+#
+# Usage:  benchmarks/gpu_check.sh OUT [CIFAR10_JPG_TAR_GZ]     (default archive: .gpu_data/cifar10-jpg.tar.gz)
+#
+# The machine has torch, torchvision, lightning, torchmetrics, tensorboard but no registry: the packages clbd needs
+# beyond those come as wheels in .whl/ (benchmarks/gpu_wheels.sh makes it), installed with pip --no-index
+# --no-deps into a folder of their own (torch is never reinstalled). Carry .whl and the archive's folder.
+#
+# Stages, each time-boxed (seconds from the start of the whole check, CLBD_GPU_CHECK_BUDGET_S in all, default 500):
+#   install (wheels, DeepSpeed's among them: pure Python, its ops JIT-built if used) -> convert (clbd data cifar10)
+#   -> pytest -m gpu -> benchmarks/gpu_throughput.py -> NA on CIFAR-10 SimCLR for the epochs that fit -> clbd test
+#
+# Settings (environment): CLBD_PYTHON (python3), CLBD_GPU_CHECK_WORK (scratch folder, /tmp/clbd_gpu_check),
+# CLBD_GPU_CHECK_STAGES (comma list of pytest,throughput,na; default all three), CLBD_GPU_CHECK_SKIP_INSTALL=1 (the
+# packages are already importable), CLBD_GPU_NA_EPOCH_S (expected seconds per NA epoch incl. monitors, sets the
+# epoch count; default 5 with device views, else 9), CLBD_GPU_NA_WORKERS (16), CLBD_GPU_NA_DEVICE_VIEWS (1, the default: views made on the GPU; 0: in the loaders; the run falls back to 0
+# by itself when the device path fails before its first epoch ends),
+# CLBD_GPU_NA_ARGS (extra clbd fit arguments, last: they override), CLBD_GPU_CHECK_MAXCOUNT (samples per shard, 625).
+# CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
+# ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
+set -uo pipefail
+
+out=${1:?usage: benchmarks/gpu_check.sh OUT [CIFAR10_JPG_TAR_GZ]}
+archive=${2:-}
+mkdir -p "$out" && out=$(cd "$out" && pwd)
+[[ -n $archive ]] && archive=$(realpath -m "$archive")
+cd "$(dirname "$0")/.." || exit 2
+repo=$PWD
+archive=${archive:-$repo/.gpu_data/cifar10-jpg.tar.gz}
+
+PY=${CLBD_PYTHON:-python3}
+wheels=${CLBD_GPU_CHECK_WHEELS:-$repo/.whl}
+dry=${CLBD_GPU_CHECK_CPU_DRYRUN:-0}
+budget=${CLBD_GPU_CHECK_BUDGET_S:-$([[ $dry == 1 ]] && echo 1500 || echo 500)}
+work=${CLBD_GPU_CHECK_WORK:-/tmp/clbd_gpu_check}
+stages=${CLBD_GPU_CHECK_STAGES:-pytest,throughput,na}
+workers=${CLBD_GPU_NA_WORKERS:-16}
+device_views=${CLBD_GPU_NA_DEVICE_VIEWS:-1}
+epoch_guess=${CLBD_GPU_NA_EPOCH_S:-$([[ $device_views == 1 ]] && echo 5 || echo 9)}
+started=$(date +%s)
+
+exec > >(tee -a "$out/gpu_check.log") 2>&1
+elapsed() { echo $(($(date +%s) - started)); }
+left() { echo $((budget - $(date +%s) + started)); }
+stage() { echo; echo "=== [$(elapsed) s] $*"; }
+has_stage() { [[ ",$stages," == *",$1,"* ]]; }
+CLBD=("$PY" -c 'import sys; from lightning_modules.cli import main; sys.exit(main())')
+
+rm -rf "$work" && mkdir -p "$work"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
+echo "gpu_check: budget ${budget} s, dry run ${dry}, stages ${stages}, archive ${archive}, work ${work}"
+[[ -f $archive ]] || { echo "gpu_check: no CIFAR-10 archive at $archive"; exit 2; }
+
+# ---- install ---------------------------------------------------------------------------------------------------
+stage "install"
+if [[ ${CLBD_GPU_CHECK_SKIP_INSTALL:-0} != 1 ]]; then
+    site=$work/site
+    t0=$(date +%s)
+    timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        "$wheels"/*.whl || { echo "gpu_check: wheel install failed"; exit 3; }
+    export PYTHONPATH=$repo:$site${PYTHONPATH#"$repo"}
+    echo "wheels installed in $(($(date +%s) - t0)) s"
+fi
+"$PY" - <<'EOF' || { echo "gpu_check: clbd's packages do not import"; exit 3; }
+import importlib, torch
+for name in ("open_clip", "webdataset", "torchdata", "jsonargparse", "docstring_parser", "typeshed_client", "timm"):
+    module = importlib.import_module(name)
+    print(f"  {name} {getattr(module, '__version__', '')} from {module.__file__}")
+try:  # only the DeepSpeed tests need it; they skip without it
+    import deepspeed
+    print(f"  deepspeed {deepspeed.__version__} from {deepspeed.__file__}")
+except Exception as exc:
+    print(f"  deepspeed does not import: {type(exc).__name__}: {exc}")
+import lightning_modules.cli  # noqa: F401  (clbd itself)
+print(f"  torch {torch.__version__}, cuda {torch.cuda.is_available()}")
+EOF
+{
+    date -u; nvidia-smi 2>&1 || echo "no nvidia-smi"; echo; "$PY" -V; nproc; free -g 2>/dev/null
+    "$PY" -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|lightning|torchmetrics|numpy|pillow|triton|timm|open.clip|huggingface)"
+} >"$out/env.txt" 2>&1
+
+# ---- convert ---------------------------------------------------------------------------------------------------
+stage "convert $archive"
+data=$work/data/cifar10
+t0=$(date +%s)
+# 625 per shard: 80 training shards, so 16 loader processes get 5 each (a shard is a loader's unit of work).
+timeout 180 "${CLBD[@]}" data cifar10 --src "$archive" --out "$data" --maxcount "${CLBD_GPU_CHECK_MAXCOUNT:-625}" --quiet \
+    || { echo "gpu_check: conversion failed"; exit 4; }
+echo "converted in $(($(date +%s) - t0)) s"
+# gpu_throughput.py finds the converted set in its cache under the name it would have given it.
+bench_cache=$work/bench_cache && mkdir -p "$bench_cache"
+ln -s "$data" "$bench_cache/cifar10-$(stat -c %s "$archive")-$(stat -c %Y "$archive")"
+
+
+# ---- 1. the gpu-marked tests -------------------------------------------------------------------------------------
+if has_stage pytest; then
+    stage "pytest -m gpu"
+    limit=$(( $(left) < 150 ? $(left) : 150 ))
+    [[ $dry == 1 ]] && limit=60
+    # Per-test limit (pytest-timeout, in the image): a hung test fails alone and the JUnit file is still written,
+    # which a kill of the whole pytest by the stage's timeout would prevent.
+    per_test=()
+    "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout $(( (limit - 20) / 2 )))
+    timeout -k 10 "$limit" "$PY" -m pytest -m gpu -v -rA -p no:cacheprovider "${per_test[@]}" \
+        --junitxml="$out/pytest_gpu.xml" tests
+    echo "pytest exit $?"
+fi
+
+# ---- 2. throughput ---------------------------------------------------------------------------------------------
+if has_stage throughput; then
+    stage "benchmarks/gpu_throughput.py"
+    limit=$(( $(left) < 150 ? $(left) : 150 ))
+    bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json")
+    [[ $dry == 1 ]] && bench+=(--device cpu --quick) || bench+=(--repeats 2)
+    timeout -k 10 "$limit" "$PY" benchmarks/gpu_throughput.py "${bench[@]}"
+    echo "throughput exit $?"
+fi
+
+# ---- 3. NA on CIFAR-10 SimCLR, then clbd test --------------------------------------------------------------------
+if has_stage na; then
+    stage "NA on CIFAR-10 SimCLR"
+    run=$work/runs/na_cifar10
+    test_reserve=$([[ $dry == 1 ]] && echo 60 || echo 75)
+    fit_seconds=$(( $(left) - test_reserve - 30 ))
+    if [[ $dry == 1 ]]; then
+        epochs=2
+    else
+        epochs=$(( (fit_seconds - 40) / epoch_guess ))
+    fi
+    # Lightning's max_time counts training only: leave ~40 s for start-up (catalog, poison plan, workers) and the end.
+    train_seconds=$((fit_seconds - 40))
+    if (( train_seconds < 20 || epochs < 1 )); then
+        echo "gpu_check: no time left for the NA run (${fit_seconds} s)"
+    else
+        fit=(fit --config configs/pretrain/simclr_cifar10_gpu.yaml --config configs/attack/na_cifar10.yaml
+            --trainer.default_root_dir="$run" --trainer.max_epochs="$epochs"
+            --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))"
+            --trainer.enable_progress_bar=false --trainer.log_every_n_steps=20
+            --checkpoint.every_n_train_steps=0 --checkpoint.every_n_epochs=5 --checkpoint.save_top_k=1
+            --trainer.callbacks+=benchmarks.epoch_timer.EpochTimer --trainer.callbacks.path="$out/na_epochs.jsonl"
+            --data.init_args.train_shards="$data/train.index.json" --data.init_args.val_shards="$data/test.index.json")
+        if [[ $dry == 1 ]]; then
+            fit+=(--trainer.accelerator=cpu --trainer.precision=32-true --data.init_args.pin_memory=false
+                --trainer.limit_train_batches=2
+                --trainer.limit_val_batches=2 --trainer.num_sanity_val_steps=0 --model.init_args.width=8
+                --model.init_args.proj_hidden_dim=64 --data.init_args.batch_size=32 --data.init_args.eval_batch_size=64
+                --data.init_args.num_workers=2 --data.init_args.knn_bank_size=256
+                --data.init_args.attack.init_args.count=64 --data.init_args.attack.init_args.reference_pool_size=32)
+        else
+            fit+=(--data.init_args.num_workers="$workers")
+            # Validation every 2nd epoch when there are many: the kNN monitor reads 50k bank + 2 x 10k test images.
+            (( epochs >= 10 )) && fit+=(--trainer.check_val_every_n_epoch=2)
+        fi
+        [[ $device_views == 1 ]] || fit+=(--data.init_args.views_on_device=false)
+        # shellcheck disable=SC2206
+        fit+=(${CLBD_GPU_NA_ARGS:-})
+        echo "NA: ${epochs} epochs planned, stopped after ${train_seconds} s of training if not done (${fit_seconds} s, ~${epoch_guess} s each), device views ${device_views}"
+        (
+            while sleep 15; do [[ -f $run/metrics.csv ]] && cp "$run/metrics.csv" "$out/na_metrics.csv"; done
+        ) &
+        copier=$!
+        t0=$(date +%s)
+        timeout -k 15 $((fit_seconds + 30)) "${CLBD[@]}" "${fit[@]}"
+        status=$?
+        echo "fit exit $status after $(($(date +%s) - t0)) s"
+        if (( status != 0 )) && [[ $device_views == 1 && ! -s $out/na_epochs.jsonl ]]; then
+            # The device path failed before finishing an epoch: the same run with the views made in the loaders.
+            fit_seconds=$(( $(left) - test_reserve - 30 ))
+            train_seconds=$((fit_seconds - 40))
+            epochs=$(( train_seconds / (2 * epoch_guess) ))
+            if (( train_seconds >= 20 && epochs >= 1 )); then
+                stage "NA again with the views made in the loaders (${epochs} epochs, ${train_seconds} s)"
+                rm -rf "$run"
+                fit+=(--data.init_args.views_on_device=false --trainer.max_epochs="$epochs"
+                    --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))")
+                timeout -k 15 $((fit_seconds + 30)) "${CLBD[@]}" "${fit[@]}"
+                echo "fit exit $? after $(($(date +%s) - t0)) s"
+            fi
+        fi
+        kill "$copier" 2>/dev/null; wait "$copier" 2>/dev/null
+        [[ -f $run/metrics.csv ]] && cp "$run/metrics.csv" "$out/na_metrics.csv"
+
+        stage "clbd test (the NA run's last checkpoint)"
+        if [[ -f $run/checkpoints/last.ckpt ]]; then
+            test_args=(test --config "$run/config.yaml" --ckpt_path "$run/checkpoints/last.ckpt")
+            [[ $dry == 1 ]] && test_args+=(--model.init_args.probe_epochs=2 --trainer.limit_test_batches=2)
+            timeout -k 10 $(( $(left) > 20 ? $(left) : 20 )) "${CLBD[@]}" "${test_args[@]}"
+            echo "test exit $?"
+        else
+            echo "gpu_check: no last.ckpt in $run/checkpoints: nothing to test"
+        fi
+        (cd "$run" && tar czf "$out/na_run.tar.gz" --exclude='*.ckpt' --exclude=metrics.csv . 2>/dev/null)
+    fi
+fi
+
+# ---- summary ---------------------------------------------------------------------------------------------------
+stage "summary"
+"$PY" benchmarks/gpu_check_report.py "$out" --work "$work" | tee "$out/summary.txt"
+echo "gpu_check: done in $(elapsed) s"

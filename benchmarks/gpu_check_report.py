@@ -1,0 +1,140 @@
+"""The summary benchmarks/gpu_check.sh prints last: what each stage left in OUT, as one short table per stage.
+
+Reads only files (any of them may be missing: a stage that failed or ran out of time is reported as such):
+``pytest_gpu.xml``, ``gpu_throughput.json``, ``na_epochs.jsonl``, ``na_metrics.csv`` and the NA run's test
+``metrics.json`` (in WORK's run folder, else inside ``na_run.tar.gz``).
+
+Run: ``python benchmarks/gpu_check_report.py OUT [--work WORK]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import tarfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+
+def pytest_summary(path: Path) -> list[str]:
+    if not path.exists():
+        return ["pytest -m gpu: no report (stage skipped, failed to start or timed out)"]
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    lines = [
+        f"pytest -m gpu: {counts['tests']} tests, {counts['failures']} failed, {counts['errors']} errors, "
+        f"{counts['skipped']} skipped"
+    ]
+    for case in root.iter("testcase"):
+        for outcome in ("failure", "error", "skipped"):
+            node = case.find(outcome)
+            if node is not None:
+                message = (node.get("message") or "").splitlines()[0][:110] if node.get("message") else ""
+                lines.append(f"  {outcome}: {case.get('name')}: {message}")
+    return lines
+
+
+def throughput_summary(path: Path) -> list[str]:
+    if not path.exists():
+        return ["throughput: no results (stage skipped, failed or timed out)"]
+    data = json.loads(path.read_text())
+    lines = [f"throughput on {data['machine'].get('gpu', data['device'])}, precision {data['precision']}:"]
+    for r in data["results"]:
+        mfu = f"MFU {statistics.median(r['mfu']):.1%}" if r.get("mfu") else "MFU n/a"
+        lines.append(
+            f"  {r['case']}: {r['images_per_s_median']:.0f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
+            f"{r['achieved_tflops_median']:.1f} TFLOP/s, {mfu}"
+        )
+        if r.get("epoch_s_median") is not None:
+            lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s")
+        if r.get("device_views_per_s") is not None:
+            lines.append(
+                f"    views made on the device: {r['device_views_per_s']:.0f} views/s alone; step + views "
+                f"{r['images_per_s_with_device_views']:.0f} images/s, an epoch {r['epoch_s_with_device_views']:.2f} s"
+            )
+    return lines
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _test_metrics(out: Path, work: Path | None) -> dict[str, Any] | None:
+    if work is not None:
+        found = sorted((work / "runs" / "na_cifar10").glob("checkpoints/metrics.json"))
+        if found:
+            return json.loads(found[0].read_text())
+    archive = out / "na_run.tar.gz"
+    if archive.exists():
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith("checkpoints/metrics.json"):
+                    return json.loads(tar.extractfile(member).read())
+    return None
+
+
+def na_summary(out: Path, work: Path | None) -> list[str]:
+    epochs = read_jsonl(out / "na_epochs.jsonl")
+    if not epochs:
+        return ["NA run: no finished epoch (stage skipped, failed or timed out)"]
+    train = [e["train_s"] for e in epochs]
+    steady = train[1:] or train  # the first epoch carries start-up (workers, cudnn autotuning, compilation)
+    lines = [
+        f"NA run: {len(epochs)} epochs; train epoch median {statistics.median(steady):.2f} s "
+        f"(first {train[0]:.2f} s), {statistics.median([e['train_images_per_s'] or 0 for e in epochs]):.0f} "
+        f"images/s (2 views each)",
+        f"  {'epoch':>5} {'train s':>8} {'val s':>6} {'loss':>7}  val metrics",
+    ]
+    for e in epochs:
+        metrics = " ".join(f"{k[4:]}={v:.4f}" for k, v in sorted(e.items()) if k.startswith("val/"))
+        loss = e.get("train/loss_epoch", e.get("train/loss"))
+        loss_text = f"{loss:7.3f}" if isinstance(loss, (int, float)) else f"{'':>7}"
+        lines.append(f"  {e['epoch']:>5} {e['train_s']:>8.2f} {e['val_s']:>6.2f} {loss_text}  {metrics}")
+    results = _test_metrics(out, work)
+    if results is None:
+        lines.append("clbd test: no metrics.json (stage failed or timed out)")
+    else:
+        for name, entry in results.items():
+            knn, probe = entry.get("knn", {}), entry.get("linear_probe", {})
+            lines.append(
+                f"clbd test ({name}): kNN acc {knn.get('accuracy')}, kNN ASR {knn.get('asr')}, "
+                f"probe acc {probe.get('accuracy')}, probe ASR {probe.get('asr')}"
+            )
+            extra = {k: v for k, v in knn.items() if "asr" in k and k not in ("asr", "asr_images")}
+            if extra:
+                lines.append(f"  other kNN ASR measures: {json.dumps(extra)}")
+    return lines
+
+
+def metrics_columns(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as file:
+        return [name for name in (csv.DictReader(file).fieldnames or []) if name.startswith("val/")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args(argv)
+    lines = ["==== gpu_check summary ===="]
+    lines += pytest_summary(args.out / "pytest_gpu.xml")
+    lines += throughput_summary(args.out / "gpu_throughput.json")
+    lines += na_summary(args.out, args.work)
+    columns = metrics_columns(args.out / "na_metrics.csv")
+    if columns:
+        lines.append(f"val/ metrics logged in na_metrics.csv: {', '.join(columns)}")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

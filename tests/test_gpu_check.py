@@ -1,0 +1,81 @@
+"""benchmarks/gpu_check.sh rehearsed on the CPU (CLBD_GPU_CHECK_CPU_DRYRUN=1): the GPU machine gets one try, so the
+script's conversion, NA run, clbd test and summary must already work here, on a tiny CIFAR-10-shaped archive."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def _jpeg(rng: np.random.Generator, label: int) -> bytes:
+    # Each class its own mean colour, so the kNN monitor has something to find.
+    base = rng.integers(0, 256, size=3)
+    pixels = np.clip(base + 25 * label + rng.normal(0, 20, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def _tiny_cifar_archive(path: Path, train_per_class: int = 10, test_per_class: int = 3) -> Path:
+    """cifar10-jpg.tar.gz's layout (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg), 32 px JPEGs."""
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            for label, name in enumerate(CLASSES):
+                for i in range(count):
+                    data = _jpeg(rng, label)
+                    info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
+    archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
+    out = tmp_path / "out"
+    env = dict(
+        os.environ,
+        CLBD_PYTHON=sys.executable,
+        CLBD_GPU_CHECK_CPU_DRYRUN="1",
+        CLBD_GPU_CHECK_SKIP_INSTALL="1",  # CI has the packages; the wheel install is rehearsed by hand (docs)
+        CLBD_GPU_CHECK_STAGES="na",
+        CLBD_GPU_CHECK_WORK=str(tmp_path / "work"),
+        CLBD_GPU_CHECK_MAXCOUNT="25",  # 4 training shards for the 2 loader processes
+        CLBD_GPU_NA_ARGS="--data.init_args.attack.init_args.count=8 "
+        "--data.init_args.attack.init_args.reference_pool_size=4 --data.init_args.knn_bank_size=64",
+    )
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(out), str(archive)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    epochs = [json.loads(line) for line in (out / "na_epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    for e in epochs:
+        assert e["train_s"] > 0 and e["val_s"] > 0
+        assert e["train_images"] == 2 * 2 * 32  # 2 batches (limit_train_batches) x 32 x 2 views
+        assert 0 <= e["val/knn_acc"] <= 1 and 0 <= e["val/knn_asr"] <= 1
+    assert "val/knn_acc" in (out / "na_metrics.csv").read_text().splitlines()[0]
+    with tarfile.open(out / "na_run.tar.gz") as tar:
+        names = tar.getnames()
+        assert "./poison_summary.json" in names and not any(n.endswith(".ckpt") for n in names)
+        metrics = json.loads(tar.extractfile("./checkpoints/metrics.json").read())
+    assert metrics["last.ckpt"]["attack"]["target_name"] == "airplane"
+    summary = (out / "summary.txt").read_text()
+    assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary
+    assert (out / "gpu_check.log").read_text().count("=== [") >= 4
