@@ -29,7 +29,8 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .seeding import derive_seed
+from poisoning.keyhash import derive_seed
+
 from .views import SimCLRAugmentation
 
 # One row of floats per view. Crop box in pixels of the image; 0/1 flags; the colour-jitter order as four op indices
