@@ -44,7 +44,7 @@ def test_ddp_two_ranks_poisoned_simclr(tmp_path, make_shards):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
 
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     per_rank_batches = (200 - 10) // 16  # the reference pool leaves the stream; 8 per rank per epoch
     assert checkpoint["global_step"] == 2 * per_rank_batches
 
@@ -114,8 +114,8 @@ def test_ddp_resume_restores_each_ranks_stream(tmp_path):
     assert killed.returncode != 0 and "SimulatedPreemption" in killed.stderr
     resumed = ddp_fit(shards, interrupted, "--ckpt_path", str(interrupted / "checkpoints" / "last.ckpt"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"]
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
