@@ -133,23 +133,41 @@ class ContrastiveModule(L.LightningModule):
         """Sum every stream's counts of the epoch over workers and ranks into the run's data report.
 
         The counts come from the streams themselves (cumulative per epoch, part of the loader state), so a run
-        resumed mid-epoch counts every sample exactly once.
+        resumed mid-epoch counts every sample exactly once. Streams count each fault once per epoch; the report
+        keeps each epoch's counts (``per_epoch``) beside the run's totals.
         """
-        local = torch.zeros(len(FAULT_KINDS) + 2, dtype=torch.long, device=self.device)
+        counts = ("poisoned", "excluded", "seen")
+        local = torch.zeros(len(FAULT_KINDS) + len(counts), dtype=torch.long, device=self.device)
         for stats in self._stream_stats.values():
             for i, kind in enumerate(FAULT_KINDS):
                 local[i] += int(stats["faults"].get(kind, 0))
-            local[-2] += int(stats.get("poisoned", 0))
-            local[-1] += int(stats.get("excluded", 0))
+            for i, name in enumerate(counts):
+                local[len(FAULT_KINDS) + i] += int(stats.get(name, 0))
         totals = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        totals = [int(t) for t in totals.tolist()]
         self._stream_stats.clear()
-        for i, kind in enumerate(FAULT_KINDS):
-            self.data_report["faults"][kind] += int(totals[i])
-            self.log(f"data/{kind}", float(self.data_report["faults"][kind]), sync_dist=False)
-        self.data_report["poisoned"] += int(totals[-2])
-        self.data_report["excluded"] += int(totals[-1])
-        self.log("train/poisoned_seen_epoch", float(totals[-2]), sync_dist=False)
-        self.log("train/poisoned_seen_total", float(self.data_report["poisoned"]), sync_dist=False)
+        epoch_faults = dict(zip(FAULT_KINDS, totals))
+        poisoned, excluded, seen = totals[len(FAULT_KINDS) :]
+        report = self.data_report
+        for kind in FAULT_KINDS:
+            report["faults"][kind] = report["faults"].get(kind, 0) + epoch_faults[kind]
+            self.log(f"data/{kind}", float(report["faults"][kind]), sync_dist=False)
+        report["poisoned"] += poisoned
+        report["excluded"] += excluded
+        report["samples_seen"] = report.get("samples_seen", 0) + seen
+        # Each epoch's own counts too: a fault in the data is met once per epoch, so totals grow with epochs.
+        report.setdefault("per_epoch", []).append(
+            {
+                "epoch": int(self.current_epoch),
+                "samples_seen": seen,
+                "poisoned": poisoned,
+                "excluded": excluded,
+                "faults": epoch_faults,
+            }
+        )
+        self.log("train/poisoned_seen_epoch", float(poisoned), sync_dist=False)
+        self.log("train/poisoned_seen_total", float(report["poisoned"]), sync_dist=False)
+        self.log("train/samples_seen_epoch", float(seen), sync_dist=False)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

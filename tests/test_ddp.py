@@ -55,8 +55,10 @@ def test_ddp_two_ranks_poisoned_simclr(tmp_path, make_shards):
     # worker's dropped remainder (at most batch-1 samples per worker per epoch).
     assert 2 * 30 - 2 * 4 * 15 <= report["poisoned_seen"] <= 2 * 30
     assert report["poisoned"] == report["poisoned_seen"]
-    # The 10 reference images are dropped each time a stream passes them: at least once per epoch.
-    assert report["excluded"] >= 2 * 10
+    # The 10 reference images leave the stream once per epoch (a worker's extra passes count nothing).
+    assert report["excluded"] == 2 * 10
+    assert [e["excluded"] for e in report["per_epoch"]] == [10, 10]
+    assert report["samples_seen"] == 2 * 2 * per_rank_batches * 8  # 2 epochs x 2 ranks x 8 batches x 8 per rank
     metrics = (run / "metrics.csv").read_text()
     assert "val/knn_acc" in metrics and "val/knn_asr" in metrics
 
