@@ -27,6 +27,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from datamodules import ShardDataModule
 
 from .base import ContrastiveModule
+from .deepspeed_setup import prepare_deepspeed
 from .run_dir import FINISHED_MARKER, check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 from .safe_checkpoint import check_checkpoint
 
@@ -165,6 +166,7 @@ class ClbdCLI(LightningCLI):
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
         self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
+        prepare_deepspeed(self.trainer, self.datamodule)
 
     def before_validate(self) -> None:
         self._check_eval_checkpoint("validate")

@@ -65,7 +65,7 @@ def check_run_dir(run_dir: Path, checkpoint: Path | None, ckpt_path: str | None,
 def saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
     """The config a checkpoint was trained with (a DeepSpeed folder keeps it in its model-states file)."""
     if checkpoint.is_dir():
-        found = sorted(checkpoint.rglob("mp_rank_00_model_states.pt"))
+        found = sorted(checkpoint.rglob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
         if not found:
             return None
         checkpoint = found[0]
