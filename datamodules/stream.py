@@ -19,6 +19,7 @@ has delivered its share. Evaluation streams read every sample once instead (spli
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 from collections import Counter
@@ -48,6 +49,21 @@ class StreamPosition:
     excluded: int = 0  # reference-pool samples dropped this epoch
     seen: int = 0  # samples delivered in batches this epoch
     faults: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EpochRemainder:
+    """The rest of an epoch that a checkpoint written by another number of ranks interrupted.
+
+    ``keys``: the samples that epoch had not taken yet, in the order they are dealt: global batch ``g`` holds keys
+    ``[g * B, (g + 1) * B)``; rank ``r`` takes its ``B / ranks`` slice of each, worker ``g mod workers`` the batch.
+    Every sample is then taken once over the epoch, whatever the old and new numbers of ranks and workers.
+    """
+
+    epoch: int
+    keys: list[str]
+    shard_of: dict[str, str]
+    batches_done: int  # steps the epoch had taken before the checkpoint
 
 
 def worker_quotas(stream_counts: list[int], batches_for_rank: int, batch_size: int) -> list[int]:
@@ -121,6 +137,7 @@ class ShardStream(IterableDataset):
         self._faults = FaultCounter()
         self._uncounted = uncounted()
         self._replaying = False
+        self.remainder: EpochRemainder | None = None
 
     # ---- layout -------------------------------------------------------------------------------------------
     def configure(self, *, rank: int, world_size: int, num_workers: int) -> None:
@@ -156,7 +173,54 @@ class ShardStream(IterableDataset):
         return sum(-(-len(range(s, self.usable_samples(), streams)) // self.batch_size) for s in mine)
 
     def __len__(self) -> int:
+        remainder = self._active_remainder()
+        if remainder is not None:
+            return remainder.batches_done + len(remainder.keys) // (self.world_size * self.batch_size)
         return self.batches_per_rank()
+
+    def _active_remainder(self) -> EpochRemainder | None:
+        remainder = self.remainder
+        return remainder if self.train and remainder is not None and remainder.epoch == self.epoch else None
+
+    def taken_keys(self, epoch: int, world_size: int, positions: list[list[dict[str, Any]]]) -> set[str]:
+        """Keys that streams of another layout (``positions[rank][worker]``, their loader states) had taken in
+        ``epoch``: each stream replayed on raw bytes, decoding nothing."""
+        taken: set[str] = set()
+        for rank, workers in enumerate(positions):
+            for worker, position in enumerate(workers):
+                if int(position.get("epoch", -1)) != epoch:
+                    continue
+                old = copy.copy(self)
+                old.configure(rank=rank, world_size=world_size, num_workers=len(workers) if len(workers) > 1 else 0)
+                old.epoch, old._replaying, old._position = epoch, True, StreamPosition(epoch=epoch)
+                shards = old._assignment(worker, max(len(workers), 1))
+                raw = old._passes([self.index.shards[s].url for s in shards], worker)
+                taken.update(sample["__key__"] for sample in itertools.islice(raw, int(position["consumed"])))
+        return taken
+
+    def _remainder_samples(self, remainder: EpochRemainder, worker: int, workers: int) -> tuple[Iterator, int]:
+        """This (rank, worker)'s share of an epoch's remainder, and its number of batches."""
+        global_batch = self.world_size * self.batch_size
+        batches = len(remainder.keys) // global_batch
+        mine: list[str] = []
+        for g in range(worker, batches, workers):
+            start = g * global_batch + self.rank * self.batch_size
+            mine += remainder.keys[start : start + self.batch_size]
+        wanted = set(mine)
+        urls = sorted({remainder.shard_of[key] for key in mine})
+
+        def passes() -> Iterator[dict[str, Any]]:
+            for number in itertools.count():
+                delivered = 0
+                for raw in self._raw_samples(urls, first_pass=number == 0):
+                    if raw["__key__"] in wanted:
+                        delivered += 1
+                        raw["__pass__"] = number
+                        yield raw
+                if delivered == 0:
+                    return
+
+        return passes(), len(range(worker, batches, workers))
 
     def _shard_order(self) -> list[int]:
         order = list(range(len(self.index.shards)))
@@ -283,7 +347,10 @@ class ShardStream(IterableDataset):
             self._faults = FaultCounter()
         position = self._position
 
-        if self.train:
+        remainder = self._active_remainder()
+        if remainder is not None:
+            raw, quota = self._remainder_samples(remainder, worker, workers)
+        elif self.train:
             shards = self._assignment(worker, workers)
             counts = [self._stream_count(self._assignment(w, workers)) for w in range(workers)]
             quota = worker_quotas(counts, self.batches_per_rank(), self.batch_size)[worker]

@@ -186,14 +186,21 @@ class ContrastiveModule(L.LightningModule):
         if not per_rank or self._trainer is None or self.trainer.state.fn != "fit":
             return  # evaluating a checkpoint reads no training stream: any number of ranks will do
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
         if len(per_rank) != world_size:
-            raise ValueError(
-                f"--ckpt_path: the checkpoint was written by {len(per_rank)} rank(s), this run has {world_size}; "
-                "an exact resume of the data streams needs the same number of ranks"
-            )
+            # Another number of ranks: the rest of the interrupted epoch is dealt among this run's streams (each
+            # sample once); the old streams' counts so far are kept under their own names, on rank 0 only.
+            self.trainer.datamodule.resume_on_other_ranks([(m.get("loaders") or [None])[0] for m in per_rank])
+            self._stream_stats = {
+                f"{name} (before the resume)": stats
+                for m in (per_rank if rank == 0 else [])
+                for name, stats in (m.get("stream_stats") or {}).items()
+            }
+            if fit_loop is not None:
+                fit_loop["combined_loader"] = []  # the old layout's loader states fit no stream of this one
+            return
         mine = per_rank[rank]
         self._stream_stats = dict(mine.get("stream_stats") or {})
-        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
         if fit_loop is not None and mine.get("loaders") is not None:
             fit_loop["combined_loader"] = mine["loaders"]
 
