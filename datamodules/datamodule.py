@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from poisoning.keyhash import derive_seed
 from .builtin import resolve_builtin
 from .catalog import KeyEntry, ShardReferenceSource, scan_catalog
 from .shards import ShardIndex, ShardSpecError, resolve_shards
-from .stream import ShardStream, default_collate
+from .stream import EpochRemainder, ShardStream, default_collate
 from .views import CIFAR10_MEAN, CIFAR10_STD, CLIPPreprocess, SimCLRAugmentation, SimCLRViews, eval_transform
 
 log = logging.getLogger("clbd.data")
@@ -65,6 +66,17 @@ class StreamLoader(StatefulDataLoader):
         self._next_epoch = None
         self.dataset.set_epoch(epoch)
         return super().__iter__()
+
+
+def _worker_positions(state: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The stream positions of a loader state, one per worker (one without workers)."""
+    if not state:
+        return []
+    snapshots = (state.get("_snapshot") or {}).get("_worker_snapshots")
+    if snapshots:
+        ordered = sorted(snapshots.items(), key=lambda item: int(str(item[0]).rsplit("_", 1)[-1]))
+        return [s["dataset_state"] for _, s in ordered if isinstance(s.get("dataset_state"), dict)]
+    return [state["dataset_state"]] if isinstance(state.get("dataset_state"), dict) else []
 
 
 def _ended_epoch(state: dict[str, Any], stream: ShardStream) -> int | None:
@@ -159,6 +171,7 @@ class ShardDataModule(L.LightningDataModule):
         self.poison_train = poison_train
         self.pin_memory = pin_memory
         self.plan = None
+        self._remainder: EpochRemainder | None = None
         self._indexes: dict[str, ShardIndex] = {}
         self._catalog: list[KeyEntry] | None = None
 
@@ -351,6 +364,42 @@ class ShardDataModule(L.LightningDataModule):
             name=split,
         )
 
+    def resume_on_other_ranks(self, loader_states: list[dict[str, Any] | None]) -> EpochRemainder | None:
+        """A checkpoint written by ``len(loader_states)`` ranks, resumed on this run's number: the rest of its epoch
+        (the samples its streams had not taken) is dealt among this run's ranks and workers; later epochs are as a
+        fresh run with this layout. Each sample keeps its poisoning and augmentations (seeded by key)."""
+        positions = [_worker_positions(state) for state in loader_states]
+        epochs = {int(p["epoch"]) for workers in positions for p in workers}
+        if len(epochs) != 1:
+            return None  # no stream had started an epoch: nothing to deal
+        epoch = epochs.pop()
+        template = self.train_stream()
+        taken = template.taken_keys(epoch, len(loader_states), positions)
+        done = sum(int(p["batches"]) for p in positions[0])
+        remaining = [e for e in self.catalog() if e.key not in taken and e.key not in template.excluded_keys]
+        random.Random(derive_seed(self.seed, epoch, "remainder")).shuffle(remaining)
+        # Whole global batches, no more than the epoch's steps left: the step count and schedule stay those of any
+        # layout (a layout's epoch leaves a few samples out; these are left out here, at the end).
+        steps_left = max(template.usable_samples() // self.batch_size - done, 0)
+        remaining = remaining[: min(len(remaining) // self.batch_size, steps_left) * self.batch_size]
+        self._remainder = EpochRemainder(
+            epoch=epoch,
+            keys=[e.key for e in remaining],
+            shard_of={e.key: e.shard for e in remaining},
+            batches_done=done,
+        )
+        log.info(
+            "resuming on another number of ranks (checkpoint: %d): epoch %d had taken %d samples in %d steps; "
+            "its other %d are dealt among this run's ranks (%d steps)",
+            len(loader_states),
+            epoch,
+            len(taken),
+            done,
+            len(remaining),
+            len(remaining) // self.batch_size,
+        )
+        return self._remainder
+
     def train_batches_per_rank(self) -> int:
         """Batches each rank takes per epoch (from the index counts; no shard is read)."""
         stream = self.train_stream()
@@ -359,7 +408,9 @@ class ShardDataModule(L.LightningDataModule):
         return len(stream)
 
     def train_dataloader(self) -> StreamLoader:
-        return self._loader(self.train_stream())
+        stream = self.train_stream()
+        stream.remainder = self._remainder
+        return self._loader(stream)
 
     def val_dataloader(self):
         if not self.val_shards:

@@ -2,6 +2,8 @@
 
 Every skip in the data path goes through a ``FaultCounter``: bad samples are counted by kind, never raised.
 The counts travel with each batch (``batch["stream_stats"]``) so the training process can log and report them.
+A stream counts each fault once per epoch: a shard is judged once when it has been read, each sample when it is
+decoded; re-reads (a worker's extra passes, a resume's replay) count nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ log = logging.getLogger("clbd.data")
 
 # The kinds a stream counts, so reports always show every one (zeros included).
 FAULT_KINDS = (
-    "shard_unreadable",  # a tar that could not be opened or is corrupt (the rest of that shard is lost)
-    "shard_truncated",  # a tar that ended before the samples its index lists (cut at a member boundary)
+    "shard_unreadable",  # a tar that delivered no sample: not a tar, empty, corrupt from its start
+    "shard_truncated",  # a tar that broke off after some samples, or ended before the samples its index lists
+    "sample_lost",  # samples a damaged shard did not deliver whole (its index's count, and the one cut in two)
     "image_undecodable",  # bytes that are not an image PIL can read
     "image_too_small",  # below the minimum side (e.g. 1x1)
     "image_too_large",  # above the pixel limit (decompression-bomb guard)
@@ -45,7 +48,7 @@ class RateLimitedWarner:
 
 
 class FaultCounter:
-    def __init__(self, warner: RateLimitedWarner | None = None):
+    def __init__(self, warner: Callable[[str, str], None] | None = None):
         self.counts: Counter[str] = Counter({k: 0 for k in FAULT_KINDS})
         self.warn = warner or RateLimitedWarner()
 
@@ -54,14 +57,10 @@ class FaultCounter:
         if message and kind != "color_converted":
             self.warn(kind, message)
 
-    def handler(self, kind: str) -> Callable[[BaseException], bool]:
-        """A webdataset-style exception handler: count, warn, carry on."""
-
-        def handle(exc: BaseException) -> bool:
-            self.add(kind, f"skipped: {exc!r}"[:500])
-            return True
-
-        return handle
-
     def as_dict(self) -> dict[str, int]:
         return {k: int(v) for k, v in sorted(self.counts.items())}
+
+
+def uncounted() -> FaultCounter:
+    """A counter whose counts go nowhere and which warns of nothing: for samples a stream reads a second time."""
+    return FaultCounter(warner=lambda kind, message: None)

@@ -194,6 +194,49 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext
 
 
+@dataclass
+class ShardRead:
+    """How reading one shard went: whole samples delivered, and why it stopped early (None: it did not)."""
+
+    url: str
+    samples: int = 0
+    error: str | None = None
+    cut: bool = False  # a sample was being read when the tar broke off; it was dropped
+
+
+def read_samples(url: str, outcome: ShardRead) -> Iterator[dict[str, Any]]:
+    """The samples of one tar (members grouped by webdataset's key rule), read front to back in one stream.
+
+    A tar that breaks off (truncated, corrupt, empty, not a tar at all) ends the shard there: ``outcome`` says
+    so, and the sample being read when it broke is dropped, since some of its members are lost.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        with open(url, "rb") as file, tarfile.open(fileobj=file, mode="r|*") as tar:
+            for info in tar:
+                tar.members = []  # keep memory flat on big shards
+                if not info.isreg():
+                    continue
+                key, ext = sample_key(info.name)
+                if not ext or key.rsplit("/", 1)[-1].startswith("__"):
+                    continue  # no extension, or webdataset's __meta__ members
+                if current is not None and key != current["__key__"]:
+                    outcome.samples += 1
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                data = tar.extractfile(info).read()
+                current.setdefault(ext.lower(), data)  # a repeated member name keeps the first
+    except Exception as exc:  # tarfile, gzip, zlib and OS errors all mean "the rest of this shard is lost"
+        outcome.error = f"{type(exc).__name__}: {exc}"[:300]
+        outcome.cut = current is not None
+        return
+    if current is not None:
+        outcome.samples += 1
+        yield current
+
+
 def count_samples(url: str) -> int:
     """Number of distinct keys in a tar (corrupt tails count up to where the tar stays readable)."""
     keys = 0

@@ -3,7 +3,7 @@
 Per (rank, worker) the stream is, top to bottom::
 
     shards for this epoch          shuffled by (seed, epoch), split by rank, then by worker
-    -> tar members -> samples      webdataset's iterators; corrupt tars skipped and counted
+    -> tar members -> samples      webdataset's key rule; a damaged tar ends its shard, counted once
     -> drop the attacker's pool    reference images never appear as clean samples
     -> shuffle raw bytes           buffer holds bytes, not pixels; seeded by (seed, epoch, rank, worker)
     -> skip consumed               on resume: raw samples are skipped without decoding
@@ -19,6 +19,8 @@ has delivered its share. Evaluation streams read every sample once instead (spli
 
 from __future__ import annotations
 
+import copy
+import itertools
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -27,13 +29,12 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from poisoning.keyhash import derive_seed
 
 from .decode import decode_sample
-from .faults import FaultCounter
-from .shards import ShardIndex, ShardSpecError
+from .faults import FaultCounter, uncounted
+from .shards import ShardIndex, ShardRead, ShardSpecError, read_samples
 
 SampleFn = Callable[[dict[str, Any], int], dict[str, Any]]
 
@@ -47,7 +48,23 @@ class StreamPosition:
     batches: int = 0  # batches delivered this epoch
     poisoned: int = 0  # poisoned samples delivered this epoch
     excluded: int = 0  # reference-pool samples dropped this epoch
+    seen: int = 0  # samples delivered in batches this epoch
     faults: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EpochRemainder:
+    """The rest of an epoch that a checkpoint written by another number of ranks interrupted.
+
+    ``keys``: the samples that epoch had not taken yet, in the order they are dealt: global batch ``g`` holds keys
+    ``[g * B, (g + 1) * B)``; rank ``r`` takes its ``B / ranks`` slice of each, worker ``g mod workers`` the batch.
+    Every sample is then taken once over the epoch, whatever the old and new numbers of ranks and workers.
+    """
+
+    epoch: int
+    keys: list[str]
+    shard_of: dict[str, str]
+    batches_done: int  # steps the epoch had taken before the checkpoint
 
 
 def worker_quotas(stream_counts: list[int], batches_for_rank: int, batch_size: int) -> list[int]:
@@ -119,6 +136,9 @@ class ShardStream(IterableDataset):
         self._position = StreamPosition()
         self._resume: StreamPosition | None = None
         self._faults = FaultCounter()
+        self._uncounted = uncounted()
+        self._replaying = False
+        self.remainder: EpochRemainder | None = None
 
     # ---- layout -------------------------------------------------------------------------------------------
     def configure(self, *, rank: int, world_size: int, num_workers: int) -> None:
@@ -154,7 +174,54 @@ class ShardStream(IterableDataset):
         return sum(-(-len(range(s, self.usable_samples(), streams)) // self.batch_size) for s in mine)
 
     def __len__(self) -> int:
+        remainder = self._active_remainder()
+        if remainder is not None:
+            return remainder.batches_done + len(remainder.keys) // (self.world_size * self.batch_size)
         return self.batches_per_rank()
+
+    def _active_remainder(self) -> EpochRemainder | None:
+        remainder = self.remainder
+        return remainder if self.train and remainder is not None and remainder.epoch == self.epoch else None
+
+    def taken_keys(self, epoch: int, world_size: int, positions: list[list[dict[str, Any]]]) -> set[str]:
+        """Keys that streams of another layout (``positions[rank][worker]``, their loader states) had taken in
+        ``epoch``: each stream replayed on raw bytes, decoding nothing."""
+        taken: set[str] = set()
+        for rank, workers in enumerate(positions):
+            for worker, position in enumerate(workers):
+                if int(position.get("epoch", -1)) != epoch:
+                    continue
+                old = copy.copy(self)
+                old.configure(rank=rank, world_size=world_size, num_workers=len(workers) if len(workers) > 1 else 0)
+                old.epoch, old._replaying, old._position = epoch, True, StreamPosition(epoch=epoch)
+                shards = old._assignment(worker, max(len(workers), 1))
+                raw = old._passes([self.index.shards[s].url for s in shards], worker)
+                taken.update(sample["__key__"] for sample in itertools.islice(raw, int(position["consumed"])))
+        return taken
+
+    def _remainder_samples(self, remainder: EpochRemainder, worker: int, workers: int) -> tuple[Iterator, int]:
+        """This (rank, worker)'s share of an epoch's remainder, and its number of batches."""
+        global_batch = self.world_size * self.batch_size
+        batches = len(remainder.keys) // global_batch
+        mine: list[str] = []
+        for g in range(worker, batches, workers):
+            start = g * global_batch + self.rank * self.batch_size
+            mine += remainder.keys[start : start + self.batch_size]
+        wanted = set(mine)
+        urls = sorted({remainder.shard_of[key] for key in mine})
+
+        def passes() -> Iterator[dict[str, Any]]:
+            for number in itertools.count():
+                delivered = 0
+                for raw in self._raw_samples(urls, first_pass=number == 0):
+                    if raw["__key__"] in wanted:
+                        delivered += 1
+                        raw["__pass__"] = number
+                        yield raw
+                if delivered == 0:
+                    return
+
+        return passes(), len(range(worker, batches, workers))
 
     def _shard_order(self) -> list[int]:
         order = list(range(len(self.index.shards)))
@@ -180,6 +247,7 @@ class ShardStream(IterableDataset):
             "batches": position.batches,
             "poisoned": position.poisoned,
             "excluded": position.excluded,
+            "seen": position.seen,
             "faults": self._faults.as_dict(),
         }
 
@@ -190,25 +258,37 @@ class ShardStream(IterableDataset):
             batches=int(state["batches"]),
             poisoned=int(state.get("poisoned", 0)),
             excluded=int(state.get("excluded", 0)),
+            seen=int(state.get("seen", 0)),
             faults=dict(state.get("faults", {})),
         )
 
     # ---- the pipeline ---------------------------------------------------------------------------------------
-    def _raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        """Samples of each shard in turn (webdataset's tar iterators); a shard that ends early is counted."""
+    def _counter(self, first_pass: bool) -> FaultCounter:
+        """Where a fault goes: counted on an epoch's first read of a sample, nowhere on a re-read (a worker's
+        extra pass over its shards, a resume's replay of what the checkpoint already counted)."""
+        return self._faults if first_pass and not self._replaying else self._uncounted
+
+    def _raw_samples(self, urls: list[str], first_pass: bool = True) -> Iterator[dict[str, Any]]:
+        """Samples of each shard in turn; each shard is judged once, when it has been read to its end."""
         expected = {shard.url: shard.count for shard in self.index.shards}
         for url in urls:
-            stream = url_opener([{"url": url}], handler=self._faults.handler("shard_unreadable"))
-            stream = tar_file_expander(stream, handler=self._faults.handler("shard_unreadable"))
-            read = 0
-            for sample in group_by_keys(stream, handler=self._faults.handler("shard_unreadable")):
-                read += 1
-                yield sample
-            if read < expected.get(url, 0):
-                # tarfile reads a tar cut at a header boundary as a clean end: only the index tells.
-                self._faults.add(
-                    "shard_truncated", f"{url}: read {read} of the {expected[url]} samples its index lists"
-                )
+            outcome = ShardRead(url)
+            yield from read_samples(url, outcome)
+            self._judge_shard(outcome, expected.get(url, 0), self._counter(first_pass))
+
+    @staticmethod
+    def _judge_shard(outcome: ShardRead, expected: int, faults: FaultCounter) -> None:
+        url, read = outcome.url, outcome.samples
+        if outcome.error is not None and read == 0:
+            faults.add("shard_unreadable", f"{url}: no sample read ({outcome.error})")
+        elif outcome.error is not None:
+            faults.add("shard_truncated", f"{url}: broke off after {read} sample(s) ({outcome.error})")
+        elif read < expected:
+            # tarfile reads a tar cut at a header boundary as a clean end: only the index tells.
+            faults.add("shard_truncated", f"{url}: read {read} of the {expected} samples its index lists")
+        lost = max(expected - read, int(outcome.cut))
+        if lost:
+            faults.add("sample_lost", n=lost)
 
     def _passes(self, urls: list[str], worker: int) -> Iterator[dict[str, Any]]:
         """Train: shuffled pass after pass over this stream's shards (the quota decides when to stop).
@@ -216,20 +296,21 @@ class ShardStream(IterableDataset):
         Each pass is shuffled on its own (one generator across passes), so a pass never mixes with the next.
         """
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
-        while True:
+        for number in itertools.count():
             delivered = 0
-            for raw in self._shuffled(self._without_pool(urls), rng):
+            for raw in self._shuffled(self._without_pool(urls, first_pass=number == 0), rng):
                 delivered += 1
+                raw["__pass__"] = number
                 yield raw
             if delivered == 0:
                 raise RuntimeError(
                     f"{self.name}: shards {urls} hold no readable sample; check them with clbd data info"
                 )
 
-    def _without_pool(self, urls: list[str]) -> Iterator[dict[str, Any]]:
-        for raw in self._raw_samples(urls):
+    def _without_pool(self, urls: list[str], first_pass: bool = True) -> Iterator[dict[str, Any]]:
+        for raw in self._raw_samples(urls, first_pass):
             if raw["__key__"] in self.excluded_keys:
-                self._position.excluded += 1
+                self._position.excluded += int(first_pass and not self._replaying)
                 continue
             yield raw
 
@@ -248,7 +329,8 @@ class ShardStream(IterableDataset):
     def _eval_samples(self, stream_id: int, streams: int) -> Iterator[dict[str, Any]]:
         """Eval: every sample once, in shard order, sample i going to stream i mod streams."""
         urls = [self.index.shards[s].url for s in self._shard_order()]
-        for i, raw in enumerate(self._raw_samples(urls)):
+        # Every eval stream reads every shard: the first alone judges them, so a damaged shard counts once.
+        for i, raw in enumerate(self._raw_samples(urls, first_pass=stream_id == 0)):
             if self.max_samples is not None and i >= self.max_samples:
                 return
             if i % streams == stream_id:
@@ -266,7 +348,10 @@ class ShardStream(IterableDataset):
             self._faults = FaultCounter()
         position = self._position
 
-        if self.train:
+        remainder = self._active_remainder()
+        if remainder is not None:
+            raw, quota = self._remainder_samples(remainder, worker, workers)
+        elif self.train:
             shards = self._assignment(worker, workers)
             counts = [self._stream_count(self._assignment(w, workers)) for w in range(workers)]
             quota = worker_quotas(counts, self.batches_per_rank(), self.batch_size)[worker]
@@ -275,9 +360,11 @@ class ShardStream(IterableDataset):
             quota = None
             raw = self._eval_samples(self.rank * workers + worker, self.world_size * workers)
 
-        position.excluded = 0  # the replay below reads (and counts) the same pool drops again
-        for _ in range(position.consumed):  # resume: replay the shuffle on raw bytes, decode nothing
+        # Resume: replay the shuffle on raw bytes, decode nothing; the restored position counted all it reads.
+        self._replaying = True
+        for _ in range(position.consumed):
             next(raw, None)
+        self._replaying = False
 
         items: list[dict[str, Any]] = []
         if quota is not None and position.batches >= quota:
@@ -286,7 +373,7 @@ class ShardStream(IterableDataset):
             position.consumed += 1
             sample = decode_sample(
                 sample,
-                self._faults,
+                self._counter(sample.pop("__pass__", 0) == 0),
                 need_label=self.need_label,
                 need_text=self.need_text,
                 min_size=self.min_image_size,
@@ -297,7 +384,12 @@ class ShardStream(IterableDataset):
                 sample = self.poison(sample)
                 position.poisoned += int(sample.get("poisoned", False))
             items.append(self.to_item(sample, self.epoch))
-            if len(items) == self.batch_size:
+            if not self.train and len(items) > self.batch_size:
+                # Eval batches leave once the next sample is in: the last one then carries the stream's final
+                # counts (the shards judged after its samples were read).
+                yield self._batch(items[:-1], worker)
+                items = items[-1:]
+            elif self.train and len(items) == self.batch_size:
                 yield self._batch(items, worker)
                 items = []
                 if quota is not None and position.batches >= quota:
@@ -309,6 +401,7 @@ class ShardStream(IterableDataset):
 
     def _batch(self, items: list[dict[str, Any]], worker: int) -> dict[str, Any]:
         self._position.batches += 1
+        self._position.seen += len(items)
         batch = self.collate(items)
         batch["stream_stats"] = {
             "stream": f"{self.name}/rank{self.rank}/worker{worker}",
@@ -316,6 +409,7 @@ class ShardStream(IterableDataset):
             "consumed": self._position.consumed,
             "poisoned": self._position.poisoned,
             "excluded": self._position.excluded,
+            "seen": self._position.seen,
             "faults": self._faults.as_dict(),
         }
         return batch

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_modules.checkpoints import consolidate
+from lightning_modules.safe_checkpoint import load_checkpoint
 
 DEFENSE_METRICS = "defense_metrics.json"
 
@@ -28,7 +28,9 @@ def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, 
     if not checkpoint.exists():
         raise FileNotFoundError(f"model.checkpoint: no checkpoint file at {checkpoint}")
     checkpoint = consolidate(checkpoint)  # a DeepSpeed folder: its fp32 copy
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)  # weights_only: a crafted file is refused, never run
+    if not isinstance(state, dict):
+        raise ValueError(f"model.checkpoint: {checkpoint} is not a Lightning checkpoint (no dict at its top)")
     config = state.get("clbd_run_config") or {}
     class_path = (config.get("model") or {}).get("class_path", "")
     kind = class_path.rsplit(".", 1)[-1]

@@ -133,23 +133,41 @@ class ContrastiveModule(L.LightningModule):
         """Sum every stream's counts of the epoch over workers and ranks into the run's data report.
 
         The counts come from the streams themselves (cumulative per epoch, part of the loader state), so a run
-        resumed mid-epoch counts every sample exactly once.
+        resumed mid-epoch counts every sample exactly once. Streams count each fault once per epoch; the report
+        keeps each epoch's counts (``per_epoch``) beside the run's totals.
         """
-        local = torch.zeros(len(FAULT_KINDS) + 2, dtype=torch.long, device=self.device)
+        counts = ("poisoned", "excluded", "seen")
+        local = torch.zeros(len(FAULT_KINDS) + len(counts), dtype=torch.long, device=self.device)
         for stats in self._stream_stats.values():
             for i, kind in enumerate(FAULT_KINDS):
                 local[i] += int(stats["faults"].get(kind, 0))
-            local[-2] += int(stats.get("poisoned", 0))
-            local[-1] += int(stats.get("excluded", 0))
+            for i, name in enumerate(counts):
+                local[len(FAULT_KINDS) + i] += int(stats.get(name, 0))
         totals = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        totals = [int(t) for t in totals.tolist()]
         self._stream_stats.clear()
-        for i, kind in enumerate(FAULT_KINDS):
-            self.data_report["faults"][kind] += int(totals[i])
-            self.log(f"data/{kind}", float(self.data_report["faults"][kind]), sync_dist=False)
-        self.data_report["poisoned"] += int(totals[-2])
-        self.data_report["excluded"] += int(totals[-1])
-        self.log("train/poisoned_seen_epoch", float(totals[-2]), sync_dist=False)
-        self.log("train/poisoned_seen_total", float(self.data_report["poisoned"]), sync_dist=False)
+        epoch_faults = dict(zip(FAULT_KINDS, totals))
+        poisoned, excluded, seen = totals[len(FAULT_KINDS) :]
+        report = self.data_report
+        for kind in FAULT_KINDS:
+            report["faults"][kind] = report["faults"].get(kind, 0) + epoch_faults[kind]
+            self.log(f"data/{kind}", float(report["faults"][kind]), sync_dist=False)
+        report["poisoned"] += poisoned
+        report["excluded"] += excluded
+        report["samples_seen"] = report.get("samples_seen", 0) + seen
+        # Each epoch's own counts too: a fault in the data is met once per epoch, so totals grow with epochs.
+        report.setdefault("per_epoch", []).append(
+            {
+                "epoch": int(self.current_epoch),
+                "samples_seen": seen,
+                "poisoned": poisoned,
+                "excluded": excluded,
+                "faults": epoch_faults,
+            }
+        )
+        self.log("train/poisoned_seen_epoch", float(poisoned), sync_dist=False)
+        self.log("train/poisoned_seen_total", float(report["poisoned"]), sync_dist=False)
+        self.log("train/samples_seen_epoch", float(seen), sync_dist=False)
 
     # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -168,14 +186,21 @@ class ContrastiveModule(L.LightningModule):
         if not per_rank or self._trainer is None or self.trainer.state.fn != "fit":
             return  # evaluating a checkpoint reads no training stream: any number of ranks will do
         world_size, rank = self.trainer.world_size, self.trainer.global_rank
+        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
         if len(per_rank) != world_size:
-            raise ValueError(
-                f"--ckpt_path: the checkpoint was written by {len(per_rank)} rank(s), this run has {world_size}; "
-                "an exact resume of the data streams needs the same number of ranks"
-            )
+            # Another number of ranks: the rest of the interrupted epoch is dealt among this run's streams (each
+            # sample once); the old streams' counts so far are kept under their own names, on rank 0 only.
+            self.trainer.datamodule.resume_on_other_ranks([(m.get("loaders") or [None])[0] for m in per_rank])
+            self._stream_stats = {
+                f"{name} (before the resume)": stats
+                for m in (per_rank if rank == 0 else [])
+                for name, stats in (m.get("stream_stats") or {}).items()
+            }
+            if fit_loop is not None:
+                fit_loop["combined_loader"] = []  # the old layout's loader states fit no stream of this one
+            return
         mine = per_rank[rank]
         self._stream_stats = dict(mine.get("stream_stats") or {})
-        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
         if fit_loop is not None and mine.get("loaders") is not None:
             fit_loop["combined_loader"] = mine["loaders"]
 

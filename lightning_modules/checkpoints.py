@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .safe_checkpoint import check_checkpoint
+
 
 def consolidated_path(checkpoint: Path) -> Path:
     """Where the fp32 copy of a DeepSpeed checkpoint folder lives: ``RUN/consolidated/<name>``."""
@@ -25,6 +27,7 @@ def consolidate(checkpoint: str | Path) -> Path:
     target = consolidated_path(checkpoint)
     if target.is_file() and target.stat().st_mtime >= checkpoint.stat().st_mtime:
         return target
+    check_checkpoint(checkpoint)  # the converter unpickles with weights_only=False
     try:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as exc:  # pragma: no cover - depends on the deepspeed extra

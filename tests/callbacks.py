@@ -18,3 +18,19 @@ class InterruptAfterStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise SimulatedPreemption(f"killed after step {self.step}")
+
+
+class RecordKeys(L.Callback):
+    """Writes the sample keys of every training step, per rank: ``folder/rank{R}.jsonl`` (step, epoch, keys)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import json
+        from pathlib import Path
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        line = {"step": trainer.global_step, "epoch": trainer.current_epoch, "keys": list(batch["key"])}
+        with open(Path(self.folder) / f"rank{trainer.global_rank}.jsonl", "a") as file:
+            file.write(json.dumps(line) + "\n")

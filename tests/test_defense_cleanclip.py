@@ -458,8 +458,8 @@ def test_tacleaner_resumes_bitwise_exactly(poisoned, tmp_path):
     resume = ["--ckpt_path", str(interrupted / "checkpoints" / "epoch=0-step=2.ckpt")]  # mid-epoch: 4 steps
     assert main(defense_args(poisoned, "tacleaner", interrupted, *extra, *resume)) == 0
     final = "epoch=0-step=4.ckpt"  # not last.ckpt: Lightning versions it (last-v1) when resuming from the first save
-    a = torch.load(straight / "checkpoints" / final, map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / final, map_location="cpu", weights_only=False)
+    a = torch.load(straight / "checkpoints" / final, map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / final, map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 4
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name

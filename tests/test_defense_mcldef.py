@@ -209,8 +209,8 @@ def test_mcldef_simclr_end_to_end(tmp_path, shards, poisoned):
     assert report["extra"]["purification"]["train_fraction"] == 0.5
 
     # Only the encoder moved; the frozen backdoored copy is not part of the saved model.
-    before = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    before = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == 3
     assert set(after["state_dict"]) == set(before)
     assert any(not torch.equal(before[k], after["state_dict"][k]) for k in before if k.startswith("encoder."))
@@ -234,8 +234,8 @@ def test_mcldef_clip_end_to_end(tmp_path, shards, poisoned):
     assert report["extra"]["inverted_trigger"]["classifier"]["classes"] == CLASSES
 
     # Only the image tower moved (text tower and temperature frozen).
-    before = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    before = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert set(after) == set(before)
     visual = [k for k in before if k.startswith("model.visual.")]
     assert any(not torch.equal(before[k], after[k]) for k in visual)
@@ -264,8 +264,8 @@ def test_mcldef_resumes_without_redoing_the_inversion(tmp_path, shards, poisoned
     assert run_mcldef_simclr(interrupted, source, shards, [*every, *resume]) == 0
     assert not list(interrupted.glob("mcldef_*.png"))
 
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 3
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name

@@ -91,8 +91,8 @@ def test_ubt_end_to_end(tmp_path, setup):
     }
 
     # Only the token portion moved: vision class token / positional embedding, and the chosen token-table rows.
-    before = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
-    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    before = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == 3
     weights = after["state_dict"]
     assert set(weights) == set(before)
@@ -192,8 +192,8 @@ def test_ubt_resumes_without_redoing_the_detection(tmp_path, setup):
     (interrupted / "ubt_detection.json").unlink()  # stage 1 must not run again (it would write it)
     assert run_ubt(interrupted, setup, [*every, "--ckpt_path", "last"]) == 0
     assert not (interrupted / "ubt_detection.json").exists()
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] == 3
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name

@@ -69,8 +69,8 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, make_shards, method):
     resume = ["--ckpt_path", str(interrupted / "checkpoints" / "epoch=1-step=12.ckpt")]
     assert main(["fit", *common_args(shards, interrupted, model, data, attack), *resume]) == 0
 
-    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(interrupted / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert a["global_step"] == b["global_step"] >= 18
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name

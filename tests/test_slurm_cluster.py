@@ -316,7 +316,7 @@ def test_lightning_auto_requeue_resumes_from_hpc_checkpoint(slurm_cluster: Slurm
     assert sorted((s["main"], s["rank"]) for s in saves) == [(True, 0), (True, 1)], "no worker saves"
     saved_step = saves[0]["global_step"]
     assert saved_step >= 3 and all(s["global_step"] == saved_step for s in saves)
-    checkpoint = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == saved_step
     start = read_json(run_dir / "fit_start_r1.json")
     assert start["ckpt_path"] == str(run_dir / "hpc_ckpt_1.ckpt")

@@ -139,7 +139,7 @@ def assert_failed(result: JobResult, job: Job) -> str:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def logged_steps(run_dir: Path) -> list[int]:

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..checkpoints import consolidate, consolidated_path
+from ..safe_checkpoint import check_checkpoint, load_checkpoint
 
 FINISHED_MARKER = "fit_finished.json"
 CONFIG_NAME = "config.yaml"
@@ -52,13 +52,25 @@ def check_run_dir(run_dir: Path, checkpoint: Path | None, ckpt_path: str | None,
             f"{run_dir} already holds a run; pass --ckpt_path last to resume it, or choose another "
             "trainer.default_root_dir (nothing was overwritten)"
         )
-    if checkpoint is not None and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("clbd_run_config")
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)  # before Lightning or DeepSpeed unpickle it
+        saved = saved_run_config(checkpoint)
         if saved is not None:
             differences = config_differences(saved, run_config)
             if differences:
                 shown = "; ".join(differences[:8])
                 raise RunDirError(f"--ckpt_path {checkpoint} was trained with a different config: {shown}")
+
+
+def saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was trained with (a DeepSpeed folder keeps it in its model-states file)."""
+    if checkpoint.is_dir():
+        found = sorted(checkpoint.rglob("*mp_rank_00_model_states.pt"))  # ZeRO-3: zero_pp_rank_0_mp_rank_00_...
+        if not found:
+            return None
+        checkpoint = found[0]
+    state = load_checkpoint(checkpoint)
+    return state.get("clbd_run_config") if isinstance(state, dict) else None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

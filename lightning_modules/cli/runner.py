@@ -10,6 +10,7 @@ and only with the same model and data config.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -27,6 +28,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from datamodules import ShardDataModule
 
 from ..base import ContrastiveModule
+from ..deepspeed_setup import prepare_deepspeed
+from ..safe_checkpoint import check_checkpoint
 from .run_dir import check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 
 
@@ -151,6 +154,26 @@ class ClbdCLI(LightningCLI):
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
         self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
+        prepare_deepspeed(self.trainer, self.datamodule)
+
+    def before_validate(self) -> None:
+        self._check_eval_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._check_eval_checkpoint("test")
+
+    def _check_eval_checkpoint(self, subcommand: str) -> None:
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).exists():
+            check_checkpoint(ckpt_path)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning unpickles ``ckpt_path`` with ``weights_only=True`` whatever the config says (the checks above
+        vetted the file already; this keeps Lightning's own load safe too, e.g. for ``ckpt_path: last``)."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in inspect.signature(getattr(self.trainer, subcommand)).parameters:
+            kwargs["weights_only"] = True
+        return kwargs
 
     def after_fit(self) -> None:
         consolidate_deepspeed(self.trainer)
