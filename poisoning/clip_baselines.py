@@ -89,6 +89,10 @@ class _GlobalCLIPAttack(_CLIPAttack):
     def test_trigger_box(self, size: tuple[int, int], key: str) -> Box:
         return (0, 0, size[0], size[1])
 
+    def control_trigger(self, image: Image.Image, key: str) -> Image.Image:
+        """The same global trigger with the control pattern / seed (Blended: another noise; WaNet: another field)."""
+        return self.control_twin().test_trigger(image, key)
+
 
 class Blended(_GlobalCLIPAttack):
     """The trigger pattern stretched over the whole image and blended: (1 - a) * image + a * pattern, a = 0.2.
@@ -159,6 +163,13 @@ class SIG(_GlobalCLIPAttack):
 
     def _transform(self, image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64) + self.signal(image.width)[None, :, None]
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+
+    def control_trigger(self, image: Image.Image, key: str) -> Image.Image:
+        """Control: the same signal (delta, frequency) down the rows instead of across the columns. A phase shift
+        would only translate the stripes, which a convolutional model would read as the trigger itself."""
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        pixels = np.asarray(image, dtype=np.float64) + self.signal(image.height)[:, None, None]
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
 
 
