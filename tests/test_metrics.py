@@ -168,7 +168,7 @@ def make_metrics() -> tuple[KNNMonitor, AttackSuccessRate]:
 
 
 def results_of(knn: KNNMonitor, asr: AttackSuccessRate) -> dict[str, float]:
-    out = {key: value.item() for key, value in knn.compute().items()}
+    out = {key: value.item() for key, value in knn.compute().items() if key != "backdoor"}
     summary = asr.summary()
     assert summary["asr"] == pytest.approx(asr.compute().item())
     out.update(asr=summary["asr"], asr_hits=summary["hits"], asr_total=summary["total"], knn_asr=out.pop("asr"))
