@@ -238,8 +238,9 @@ def test_linear_probe_folds_standardisation_into_the_layer():
     scale, offset = torch.logspace(-2, 3, 8), torch.linspace(-500, 500, 8)
     plain = fit_linear_probe(features, labels, 4, epochs=20)
     affine = fit_linear_probe(features * scale + offset, labels, 4, epochs=20)
-    # standardising first makes the fit invariant to per-dimension affine maps of the raw features
-    torch.testing.assert_close(affine(features * scale + offset), plain(features), rtol=1e-3, atol=1e-3)
+    # standardising first makes the fit invariant to per-dimension affine maps of the raw features (up to float32
+    # rounding of the standardisation: logits reach ~5 here, differences ~2e-3)
+    torch.testing.assert_close(affine(features * scale + offset), plain(features), rtol=1e-3, atol=1e-2)
     assert (affine(features * scale + offset).argmax(1) == labels).float().mean() > 0.95
     assert not affine.weight.requires_grad
 
