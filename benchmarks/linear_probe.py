@@ -59,8 +59,11 @@ def main() -> None:
         train_acc = (probe(bank[subset]).argmax(1) == bank_labels[subset]).float().mean().item()
         test_acc = (probe(test).argmax(1) == test_labels).float().mean().item()
         results[name] = {"train_acc": train_acc, "test_acc": test_acc, "seconds": time.time() - started}
-        print(f"{name}: probe train {100 * train_acc:.1f}%, test {100 * test_acc:.1f}% ({len(subset)} probe images, "
-              f"{len(test_labels)} test images)", flush=True)
+        print(
+            f"{name}: probe train {100 * train_acc:.1f}%, test {100 * test_acc:.1f}% ({len(subset)} probe images, "
+            f"{len(test_labels)} test images)",
+            flush=True,
+        )
     print(json.dumps(results, indent=1))
 
 

@@ -157,7 +157,9 @@ class ShardDataModule(L.LightningDataModule):
         self.train_fraction = train_fraction
         self.poison_train = poison_train
         if control_trigger is not None and attack is None:
-            raise ValueError("data.control_trigger: given without data.attack; a control sits beside an attack's trigger")
+            raise ValueError(
+                "data.control_trigger: given without data.attack; a control sits beside an attack's trigger"
+            )
         if attack is not None:
             attack.set_control_trigger(control_trigger)
         self.plan = None

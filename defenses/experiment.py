@@ -46,8 +46,11 @@ import yaml
 from defenses.base import DEFENSE_METRICS
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30, the normal's 1.96.
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+T_975 = tuple(
+    float(t)
+    for t in "12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 2.131 "
+    "2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 2.045 2.042".split()
+)
 INTERVAL = "mean over seeds ± t(0.975, n-1) · s / sqrt(n) (Student's t, s the sample standard deviation)"
 
 # The numbers of a row, in table order; the definitions are lightning_modules.metrics.BACKDOOR_DEFINITIONS.
@@ -494,9 +497,7 @@ def build_table(
     names = [row["name"] for row in next(iter(per_seed_rows.values()))]
     rows = []
     for name in names:
-        per_seed = {
-            str(seed): next(r for r in rows_ if r["name"] == name) for seed, rows_ in per_seed_rows.items()
-        }
+        per_seed = {str(seed): next(r for r in rows_ if r["name"] == name) for seed, rows_ in per_seed_rows.items()}
         results = {seed: r["result"] for seed, r in per_seed.items()}
         row: dict[str, Any] = {
             "name": name,
@@ -507,8 +508,9 @@ def build_table(
         steps = {r.get("steps") for r in per_seed.values()}
         samples = {r.get("samples") for r in per_seed.values()}
         if steps != {None}:
-            row["steps"], row["samples"] = sorted(s for s in steps if s is not None), sorted(
-                s for s in samples if s is not None
+            row["steps"], row["samples"] = (
+                sorted(s for s in steps if s is not None),
+                sorted(s for s in samples if s is not None),
             )
             row["budget"] = f"{'/'.join(map(str, row['steps']))} steps, {'/'.join(map(str, row['samples']))} samples"
         rows.append(row)
@@ -530,8 +532,10 @@ def build_table(
         "experiment": str(config),
         "seeds": plan["seeds"],
         "interval": INTERVAL,
-        "definitions": {"CA": "clean top-1 accuracy (linear probe for image SSL, zero-shot for CLIP)",
-                        **{k: v for k, v in BACKDOOR_DEFINITIONS.items() if k != "histograms"}},
+        "definitions": {
+            "CA": "clean top-1 accuracy (linear probe for image SSL, zero-shot for CLIP)",
+            **{k: v for k, v in BACKDOOR_DEFINITIONS.items() if k != "histograms"},
+        },
         "budget_note": note,
         "defense_budget": budget,
         "rows": rows,

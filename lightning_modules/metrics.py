@@ -116,9 +116,7 @@ BACKDOOR_DEFINITIONS = {
         "the target; the number to read"
     ),
     "clean_to_target": "share of clean non-target-class images predicted as the target class (a bias, no trigger)",
-    "flip_rate": (
-        "share of non-target-class images predicted as the target with the trigger but not without it"
-    ),
+    "flip_rate": "share of non-target-class images predicted as the target with the trigger but not without it",
     "target_accuracy": "share of clean target-class images predicted as the target class",
     "histograms": (
         "predicted-class counts over every evaluated image (target-class images included), clean / triggered / "
@@ -149,7 +147,9 @@ def backdoor_metrics(
     control = None if control is None else control.long().cpu()
     for name, preds in (("clean", clean), ("triggered", triggered), ("control", control)):
         if preds is not None and preds.shape != labels.shape:
-            raise ValueError(f"backdoor_metrics: {name} predictions {tuple(preds.shape)} must match labels {tuple(labels.shape)}")
+            raise ValueError(
+                f"backdoor_metrics: {name} predictions {tuple(preds.shape)} must match labels {tuple(labels.shape)}"
+            )
     if not 0 <= target < num_classes:
         raise ValueError(f"backdoor_metrics: target {target} is not one of the {num_classes} classes")
     others = labels != target

@@ -297,7 +297,9 @@ class Attack:
 
         Refuses a control whose pixels equal the attack's trigger: it would measure the backdoor, not a control."""
         if trigger is not None and not isinstance(trigger, Trigger):
-            raise ValueError(f"data.control_trigger must be a Trigger (GeneratedTrigger or ImageTrigger), got {trigger!r}")
+            raise ValueError(
+                f"data.control_trigger must be a Trigger (GeneratedTrigger or ImageTrigger), got {trigger!r}"
+            )
         if trigger is not None and same_pattern(trigger, self.trigger):
             raise ValueError(
                 f"data.control_trigger: {trigger!r} draws the same pixels as the attack's trigger {self.trigger!r}; "

@@ -104,8 +104,14 @@ N_OTHERS = PER_CLASS * (len(CLASSES) - 1)
         ),
         (
             hub_plus_trigger,
-            dict(asr=10 / 15, control_asr=5 / 15, attributable_asr=5 / 15, clean_to_target=5 / 15, flip_rate=5 / 15,
-                 target_accuracy=1),
+            dict(
+                asr=10 / 15,
+                control_asr=5 / 15,
+                attributable_asr=5 / 15,
+                clean_to_target=5 / 15,
+                flip_rate=5 / 15,
+                target_accuracy=1,
+            ),
             [15, 0, 0, 5],
             [10, 0, 5, 5],
         ),

@@ -88,9 +88,11 @@ def test_metrics_json_for_simclr_and_clip(tmp_path, make_shards):
             assert results["n_images"] == 64 and results["asr_images"] == 48
             assert 0 <= results["asr_top1"] <= results["asr_top10"] <= 1
         # Every evaluator reports the same backdoor block: control trigger, attributable ASR, clean->target, ...
-        blocks = [results["knn"]["backdoor"], results["linear_probe"]["backdoor"]] if name == "simclr" else [
-            results["backdoor"]
-        ]
+        blocks = (
+            [results["knn"]["backdoor"], results["linear_probe"]["backdoor"]]
+            if name == "simclr"
+            else [results["backdoor"]]
+        )
         for backdoor in blocks:
             for key in ("asr", "control_asr", "clean_to_target", "flip_rate"):
                 assert backdoor[key]["images"] == 48 and 0 <= backdoor[key]["value"] <= 1

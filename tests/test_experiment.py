@@ -10,12 +10,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from defenses.experiment import interval, main as experiment_main
+from defenses.experiment import interval
+from defenses.experiment import main as experiment_main
 from lightning_modules import CLIP
 
 
 def write_attack(path, class_path: str, **init_args) -> str:
-    path.write_text(yaml.safe_dump({"data": {"init_args": {"attack": {"class_path": class_path, "init_args": init_args}}}}))
+    path.write_text(
+        yaml.safe_dump({"data": {"init_args": {"attack": {"class_path": class_path, "init_args": init_args}}}})
+    )
     return str(path)
 
 
@@ -71,7 +74,9 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
         assert saved["seed_everything"] == seed and saved["trainer"]["precision"] == "32-true"
         assert not (out / f"seed{seed}" / "clean" / "poison_manifest.jsonl").exists()
     text = (out / "table.md").read_text()
-    assert "| cleanclip |" in text and "**attributable ASR**" in text and " ± " in text and "2 steps, 32 samples" in text
+    assert (
+        "| cleanclip |" in text and "**attributable ASR**" in text and " ± " in text and "2 steps, 32 samples" in text
+    )
     assert Image.open(out / "table.png").size[0] > 300
     # A second call reuses every finished run and only rewrites the table, keeping the measured minutes.
     marker = out / "seed1" / "poisoned" / "fit_finished.json"
@@ -167,8 +172,9 @@ def test_schedule_ends_where_training_stops():
     # and stop at 78: the schedule now ends at the first limit reached.
     module = CLIP(model_name="clip-tiny-vit")
     data = SimpleNamespace(train_batches_per_rank=lambda: 39)
-    trainer = SimpleNamespace(max_steps=500, max_epochs=2, limit_train_batches=1.0, accumulate_grad_batches=1,
-                              datamodule=data)
+    trainer = SimpleNamespace(
+        max_steps=500, max_epochs=2, limit_train_batches=1.0, accumulate_grad_batches=1, datamodule=data
+    )
     module._trainer = trainer
     assert module.total_steps() == 78
     trainer.max_epochs = -1
