@@ -17,13 +17,20 @@ from datamodules import SimCLRDataModule
 from lightning_modules import SimCLR
 from lightning_modules.probes import fit_linear_probe, label_fraction_subset
 
-# name -> fit_linear_probe arguments; "adamw-1e-3" is the probe clbd used before the NA protocol.
+# name -> fit_linear_probe arguments; the first is the probe clbd used before the NA protocol, the "(default)" one
+# is fit_linear_probe's and SimCLR's default now.
 PROTOCOLS = {
     "adamw 1e-3, 100 ep, batch 256 (before)": dict(optimizer="adamw", lr=1e-3, epochs=100, batch_size=256),
     "sgd 0.01 m0.9, 40 ep, batch 256": dict(optimizer="sgd", lr=0.01, epochs=40, batch_size=256),
-    "sgd 0.01 m0.9, 40 ep, batch 32 (NA protocol, default)": dict(optimizer="sgd", lr=0.01, epochs=40, batch_size=32),
+    "sgd 0.01 m0.9, 40 ep, batch 32 (NA protocol's epochs)": dict(optimizer="sgd", lr=0.01, epochs=40, batch_size=32),
     "sgd 0.01 m0.9, 400 ep, batch 32": dict(optimizer="sgd", lr=0.01, epochs=400, batch_size=32),
+    "sgd 0.01 m0.9, >= 6250 steps, batch 32 (default)": dict(
+        optimizer="sgd", lr=0.01, epochs=40, batch_size=32, min_steps=6250
+    ),
     "adamw 1e-3, 40 ep, batch 32": dict(optimizer="adamw", lr=1e-3, epochs=40, batch_size=32),
+    "sgd 0.01 m0.9, 200 ep, batch 32": dict(optimizer="sgd", lr=0.01, epochs=200, batch_size=32),
+    "sgd 0.01 m0.9, 800 ep, batch 32": dict(optimizer="sgd", lr=0.01, epochs=800, batch_size=32),
+    "adamw 1e-3, 400 ep, batch 32": dict(optimizer="adamw", lr=1e-3, epochs=400, batch_size=32),
 }
 
 

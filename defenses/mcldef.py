@@ -352,6 +352,7 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
             epochs=hp.probe_epochs,
             lr=hp.probe_lr,
             batch_size=hp.probe_batch_size,
+            min_steps=hp.probe_min_steps,
             seed=0,
         )
         with torch.no_grad():

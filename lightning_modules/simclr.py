@@ -11,7 +11,7 @@ from .backbones import projection_head, resnet_backbone
 from .base import ContrastiveModule, nan_if_none
 from .losses import NTXentLoss
 from .metrics import AttackSuccessRate, KNNMonitor, asr_definition, backdoor_headlines, backdoor_metrics
-from .probes import fit_linear_probe, label_fraction_subset
+from .probes import fit_linear_probe, label_fraction_subset, probe_epochs_run
 
 
 class SimCLR(ContrastiveModule):
@@ -31,6 +31,7 @@ class SimCLR(ContrastiveModule):
         probe_optimizer: ``sgd`` (the NA protocol: lr 0.01, momentum 0.9, step decay) or ``adamw``.
         probe_lr: the probe's learning rate.
         probe_batch_size: the probe's mini-batch (see ``fit_linear_probe``).
+        probe_min_steps: at least this many probe steps (more epochs on small probe sets; see ``fit_linear_probe``).
         asr_exclude_target: count only triggered images whose true class is not the target (DESIGN.md).
         **optim: optimiser and schedule (``ContrastiveModule``).
     """
@@ -50,6 +51,7 @@ class SimCLR(ContrastiveModule):
         probe_optimizer: str = "sgd",
         probe_lr: float = 0.01,
         probe_batch_size: int = 32,
+        probe_min_steps: int = 6250,
         asr_exclude_target: bool = True,
         optimizer: str = "lars",
         lr: float = 0.5,
@@ -185,6 +187,7 @@ class SimCLR(ContrastiveModule):
                 epochs=hp.probe_epochs,
                 lr=hp.probe_lr,
                 batch_size=hp.probe_batch_size,
+                min_steps=hp.probe_min_steps,
                 seed=0,
             )
         clean, triggered, control = clean.clone(), triggered.clone(), control.clone()
@@ -202,9 +205,10 @@ class SimCLR(ContrastiveModule):
                 "protocol": {
                     "optimizer": hp.probe_optimizer,
                     "lr": hp.probe_lr,
-                    "epochs": hp.probe_epochs,
+                    "epochs": probe_epochs_run(len(subset), hp.probe_epochs, hp.probe_batch_size, hp.probe_min_steps),
                     "batch_size": hp.probe_batch_size,
-                    "lr_decay": "x0.1 at 60% and 80% of the epochs",
+                    "min_steps": hp.probe_min_steps,
+                    "lr_decay": "x0.1 at 60% and 80% of the epochs run",
                     "features": "frozen encoder, normalised per dimension",
                 },
             },

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from lightning_modules.metrics import AttackSuccessRate, KNNMonitor, weighted_knn_scores
-from lightning_modules.probes import fit_linear_probe, label_fraction_subset
+from lightning_modules.probes import fit_linear_probe, label_fraction_subset, probe_epochs_run
 from lightning_modules.zero_shot import CIFAR10_CLASSNAMES
 from tests.conftest import shared_data
 
@@ -231,6 +231,14 @@ def test_linear_probe_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     c = fit_linear_probe(features, labels, 3, epochs=5, seed=2)
     assert not torch.equal(a.weight, c.weight)
+
+
+def test_linear_probe_min_steps_adds_epochs_on_small_sets():
+    features, labels = blobs(25, 4, 8, seed=4)  # 100 images, batch 32: 4 steps per epoch
+    assert probe_epochs_run(100, 3, 32, 40) == 10 and probe_epochs_run(100, 40, 32, 40) == 40
+    longer = fit_linear_probe(features, labels, 4, epochs=3, min_steps=40)
+    explicit = fit_linear_probe(features, labels, 4, epochs=10)
+    assert torch.equal(longer.weight, explicit.weight) and torch.equal(longer.bias, explicit.bias)
 
 
 def test_linear_probe_folds_standardisation_into_the_layer():
