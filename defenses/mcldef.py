@@ -348,7 +348,6 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
             features,
             labels[known],
             len(names),
-            optimizer=hp.probe_optimizer,
             epochs=hp.probe_epochs,
             lr=hp.probe_lr,
             batch_size=hp.probe_batch_size,

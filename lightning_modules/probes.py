@@ -24,9 +24,6 @@ def _check_features_labels(features: Tensor, labels: Tensor, num_classes: int) -
         raise ValueError(f"fit_linear_probe: train_labels must lie in [0, {num_classes})")
 
 
-PROBE_OPTIMIZERS = ("sgd", "adamw")
-
-
 def probe_epochs_run(n: int, epochs: int, batch_size: int, min_steps: int) -> int:
     """The epochs ``fit_linear_probe`` runs on ``n`` images: ``epochs``, or more to make ``min_steps`` steps."""
     steps_per_epoch = -(-n // batch_size)
@@ -38,7 +35,6 @@ def fit_linear_probe(
     train_labels: Tensor,
     num_classes: int,
     *,
-    optimizer: str = "sgd",
     epochs: int = 40,
     lr: float = 0.01,
     momentum: float = 0.9,
@@ -53,8 +49,7 @@ def fit_linear_probe(
     The defaults are the NA authors' linear evaluation: SGD, lr 0.01, momentum 0.9, 40 epochs, the rate divided by
     10 at 60% and 80% of the epochs (``decay_epochs``, fractions of ``epochs``: step decay). Features are normalised
     per dimension (train mean/std) for the fit and the normalisation is folded into the returned layer's weight and
-    bias. ``optimizer="adamw"`` keeps the earlier probe's optimiser (with the same step decay). Zero-initialised
-    weights; mini-batches shuffled by a generator seeded with ``seed`` (the global RNG is untouched), so the result
+    bias. Zero-initialised weights; mini-batches shuffled by a generator seeded with ``seed`` (the global RNG is untouched), so the result
     is a function of the inputs and ``seed``.
 
     ``min_steps``: train for more epochs than ``epochs`` when they would give fewer optimiser steps (the decay
@@ -66,8 +61,6 @@ def fit_linear_probe(
         raise ValueError(
             f"fit_linear_probe: need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
         )
-    if optimizer not in PROBE_OPTIMIZERS:
-        raise ValueError(f"model.probe_optimizer: {optimizer!r} is not one of {', '.join(PROBE_OPTIMIZERS)}")
     if any(not 0 < f <= 1 for f in decay_epochs):
         raise ValueError(f"fit_linear_probe: decay_epochs are fractions of the epochs in (0, 1], got {decay_epochs}")
     features = train_features.detach().float()
@@ -80,10 +73,7 @@ def fit_linear_probe(
     probe = nn.utils.skip_init(nn.Linear, dim, num_classes, device=features.device)  # no draw from the global RNG
     nn.init.zeros_(probe.weight)
     nn.init.zeros_(probe.bias)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     epochs = probe_epochs_run(n, epochs, batch_size, min_steps)
     milestones = sorted({max(1, round(f * epochs)) for f in decay_epochs})
     schedule = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)  # stepped per epoch

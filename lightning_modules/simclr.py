@@ -28,8 +28,7 @@ class SimCLR(ContrastiveModule):
         knn_temperature: vote temperature of the kNN monitor.
         probe_label_fraction: share of the labelled training images the linear probe sees (0.1: the NA protocol).
         probe_epochs: linear probe epochs (on frozen, pre-computed features); 40 in the NA protocol.
-        probe_optimizer: ``sgd`` (the NA protocol: lr 0.01, momentum 0.9, step decay) or ``adamw``.
-        probe_lr: the probe's learning rate.
+        probe_lr: the probe's SGD learning rate (the NA protocol: 0.01, momentum 0.9, step decay).
         probe_batch_size: the probe's mini-batch (see ``fit_linear_probe``).
         probe_min_steps: at least this many probe steps (more epochs on small probe sets; see ``fit_linear_probe``).
         asr_exclude_target: count only triggered images whose true class is not the target (DESIGN.md).
@@ -48,7 +47,6 @@ class SimCLR(ContrastiveModule):
         knn_temperature: float = 0.1,
         probe_label_fraction: float = 0.1,
         probe_epochs: int = 40,
-        probe_optimizer: str = "sgd",
         probe_lr: float = 0.01,
         probe_batch_size: int = 32,
         probe_min_steps: int = 6250,
@@ -76,8 +74,6 @@ class SimCLR(ContrastiveModule):
             min_lr_ratio=min_lr_ratio,
             compile=compile,
         )
-        if probe_optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"model.probe_optimizer must be 'sgd' or 'adamw', got {probe_optimizer!r}")
         if not 0 < probe_label_fraction <= 1:
             raise ValueError(f"model.probe_label_fraction must be in (0, 1], got {probe_label_fraction}")
         self.save_hyperparameters()
@@ -183,7 +179,6 @@ class SimCLR(ContrastiveModule):
                 train_x,
                 train_y,
                 len(names),
-                optimizer=hp.probe_optimizer,
                 epochs=hp.probe_epochs,
                 lr=hp.probe_lr,
                 batch_size=hp.probe_batch_size,
@@ -203,7 +198,7 @@ class SimCLR(ContrastiveModule):
                 "train_images": int(len(subset)),
                 "label_fraction": hp.probe_label_fraction,
                 "protocol": {
-                    "optimizer": hp.probe_optimizer,
+                    "optimizer": "sgd, momentum 0.9",
                     "lr": hp.probe_lr,
                     "epochs": probe_epochs_run(len(subset), hp.probe_epochs, hp.probe_batch_size, hp.probe_min_steps),
                     "batch_size": hp.probe_batch_size,
