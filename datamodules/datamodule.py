@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from poisoning import Attack
+from poisoning import Attack, Trigger
 from poisoning.keyhash import derive_seed
 
 from .builtin import resolve_builtin
@@ -119,6 +119,8 @@ class ShardDataModule(L.LightningDataModule):
             trigger (defenses fine-tune on clean data and measure ASR with the attack's trigger).
         pin_memory: loaders hand over batches in page-locked memory (faster, asynchronous copies to a GPU; no use
             on a CPU-only run).
+        control_trigger: the control pattern eval batches carry beside the trigger (``image_control``: same size,
+            blending and placement, a pattern no poison carries); default: the attack's own seeded control.
     """
 
     modality: ClassVar[str] = ""
@@ -141,6 +143,7 @@ class ShardDataModule(L.LightningDataModule):
         train_fraction: float | None = None,
         poison_train: bool = True,
         pin_memory: bool = False,
+        control_trigger: Trigger | None = None,
     ):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -170,6 +173,12 @@ class ShardDataModule(L.LightningDataModule):
         self.train_fraction = train_fraction
         self.poison_train = poison_train
         self.pin_memory = pin_memory
+        if control_trigger is not None and attack is None:
+            raise ValueError(
+                "data.control_trigger: given without data.attack; a control sits beside an attack's trigger"
+            )
+        if attack is not None:
+            attack.set_control_trigger(control_trigger)
         self.plan = None
         self._remainder: EpochRemainder | None = None
         self._indexes: dict[str, ShardIndex] = {}
@@ -235,11 +244,21 @@ class ShardDataModule(L.LightningDataModule):
             # Always, poisoned training or not: validation also fixes the trigger's size for this run's images,
             # so a clean defense run measures ASR exactly as clbd test does.
             self.attack.validate(self.modality, self.class_names, self.image_size)
+            if stage == "test":
+                self._check_non_target_images()
         if stage == "fit":
             if self.attack is not None and self.poison_train:
                 self.plan = self.build_plan()
                 self._write_manifest()
             self._check_train_subset()
+
+    def _check_non_target_images(self) -> None:
+        """ASR is measured on non-target-class test images: a test set with none of them is refused up front."""
+        counts, target = self.index("test").class_counts, self.target_index
+        if counts and target is not None and target < len(counts) and sum(counts) == counts[target]:
+            raise ValueError(
+                f"data.test_shards: every test image is of the target class {target}; ASR needs non-target images"
+            )
 
     def _check_eval_classes(self) -> None:
         """The model reads its class names from the val set when there is one: the test set must use the same."""
@@ -432,6 +451,7 @@ class ShardDataModule(L.LightningDataModule):
         item = {"image": transform(sample["image"]), "label": sample["label"], "key": sample["__key__"]}
         if self.attack is not None:
             item["image_triggered"] = transform(self.attack.test_trigger(sample["image"], sample["__key__"]))
+            item["image_control"] = transform(self.attack.control_trigger(sample["image"], sample["__key__"]))
         return item
 
     def _eval_transform(self):

@@ -346,7 +346,17 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
             )
         with torch.no_grad():
             features = torch.cat([self.encoder(chunk) for chunk in images[known].split(256)])
-        probe = fit_linear_probe(features, labels[known], len(names), epochs=self.hparams.probe_epochs, seed=0)
+        hp = self.hparams
+        probe = fit_linear_probe(
+            features,
+            labels[known],
+            len(names),
+            epochs=hp.probe_epochs,
+            lr=hp.probe_lr,
+            batch_size=hp.probe_batch_size,
+            min_steps=hp.probe_min_steps,
+            seed=0,
+        )
         with torch.no_grad():
             accuracy = (probe(features).argmax(1) == labels[known]).float().mean().item()
         encoder = self.encoder

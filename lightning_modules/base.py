@@ -105,13 +105,17 @@ class ContrastiveModule(L.LightningModule):
         and iterates the train loader before a checkpoint's loader state is restored, which would lose exact resume.
         """
         trainer = self.trainer
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            return trainer.max_steps
+        by_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+        if by_steps is not None and (trainer.max_epochs is None or trainer.max_epochs < 1):
+            return by_steps
         per_epoch = trainer.datamodule.train_batches_per_rank()
         limit = trainer.limit_train_batches
         per_epoch = min(per_epoch, limit) if isinstance(limit, int) else int(per_epoch * limit)
         steps = math.ceil(per_epoch / trainer.accumulate_grad_batches)
-        return max(steps * max(trainer.max_epochs or 1, 1), 1)
+        by_epochs = max(steps * max(trainer.max_epochs or 1, 1), 1)
+        # Both limits set: training stops at the first one, so the schedule must end there (a max_steps of 500
+        # under max_epochs=2 of 39 steps used to leave the cosine at its start after 78 steps).
+        return min(by_steps, by_epochs) if by_steps is not None else by_epochs
 
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
         """``torch.compile`` in place (``Module.compile``): parameter names, so checkpoints, stay the same."""

@@ -15,7 +15,7 @@ from datamodules.openclip_configs import open_clip_config
 
 from .base import ContrastiveModule, nan_if_none
 from .losses import clip_loss
-from .metrics import AttackSuccessRate, asr_definition
+from .metrics import AttackSuccessRate, BackdoorPredictions, asr_definition, backdoor_headlines
 from .zero_shot import build_zero_shot_classifier, templates_by_name
 
 
@@ -129,6 +129,7 @@ class CLIP(ContrastiveModule):
             self._metrics["asr_top10"] = AttackSuccessRate(
                 target, top_k=min(10, num_classes), exclude_target_class=exclude
             )
+            self._metrics["backdoor"] = BackdoorPredictions(target, num_classes)
         self._metrics = {k: m.to(self.device) for k, m in self._metrics.items()}
         self._n_images = 0
 
@@ -141,6 +142,12 @@ class CLIP(ContrastiveModule):
             triggered = self.encode_image(batch["image_triggered"]) @ self._classifier
             self._metrics["asr_top1"].update(triggered, labels)
             self._metrics["asr_top10"].update(triggered, labels)
+            control = (
+                (self.encode_image(batch["image_control"]) @ self._classifier).argmax(1)
+                if "image_control" in batch
+                else None
+            )
+            self._metrics["backdoor"].update(labels, logits.argmax(1), triggered.argmax(1), control)
         self._n_images += labels.numel()
 
     def _finish_eval(self) -> dict[str, Any]:
@@ -164,6 +171,8 @@ class CLIP(ContrastiveModule):
             results["asr_top10"] = top10["asr"]
             results["asr_images"] = top1["total"]
             results["asr_definition"] = asr_definition(top1)
+            if self._metrics["backdoor"].update_count:
+                results["backdoor"] = self._metrics["backdoor"].compute()
         for metric in self._metrics.values():
             metric.reset()
         return results
@@ -174,6 +183,8 @@ class CLIP(ContrastiveModule):
         for key in ("asr_top1", "asr_top10"):
             if key in results:
                 self.log(f"{stage}/{key}", nan_if_none(results[key]), sync_dist=False)
+        for key, value in backdoor_headlines(results.get("backdoor")).items():
+            self.log(f"{stage}/{key}", nan_if_none(value), sync_dist=False)
 
     def evaluate(self, loader) -> dict[str, Any]:
         """Zero-shot CA and ASR on ``loader``, outside Lightning's loops (a defense's before / after)."""

@@ -104,6 +104,130 @@ def asr_definition(summary: dict) -> str:
     return f"share of {who} whose top-{summary['top_k']} prediction contains the target class {summary['target']}"
 
 
+# What each backdoor number means, written next to the numbers in every results file.
+BACKDOOR_DEFINITIONS = {
+    "asr": "share of triggered non-target-class images predicted as the target class",
+    "control_asr": (
+        "the same share with the control trigger: same size, blending and placement as the test trigger, a "
+        "pattern no poisoned sample carried"
+    ),
+    "attributable_asr": (
+        "asr - control_asr: the part of the ASR due to the attack's trigger, not to any patch or to a bias toward "
+        "the target; the number to read"
+    ),
+    "clean_to_target": "share of clean non-target-class images predicted as the target class (a bias, no trigger)",
+    "flip_rate": "share of non-target-class images predicted as the target with the trigger but not without it",
+    "target_accuracy": "share of clean target-class images predicted as the target class",
+    "histograms": (
+        "predicted-class counts over every evaluated image (target-class images included), clean / triggered / "
+        "control: a collapse onto one class shows as one tall bin"
+    ),
+}
+
+
+def _rate(hits: int, total: int) -> dict[str, float | int | None]:
+    return {"value": hits / total if total else None, "hits": hits, "images": total}
+
+
+def backdoor_metrics(
+    labels: Tensor,
+    clean: Tensor,
+    triggered: Tensor,
+    control: Tensor | None,
+    target: int,
+    num_classes: int,
+) -> dict:
+    """Every backdoor number from top-1 predicted classes (``[N]`` each) of the same N images, clean, with the
+    trigger and with the control trigger; ``labels`` are their true classes. One definition for kNN, linear probe
+    and zero-shot alike (``BACKDOOR_DEFINITIONS``); each rate comes with the images behind it.
+
+    Raises ValueError when the images hold no non-target-class image (no ASR can be measured on them).
+    """
+    labels, clean, triggered = labels.long().cpu(), clean.long().cpu(), triggered.long().cpu()
+    control = None if control is None else control.long().cpu()
+    for name, preds in (("clean", clean), ("triggered", triggered), ("control", control)):
+        if preds is not None and preds.shape != labels.shape:
+            raise ValueError(
+                f"backdoor_metrics: {name} predictions {tuple(preds.shape)} must match labels {tuple(labels.shape)}"
+            )
+    if not 0 <= target < num_classes:
+        raise ValueError(f"backdoor_metrics: target {target} is not one of the {num_classes} classes")
+    others = labels != target
+    n_others, n_target = int(others.sum()), int((~others).sum())
+    if n_others == 0:
+        raise ValueError(
+            f"data.test_shards: the {labels.numel()} evaluated images are all of the target class {target}; "
+            "ASR needs non-target-class images"
+        )
+    to_target = lambda preds: (preds == target) & others  # noqa: E731
+
+    asr = _rate(int(to_target(triggered).sum()), n_others)
+    result = {
+        "target": target,
+        "asr": asr,
+        "clean_to_target": _rate(int(to_target(clean).sum()), n_others),
+        "flip_rate": _rate(int((to_target(triggered) & (clean != target)).sum()), n_others),
+        "target_accuracy": _rate(int(((clean == target) & ~others).sum()), n_target),
+        "histograms": {
+            "clean": torch.bincount(clean, minlength=num_classes).tolist(),
+            "triggered": torch.bincount(triggered, minlength=num_classes).tolist(),
+        },
+        "definitions": dict(BACKDOOR_DEFINITIONS),
+    }
+    if control is not None:
+        control_asr = _rate(int(to_target(control).sum()), n_others)
+        result["control_asr"] = control_asr
+        result["attributable_asr"] = {"value": asr["value"] - control_asr["value"], "images": n_others}
+        result["histograms"]["control"] = torch.bincount(control, minlength=num_classes).tolist()
+    return result
+
+
+def backdoor_headlines(backdoor: dict | None) -> dict[str, float | None]:
+    """The rates of a ``backdoor_metrics`` result by name (for loggers and tables); empty without one."""
+    if not backdoor:
+        return {}
+    names = ("asr", "control_asr", "attributable_asr", "clean_to_target", "flip_rate", "target_accuracy")
+    return {name: backdoor[name]["value"] for name in names if name in backdoor}
+
+
+class BackdoorPredictions(Metric):
+    """Collects top-1 predictions of clean, triggered and control images (synced across ranks as cat states) and
+    gives ``backdoor_metrics`` of all of them: what a streaming evaluator (zero-shot) accumulates batch by batch.
+
+    States are floats, like ``KNNMonitor``'s: a rank that saw nothing contributes torchmetrics' float placeholder.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+
+    def __init__(self, target: int, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not 0 <= target < num_classes:
+            raise ValueError(f"BackdoorPredictions: target {target} is not one of the {num_classes} classes")
+        self.target = target
+        self.num_classes = num_classes
+        for name in ("labels", "clean", "triggered", "control"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, labels: Tensor, clean: Tensor, triggered: Tensor, control: Tensor | None = None) -> None:
+        self.labels.append(labels.detach().to(self.dtype))
+        self.clean.append(clean.detach().to(self.dtype))
+        self.triggered.append(triggered.detach().to(self.dtype))
+        if control is not None:
+            self.control.append(control.detach().to(self.dtype))
+
+    def compute(self) -> dict:
+        if isinstance(self.labels, list) and not self.labels:
+            raise ValueError("BackdoorPredictions: nothing to measure; update() with triggered images first")
+        labels, clean, triggered = (dim_zero_cat(getattr(self, n)) for n in ("labels", "clean", "triggered"))
+        control = self.control
+        control = dim_zero_cat(control) if not (isinstance(control, list) and not control) else None
+        if control is not None and control.numel() != labels.numel():
+            control = None  # some batches came without a control image: no control numbers rather than wrong ones
+        return backdoor_metrics(labels, clean, triggered, control, self.target, self.num_classes)
+
+
 def weighted_knn_scores(
     queries: Tensor,
     bank: Tensor,
@@ -134,12 +258,14 @@ class KNNMonitor(Metric):
     """Weighted kNN accuracy (and kNN ASR) of frozen features, synced across ranks.
 
     - ``update_bank(features, labels)``: training-set features (the kNN memory bank).
-    - ``update_query(features, labels, triggered_features=None)``: clean validation features with their labels,
-      and optionally the features of the SAME images with the trigger applied (their true labels are ``labels``).
-    - ``compute()`` -> ``{"acc", "asr", "n_clean", "n_triggered"}``: top-1 kNN accuracy on clean queries; ASR as
-      defined in this module's docstring (triggered queries whose true class != ``target`` predicted as
-      ``target``; NaN without ``target`` or triggered queries); ``n_triggered`` counts the non-target triggered
-      queries behind the ASR.
+    - ``update_query(features, labels, triggered_features=None, control_features=None)``: clean validation
+      features with their labels, and optionally the features of the SAME images with the trigger, and with the
+      control trigger, applied (their true labels are ``labels``).
+    - ``compute()`` -> ``{"acc", "asr", "n_clean", "n_triggered", "backdoor"}``: top-1 kNN accuracy on clean
+      queries; ASR as defined in this module's docstring (triggered queries whose true class != ``target``
+      predicted as ``target``; NaN without ``target`` or triggered queries); ``n_triggered`` counts the non-target
+      triggered queries behind the ASR; ``backdoor`` is ``backdoor_metrics`` of the kNN predictions (None without
+      ``target`` or triggered queries).
 
     Features are stored L2-normalised and FLATTENED to 1-D, labels as floats: torchmetrics pads uneven per-rank cat
     states when syncing, but a rank that never received a state contributes a 1-D empty tensor of the metric's
@@ -172,27 +298,35 @@ class KNNMonitor(Metric):
         self.k = k
         self.temperature = temperature
         self.target = target
-        for name in ("bank", "clean", "triggered"):
+        for name in ("bank", "clean", "triggered", "control"):
             self.add_state(f"{name}_features", default=[], dist_reduce_fx="cat")
             self.add_state(f"{name}_labels", default=[], dist_reduce_fx="cat")
 
     def update_bank(self, features: Tensor, labels: Tensor) -> None:
         self.update(features, labels, kind="bank")
 
-    def update_query(self, features: Tensor, labels: Tensor, triggered_features: Tensor | None = None) -> None:
+    def update_query(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        triggered_features: Tensor | None = None,
+        control_features: Tensor | None = None,
+    ) -> None:
         self.update(features, labels, kind="clean")
-        if triggered_features is not None:
-            if triggered_features.shape != features.shape:
+        for kind, other in (("triggered", triggered_features), ("control", control_features)):
+            if other is None:
+                continue
+            if other.shape != features.shape:
                 raise ValueError(
-                    f"KNNMonitor: triggered_features {tuple(triggered_features.shape)} must match the clean "
-                    f"features {tuple(features.shape)} (the same images with the trigger)"
+                    f"KNNMonitor: {kind}_features {tuple(other.shape)} must match the clean "
+                    f"features {tuple(features.shape)} (the same images with the {kind} trigger)"
                 )
-            self.update(triggered_features, labels, kind="triggered")
+            self.update(other, labels, kind=kind)
 
     def update(self, features: Tensor, labels: Tensor, kind: str = "clean") -> None:
         """Append a batch to one of the stores (``bank``, ``clean``, ``triggered``); prefer the named updates."""
-        if kind not in ("bank", "clean", "triggered"):
-            raise ValueError(f"KNNMonitor: kind must be 'bank', 'clean' or 'triggered', got {kind!r}")
+        if kind not in ("bank", "clean", "triggered", "control"):
+            raise ValueError(f"KNNMonitor: kind must be 'bank', 'clean', 'triggered' or 'control', got {kind!r}")
         if features.ndim != 2 or labels.ndim != 1 or features.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"KNNMonitor.update ({kind}): features must be [N, D] and labels [N], got "
@@ -231,21 +365,32 @@ class KNNMonitor(Metric):
         if clean_labels.numel() == 0:
             raise ValueError("KNNMonitor: no query features; call update_query() with validation features first")
         triggered, triggered_labels = self.store("triggered", dim)
+        control, control_labels = self.store("control", dim)
 
         def predict(queries: Tensor) -> Tensor:
             scores = weighted_knn_scores(queries, bank, bank_labels, self.num_classes, self.k, self.temperature)
             return scores.argmax(dim=1)
 
-        acc = (predict(clean) == clean_labels).float().mean()
-        asr, n_triggered = torch.tensor(math.nan), torch.tensor(0)
+        clean_pred = predict(clean)
+        acc = (clean_pred == clean_labels).float().mean()
+        asr, n_triggered, backdoor = torch.tensor(math.nan), torch.tensor(0), None
         if self.target is not None and triggered_labels.numel():
             counted = triggered_labels != self.target
             n_triggered = counted.sum()
+            triggered_pred = predict(triggered)
             if n_triggered:
-                asr = (predict(triggered[counted]) == self.target).float().mean()
+                asr = (triggered_pred[counted] == self.target).float().mean()
+                # the same images in the same order in every store (one update_query call fills all three)
+                same = triggered_labels.numel() == clean_labels.numel()
+                control_pred = predict(control) if control_labels.numel() == clean_labels.numel() else None
+                if same:
+                    backdoor = backdoor_metrics(
+                        clean_labels, clean_pred, triggered_pred, control_pred, self.target, self.num_classes
+                    )
         return {
             "acc": acc,
             "asr": asr,
             "n_clean": torch.tensor(clean_labels.numel()),
             "n_triggered": n_triggered,
+            "backdoor": backdoor,
         }

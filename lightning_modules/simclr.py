@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import move_data_to_device
 from .backbones import projection_head, resnet_backbone
 from .base import ContrastiveModule, nan_if_none
 from .losses import NTXentLoss
-from .metrics import AttackSuccessRate, KNNMonitor, asr_definition
-from .probes import fit_linear_probe, label_fraction_subset
+from .metrics import AttackSuccessRate, KNNMonitor, asr_definition, backdoor_headlines, backdoor_metrics
+from .probes import fit_linear_probe, label_fraction_subset, probe_epochs_run
 
 
 class SimCLR(ContrastiveModule):
@@ -27,7 +27,10 @@ class SimCLR(ContrastiveModule):
         knn_k: neighbours of the kNN monitor.
         knn_temperature: vote temperature of the kNN monitor.
         probe_label_fraction: share of the labelled training images the linear probe sees (0.1: the NA protocol).
-        probe_epochs: linear probe epochs (on frozen, pre-computed features).
+        probe_epochs: linear probe epochs (on frozen, pre-computed features); 40 in the NA protocol.
+        probe_lr: the probe's SGD learning rate (the NA protocol: 0.01, momentum 0.9, step decay).
+        probe_batch_size: the probe's mini-batch (see ``fit_linear_probe``).
+        probe_min_steps: at least this many probe steps (more epochs on small probe sets; see ``fit_linear_probe``).
         asr_exclude_target: count only triggered images whose true class is not the target (DESIGN.md).
         **optim: optimiser and schedule (``ContrastiveModule``).
     """
@@ -43,7 +46,10 @@ class SimCLR(ContrastiveModule):
         knn_k: int = 200,
         knn_temperature: float = 0.1,
         probe_label_fraction: float = 0.1,
-        probe_epochs: int = 100,
+        probe_epochs: int = 40,
+        probe_lr: float = 0.01,
+        probe_batch_size: int = 32,
+        probe_min_steps: int = 6250,
         asr_exclude_target: bool = True,
         optimizer: str = "lars",
         lr: float = 0.5,
@@ -112,7 +118,8 @@ class SimCLR(ContrastiveModule):
             monitor.update_bank(self(batch["image"]), batch["label"])
         else:
             triggered = self(batch["image_triggered"]) if "image_triggered" in batch else None
-            monitor.update_query(self(batch["image"]), batch["label"], triggered)
+            control = self(batch["image_control"]) if "image_control" in batch else None
+            monitor.update_query(self(batch["image"]), batch["label"], triggered, control)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
@@ -128,6 +135,9 @@ class SimCLR(ContrastiveModule):
         self.log("val/knn_acc", result["acc"].item(), sync_dist=False)
         if self.trainer.datamodule.target_index is not None:
             self.log("val/knn_asr", result["asr"].item(), sync_dist=False)
+            for key, value in backdoor_headlines(result["backdoor"]).items():
+                if key != "asr":
+                    self.log(f"val/knn_{key}", nan_if_none(value), sync_dist=False)
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._frozen_feature_results()
@@ -155,6 +165,7 @@ class SimCLR(ContrastiveModule):
             bank, bank_labels = monitor.store("bank")
             clean, clean_labels = monitor.store("clean", bank.shape[1])
             triggered, triggered_labels = monitor.store("triggered", bank.shape[1])
+            control, control_labels = monitor.store("control", bank.shape[1])
         monitor.reset()
         datamodule = self.trainer.datamodule
         target = datamodule.target_index
@@ -164,8 +175,17 @@ class SimCLR(ContrastiveModule):
         # Lightning evaluates under inference_mode; the probe needs autograd on normal copies of the features.
         with torch.inference_mode(False), torch.enable_grad():
             train_x, train_y = bank[subset].clone(), bank_labels[subset].clone()
-            probe = fit_linear_probe(train_x, train_y, len(names), epochs=hp.probe_epochs, seed=0)
-        clean, triggered = clean.clone(), triggered.clone()
+            probe = fit_linear_probe(
+                train_x,
+                train_y,
+                len(names),
+                epochs=hp.probe_epochs,
+                lr=hp.probe_lr,
+                batch_size=hp.probe_batch_size,
+                min_steps=hp.probe_min_steps,
+                seed=0,
+            )
+        clean, triggered, control = clean.clone(), triggered.clone(), control.clone()
         with torch.no_grad():
             probe_acc = (probe(clean).argmax(1) == clean_labels).float().mean().item()
         results: dict[str, Any] = {
@@ -177,6 +197,15 @@ class SimCLR(ContrastiveModule):
                 "n_images": int(clean_labels.numel()),
                 "train_images": int(len(subset)),
                 "label_fraction": hp.probe_label_fraction,
+                "protocol": {
+                    "optimizer": "sgd, momentum 0.9",
+                    "lr": hp.probe_lr,
+                    "epochs": probe_epochs_run(len(subset), hp.probe_epochs, hp.probe_batch_size, hp.probe_min_steps),
+                    "batch_size": hp.probe_batch_size,
+                    "min_steps": hp.probe_min_steps,
+                    "lr_decay": "x0.1 at 60% and 80% of the epochs run",
+                    "features": "frozen encoder, normalised per dimension",
+                },
             },
         }
         if target is not None and triggered_labels.numel():
@@ -191,6 +220,12 @@ class SimCLR(ContrastiveModule):
             results["linear_probe"]["asr"] = summary["asr"]
             results["linear_probe"]["asr_images"] = summary["total"]
             results["asr_definition"] = asr_definition(summary)
+            results["knn"]["backdoor"] = knn["backdoor"]
+            with torch.no_grad():
+                control_pred = probe(control).argmax(1) if control_labels.numel() == clean_labels.numel() else None
+                results["linear_probe"]["backdoor"] = backdoor_metrics(
+                    clean_labels, probe(clean).argmax(1), probe(triggered).argmax(1), control_pred, target, len(names)
+                )
         return results
 
     def log_results(self, stage: str, results: dict[str, Any]) -> None:
@@ -199,3 +234,7 @@ class SimCLR(ContrastiveModule):
         if "attack" in results:
             self.log(f"{stage}/knn_asr", nan_if_none(results["knn"]["asr"]), sync_dist=False)
             self.log(f"{stage}/probe_asr", nan_if_none(results["linear_probe"]["asr"]), sync_dist=False)
+            for evaluator, prefix in (("knn", "knn"), ("linear_probe", "probe")):
+                for key, value in backdoor_headlines(results[evaluator].get("backdoor")).items():
+                    if key != "asr":
+                        self.log(f"{stage}/{prefix}_{key}", nan_if_none(value), sync_dist=False)

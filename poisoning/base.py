@@ -6,22 +6,28 @@ Subclasses say which keys are eligible, lay out one poisoned record per key (``_
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 from PIL import Image
 
 from poisoning.keyhash import key_randint
 from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource, select_keys
 from poisoning.references import FolderReferenceSource, draw_pool
-from poisoning.triggers import GeneratedTrigger, Trigger, default_trigger_size, paste_trigger
+from poisoning.triggers import GeneratedTrigger, ImageTrigger, Trigger, default_trigger_size, paste_trigger
 
 MODALITIES = ("simclr", "clip")
 
 # The authors' test protocol: the test trigger lies inside the central 0.15-0.85 window of the image.
 TEST_WINDOW = (0.15, 0.85)
+
+# The default control trigger's seed is the real trigger's seed plus this: a pattern of the same kind that no
+# poisoned sample carries.
+CONTROL_SEED_OFFSET = 7919
 
 # Up to this many bytes of encoded reference images ride inside the plan (CIFAR: ~1.5 KB per reference).
 EMBED_REFERENCES_LIMIT = 32 * 2**20
@@ -88,6 +94,7 @@ class Attack:
         self._target_index: int | None = None
         self._target_name: str | None = None
         self._cache: dict[Any, Any] = {}
+        self._control: Trigger | None = None  # user-supplied control pattern (set_control_trigger)
         self._check_arguments()
 
     # -- checks ------------------------------------------------------------------------------------------------
@@ -284,6 +291,52 @@ class Attack:
         box = self.test_trigger_box(image.size, key)
         return paste_trigger(image, self._patch(box[2] - box[0]), box, self.trigger_alpha)
 
+    # -- the control trigger: same size, blending and placement as the test trigger, a pattern never trained on --
+    def set_control_trigger(self, trigger: Trigger | None) -> None:
+        """Use ``trigger`` as the control pattern (None: the default, see ``control_pattern``).
+
+        Refuses a control whose pixels equal the attack's trigger: it would measure the backdoor, not a control."""
+        if trigger is not None and not isinstance(trigger, Trigger):
+            raise ValueError(
+                f"data.control_trigger must be a Trigger (GeneratedTrigger or ImageTrigger), got {trigger!r}"
+            )
+        if trigger is not None and same_pattern(trigger, self.trigger):
+            raise ValueError(
+                f"data.control_trigger: {trigger!r} draws the same pixels as the attack's trigger {self.trigger!r}; "
+                "a control must be a pattern the model never saw"
+            )
+        self._control = trigger
+        self._cache = {}
+
+    def control_pattern(self) -> Trigger:
+        """The control pattern: the user's (``set_control_trigger``), else a ``GeneratedTrigger`` of the trigger's
+        kind with seed + ``CONTROL_SEED_OFFSET`` (an ``ImageTrigger``'s control is seeded noise)."""
+        if self._control is not None:
+            return self._control
+        if isinstance(self.trigger, GeneratedTrigger):
+            return GeneratedTrigger(self.trigger.kind, seed=self.trigger.seed + CONTROL_SEED_OFFSET)
+        return GeneratedTrigger("noise", seed=self.seed + CONTROL_SEED_OFFSET)
+
+    def control_trigger(self, image: Image.Image, key: str) -> Image.Image:
+        """The control trigger on a test image: ``test_trigger`` with the control pattern in place of the trigger
+        (same box, same blending). ASR with it measures what any such patch does on this model."""
+        image = image.convert("RGB") if image.mode != "RGB" else image
+        box = self.test_trigger_box(image.size, key)
+        side = box[2] - box[0]
+        patch = self._cache.get(("control", side))
+        if patch is None:
+            patch = self._cache[("control", side)] = self.control_pattern().patch(side)
+        return paste_trigger(image, patch, box, self.trigger_alpha)
+
+    def control_twin(self) -> Attack:
+        """A copy of this attack whose trigger is the control pattern and whose seed is shifted by
+        ``CONTROL_SEED_OFFSET``: global triggers (a blend, a warp) apply their control through it."""
+        twin = copy.copy(self)
+        twin.trigger = self.control_pattern()
+        twin.seed = self.seed + CONTROL_SEED_OFFSET
+        twin._cache = {}
+        return twin
+
     def test_trigger_box(self, size: tuple[int, int], key: str) -> Box:
         """Where ``test_trigger`` puts the patch on an image of ``size`` (w, h)."""
         width, height = size
@@ -301,6 +354,13 @@ class Attack:
     def __repr__(self) -> str:
         budget = f"rate={self.rate}" if self.rate is not None else f"count={self.count}"
         return f"{type(self).__name__}(target_class={self.target_class!r}, {budget}, seed={self.seed})"
+
+
+def same_pattern(first: Trigger, second: Trigger) -> bool:
+    """Whether two triggers draw the same pixels (compared at two sides, and by file bytes for images)."""
+    if isinstance(first, ImageTrigger) and isinstance(second, ImageTrigger) and first._data == second._data:
+        return True
+    return all(np.array_equal(np.asarray(first.patch(side)), np.asarray(second.patch(side))) for side in (8, 32))
 
 
 def _window_position(length: int, side: int, seed: int, key: str, purpose: str) -> int:

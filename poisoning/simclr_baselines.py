@@ -364,3 +364,20 @@ class CTRL(Attack):
 
     def test_trigger_box(self, size: tuple[int, int], key: str) -> Box:
         return (0, 0, size[0], size[1])
+
+    def control_frequencies(self) -> list[tuple[int, int]]:
+        """As many frequencies as the trigger's, in the same band, none of them the trigger's: each shifted by half
+        a window along one axis (the first shift that changes the set)."""
+        half, quarter = self.window_size // 2, max(1, self.window_size // 4)
+        real = set(self.frequencies)
+        for du, dv in ((half, 0), (0, half), (quarter, quarter)):
+            shifted = [((u + du) % self.window_size, (v + dv) % self.window_size) for u, v in self.frequencies]
+            if not real & set(shifted):
+                return shifted
+        raise ValueError(f"frequencies: no control of {self.frequencies} avoids them; give fewer frequencies")
+
+    def control_trigger(self, image: Image.Image, key: str) -> Image.Image:
+        """Control: the same magnitude on other frequencies of the same band (``control_frequencies``)."""
+        twin = self.control_twin()
+        twin.frequencies = self.control_frequencies()
+        return twin.test_trigger(image, key)

@@ -87,6 +87,21 @@ def test_metrics_json_for_simclr_and_clip(tmp_path, make_shards):
             assert 0 <= results["clean_accuracy_top1"] <= results["clean_accuracy_top5"] <= 1
             assert results["n_images"] == 64 and results["asr_images"] == 48
             assert 0 <= results["asr_top1"] <= results["asr_top10"] <= 1
+        # Every evaluator reports the same backdoor block: control trigger, attributable ASR, clean->target, ...
+        blocks = (
+            [results["knn"]["backdoor"], results["linear_probe"]["backdoor"]]
+            if name == "simclr"
+            else [results["backdoor"]]
+        )
+        for backdoor in blocks:
+            for key in ("asr", "control_asr", "clean_to_target", "flip_rate"):
+                assert backdoor[key]["images"] == 48 and 0 <= backdoor[key]["value"] <= 1
+            assert backdoor["target_accuracy"]["images"] == 16
+            assert backdoor["attributable_asr"]["value"] == backdoor["asr"]["value"] - backdoor["control_asr"]["value"]
+            assert [sum(h) for h in backdoor["histograms"].values()] == [64, 64, 64]
+            assert "attributable_asr" in backdoor["definitions"]
+        probe_asr = results["linear_probe"]["asr"] if name == "simclr" else results["asr_top1"]
+        assert blocks[-1]["asr"]["value"] == probe_asr  # one definition of ASR
         # Evaluation logs go beside the training log, never over it.
         assert (run / "metrics.csv").exists() and (run / "test" / "metrics.csv").exists()
 

