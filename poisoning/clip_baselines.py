@@ -270,11 +270,11 @@ class BadNet(_CLIPAttack):
         return self._noise_patch(canvas, self.test_trigger_box(image.size, key), key, "test")
 
     def control_trigger(self, image: Image.Image, key: str) -> Image.Image:
-        if self.benchmark:
-            kind = "patch"  # a fixed pattern: another noise law would still be "a noise patch"
-        else:  # the same kind as the trigger (an image trigger: a noise patch)
-            kind = self.trigger.kind if isinstance(self.trigger, GeneratedTrigger) else "noise"
-        control = GeneratedTrigger(kind, seed=control_seed(self.seed))
+        if self.benchmark and self._control is None:
+            # a fixed pattern: another draw of the same noise law would still be "a noise patch", i.e. the trigger
+            control = GeneratedTrigger("patch", seed=control_seed(self.seed))
+        else:  # the user's control, else the trigger's kind with another seed (Attack.control_pattern)
+            control = self.control_pattern()
         if self.benchmark:
             image = benchmark_canvas(image, self._run_side(image))
         else:
