@@ -71,14 +71,14 @@ def preview(datamodule: ShardDataModule, out: Path, count: int, overwrite: bool)
     faults = FaultCounter()
     rows = []
     for key in keys:
-        sample = decode_sample(raw[key], faults, need_label=False, need_text=datamodule.modality == "clip")
+        sample = decode_sample(raw[key], faults, need_label=False, need_text=datamodule.modality == "image-text")
         if sample is None:
             continue
         original = sample["image"]
         poisoned = plan.apply(dict(sample))
         record = plan.poisoned[key]
         images, labels = [original, poisoned["image"]], ["original", "poisoned"]
-        if datamodule.modality == "simclr":
+        if datamodule.modality == "image":
             from torchvision.transforms.v2.functional import to_pil_image
 
             views = datamodule.train_item(poisoned, epoch=0)["views"]

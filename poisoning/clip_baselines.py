@@ -21,7 +21,7 @@ from poisoning.triggers import Trigger, paste_trigger
 
 
 class _CLIPAttack(Attack):
-    modality: ClassVar[str] = "clip"
+    modality: ClassVar[str] = "image-text"
 
     def _trigger_box(self, key: str, side: int) -> Box:
         return (0, 0, side, side)  # global triggers cover the canvas
