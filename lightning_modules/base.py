@@ -1,7 +1,7 @@
 """The base LightningModule: optimiser and schedule, stream bookkeeping, and evaluation results on disk.
 
-Each method (SimCLR, CLIP, the defenses) is a subclass that adds its model, loss and evaluation; everything a run
-shares lives here, after solo-learn's ``BaseMethod``.
+Each method (the image methods through ``image_ssl.ImageSSLModule``, CLIP, the defenses) is a subclass that adds its
+model, loss and evaluation; everything a run shares lives here, after solo-learn's ``BaseMethod``.
 """
 
 from __future__ import annotations
