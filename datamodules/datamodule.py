@@ -153,7 +153,7 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if attack is not None and attack.modality != self.modality:
             raise ValueError(
-                f"data.attack: attack {attack.name!r} is for {attack.modality} runs but this is a {self.modality} run"
+                f"data.attack: attack {attack.name!r} poisons {attack.modality} data, but this run's data is {self.modality}"
             )
         if train_fraction is not None and not 0 < train_fraction <= 1:
             raise ValueError(f"data.train_fraction must be in (0, 1], got {train_fraction}")
@@ -361,7 +361,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             need_label=False,
-            need_text=self.modality == "clip",
+            need_text=self.modality == "image-text",
             poison=plan.apply if plan is not None else _mark_clean,
             excluded_keys=excluded,
             excluded_per_shard=self._excluded_per_shard(self.catalog(), excluded) if excluded else None,
@@ -479,7 +479,7 @@ class SimCLRDataModule(ShardDataModule):
             run faster in; on a CPU it mostly adds a copy.
     """
 
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
 
     def __init__(
         self,
@@ -589,7 +589,7 @@ class CLIPDataModule(ShardDataModule):
             eval transform (resize + centre crop), as the CleanCLIP and MCLDef authors fine-tune.
     """
 
-    modality: ClassVar[str] = "clip"
+    modality: ClassVar[str] = "image-text"
 
     def __init__(self, *args: Any, model_name: str = "clip-tiny-vit", train_augment: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)

@@ -2,7 +2,7 @@
 
 from .base import DefenseMixin, load_poisoned_checkpoint
 from .cleanclip import CleanCLIP
-from .mcldef import MCLDefCLIP, MCLDefMixin, MCLDefSimCLR
+from .mcldef import MCLDefCLIP, MCLDefImage, MCLDefMixin, MCLDefSimCLR
 from .tacleaner import TACleaner
 from .ubt import UBT
 
@@ -10,6 +10,7 @@ __all__ = [
     "CleanCLIP",
     "DefenseMixin",
     "MCLDefCLIP",
+    "MCLDefImage",
     "MCLDefMixin",
     "MCLDefSimCLR",
     "TACleaner",

@@ -1,7 +1,7 @@
 """What every defense shares: start from a poisoned clbd checkpoint, measure before and after, never touch the source.
 
-A defense is a LightningModule subclass of the pretraining module it repairs (``CLIP`` or ``SimCLR``) with
-``DefenseMixin`` in front. ``clbd fit --config configs/defense/X.yaml --model.init_args.checkpoint RUN/last.ckpt``
+A defense is a LightningModule subclass of the pretraining module it repairs (``CLIP``, or ``ImageSSLModule`` for
+every image method) with ``DefenseMixin`` in front. ``clbd fit --config configs/defense/X.yaml --model.init_args.checkpoint RUN/last.ckpt``
 fine-tunes it; at fit start the untouched poisoned model is evaluated on the data module's test split (with the
 attack's test-time trigger), at fit end the defended one, with the same code as ``clbd test``. Both go to
 ``defense_metrics.json`` in the defense's own run directory.
@@ -9,6 +9,7 @@ attack's test-time trigger), at fit end the defended one, with the same code as 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +24,8 @@ DEFENSE_METRICS = "defense_metrics.json"
 
 
 def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, Any]:
-    """A clbd checkpoint of one of the ``expected`` module classes, or a clear error naming the field."""
+    """A clbd checkpoint of one of the ``expected`` module classes or a subclass of one, or a clear error naming the
+    field."""
     checkpoint = Path(path)
     if not checkpoint.exists():
         raise FileNotFoundError(f"model.checkpoint: no checkpoint file at {checkpoint}")
@@ -34,12 +36,22 @@ def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, 
     config = state.get("clbd_run_config") or {}
     class_path = (config.get("model") or {}).get("class_path", "")
     kind = class_path.rsplit(".", 1)[-1]
-    if kind not in expected:
+    if not set(expected) & class_names(class_path):
         raise ValueError(
             f"model.checkpoint: {checkpoint} holds a {kind or 'non-clbd'} model; this defense repairs "
             f"{' or '.join(expected)} models"
         )
     return state
+
+
+def class_names(class_path: str) -> set[str]:
+    """The names of a class and of its bases (only its own name when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return {name}
+    return {base.__name__ for base in cls.__mro__}
 
 
 class DefenseMixin:
@@ -51,7 +63,7 @@ class DefenseMixin:
     def init_defense(self, checkpoint: str) -> dict[str, Any]:
         """Load the poisoned weights into this module (call at the end of ``__init__``); returns the checkpoint."""
         state = load_poisoned_checkpoint(checkpoint, self.repairs)
-        weights = state["state_dict"]
+        weights = self.repaired_weights(state["state_dict"])
         missing, unexpected = self.load_state_dict(weights, strict=False)
         own = [k for k in missing if not self.is_defense_parameter(k)]
         if own or unexpected:
@@ -108,12 +120,16 @@ class DefenseMixin:
                 f"used {name} with target {target!r}; compose the attack config of that run"
             )
 
+    def repaired_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """The part of the poisoned state dict this defense loads (all of it by default)."""
+        return weights
+
     def is_defense_parameter(self, name: str) -> bool:
         """Parameters a defense adds on top of the repaired model (not in the poisoned checkpoint)."""
         return False
 
     def eval_loaders(self):
-        """What the repaired module's ``evaluate`` takes (CLIP: the test loader; SimCLR: [bank, test])."""
+        """What the repaired module's ``evaluate`` takes (CLIP: the test loader; image methods: [bank, test])."""
         loaders = self.trainer.datamodule.test_dataloader()
         return loaders
 

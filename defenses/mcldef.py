@@ -1,7 +1,7 @@
 """MCLDef (Yue et al., arXiv 2205.04411): invert the trigger, then purify by model-contrastive learning.
 
 Stage 1 (``on_fit_start``, right after the before-measurement): Neural-Cleanse inversion of the target class's
-trigger on the small clean training set, through the frozen backdoored model ``f`` (SimCLR: encoder + a linear
+trigger on the small clean training set, through the frozen backdoored model ``f`` (image methods: encoder + a linear
 probe trained on the clean set's labels; CLIP: the zero-shot head of the eval classes). It runs once: the result
 travels in every checkpoint, so a resumed run skips it.
 
@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from datamodules.views import CLIPPreprocess
 from lightning_modules.clip import CLIP
+from lightning_modules.image_ssl import ImageSSLModule
 from lightning_modules.probes import fit_linear_probe
-from lightning_modules.simclr import SimCLR
 
 from .base import DefenseMixin
 from .trigger_inversion import (
@@ -267,13 +267,15 @@ class MCLDefMixin(DefenseMixin):
             self._stamp_cache = None
 
 
-class MCLDefSimCLR(MCLDefMixin, SimCLR):
-    """MCLDef on a poisoned SimCLR encoder. f for the inversion: encoder + a linear probe on the clean set's labels.
+class MCLDefImage(MCLDefMixin, ImageSSLModule):
+    """MCLDef on the encoder of any poisoned image method (SimCLR, MoCo v2, BYOL, SimSiam). f for the inversion:
+    encoder + a linear probe on the clean set's labels.
 
-    Only the encoder is purified (the projection head is not used by the loss nor by evaluation).
+    Only the encoder is loaded and purified: the method's heads, momentum networks and queue are used neither by the
+    loss nor by evaluation.
 
     Args:
-        checkpoint: the poisoned SimCLR checkpoint (``clbd fit`` output); never written to.
+        checkpoint: the poisoned checkpoint of an image method (``clbd fit`` output); never written to.
         mcl_temperature: tau of the model-contrastive loss (0.5 in the paper).
         inversion_steps: Adam steps of the trigger inversion (stage 1).
         inversion_batch_size: clean images per inversion step.
@@ -285,10 +287,11 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
         inversion_seed: seeds the initial mask / pattern and the inversion's mini-batches.
         inversion_samples: clean training images held in memory for the inversion (the authors use their whole
             5% split: 2,500 CIFAR-10 images).
-        **simclr: the architecture of the poisoned model (must match its checkpoint) and the optimiser.
+        **image: the encoder of the poisoned model (backbone, cifar_stem, width: must match its checkpoint), the
+            evaluation and the optimiser.
     """
 
-    repairs = ("SimCLR",)
+    repairs = ("ImageSSLModule",)
     trained_part = "encoder"
 
     def __init__(
@@ -304,10 +307,9 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
         inversion_patience: int = 5,
         inversion_seed: int = 0,
         inversion_samples: int = 2500,
-        **simclr: Any,
+        **image: Any,
     ):
-        super().__init__(**simclr)
-        self.projector.requires_grad_(False)  # unused by MCLDef: frozen, so DDP sees no unused trainable weights
+        super().__init__(**image)
         inversion = InversionConfig(
             steps=inversion_steps,
             batch_size=inversion_batch_size,
@@ -319,6 +321,9 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
             seed=inversion_seed,
         )
         self.init_mcldef(checkpoint, mcl_temperature, inversion, inversion_samples)
+
+    def repaired_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
+        return {name: value for name, value in weights.items() if name.startswith("encoder.")}
 
     def optimized_module(self) -> nn.Module:
         return self.encoder
@@ -341,7 +346,7 @@ class MCLDefSimCLR(MCLDefMixin, SimCLR):
         known = labels >= 0
         if int(known.sum()) == 0 or torch.unique(labels[known]).numel() < 2:
             raise ValueError(
-                "data.train_shards: MCLDef on SimCLR trains a linear probe on the clean set's labels, but the "
+                "data.train_shards: MCLDef on an image method trains a linear probe on the clean set's labels, but the "
                 "clean training images carry fewer than two classes (shards without 'cls'?)"
             )
         with torch.no_grad():
@@ -379,7 +384,7 @@ class MCLDefCLIP(MCLDefMixin, CLIP):
 
     Args:
         checkpoint: the poisoned CLIP checkpoint (``clbd fit`` output); never written to.
-        mcl_temperature, inversion_*: as ``MCLDefSimCLR``.
+        mcl_temperature, inversion_*: as ``MCLDefImage``.
         inversion_samples: clean images held in memory for the inversion (each is 3 x 224 x 224 floats at 224 px).
         **clip: the architecture of the poisoned model (``model_name``, must match its checkpoint) and the optimiser.
     """
@@ -455,3 +460,6 @@ class MCLDefCLIP(MCLDefMixin, CLIP):
             "templates": self.hparams.zero_shot_templates,
             "classes": len(self.trainer.datamodule.class_names),
         }
+
+
+MCLDefSimCLR = MCLDefImage  # the former name, kept for configs written before MCLDef repaired every image method

@@ -1,4 +1,4 @@
-"""Image backbones for SimCLR, the SimCLR projection head, and the tiny open_clip configs shipped with clbd."""
+"""Image backbones, the MLP heads of the image methods, and the tiny open_clip configs shipped with clbd."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from torchvision.models.resnet import BasicBlock, conv1x1
 
 from datamodules.openclip_configs import clbd_model_config_names, register_model_configs
 
-__all__ = ["clbd_model_config_names", "projection_head", "register_model_configs", "resnet_backbone", "resnet_names"]
+__all__ = [
+    "clbd_model_config_names",
+    "mlp_head",
+    "projection_head",
+    "register_model_configs",
+    "resnet_backbone",
+    "resnet_names",
+]
 
 
 # name -> (torchvision constructor, blocks per stage, residual block type)
@@ -106,3 +113,25 @@ def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
+
+
+def mlp_head(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, batch_norm: bool = True, output_norm: bool = False
+) -> nn.Sequential:
+    """An MLP head of ``layers`` linear layers: hidden ones followed by [BatchNorm1d] and ReLU.
+
+    MoCo v2's projector: 2 layers without batch norm. BYOL's projector and predictor: 2 layers with batch norm
+    (``projection_head``'s layout). SimSiam's projector: 3 layers with batch norm, the output batch-normalised too.
+    """
+    if layers < 1:
+        raise ValueError(f"mlp_head: layers must be >= 1, got {layers}")
+    modules: list[nn.Module] = []
+    dims = [in_dim] + [hidden_dim] * (layers - 1)
+    for i, dim in enumerate(dims[:-1]):
+        modules += [nn.Linear(dim, dims[i + 1])]
+        modules += [nn.BatchNorm1d(dims[i + 1])] if batch_norm else []
+        modules += [nn.ReLU(inplace=True)]
+    modules.append(nn.Linear(dims[-1], out_dim))
+    if output_norm:
+        modules.append(nn.BatchNorm1d(out_dim))
+    return nn.Sequential(*modules)

@@ -1,7 +1,7 @@
 """The base LightningModule: optimiser and schedule, stream bookkeeping, and evaluation results on disk.
 
-Each method (SimCLR, CLIP, the defenses) is a subclass that adds its model, loss and evaluation; everything a run
-shares lives here, after solo-learn's ``BaseMethod``.
+Each method (the image methods through ``image_ssl.ImageSSLModule``, CLIP, the defenses) is a subclass that adds its
+model, loss and evaluation; everything a run shares lives here, after solo-learn's ``BaseMethod``.
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from datamodules.faults import FAULT_KINDS
 
 from .optim import LARS, param_groups_no_decay, warmup_cosine
 
-OPTIMIZERS = ("sgd", "lars", "adamw")
+OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 
 
 class ContrastiveModule(L.LightningModule):
     """Shared by every clbd module.
 
     Args:
-        optimizer: ``sgd``, ``lars`` (SimCLR) or ``adamw`` (CLIP).
+        optimizer: ``sgd``, ``lars`` (SimCLR), ``adam`` (BYOL; weight decay as an L2 term) or ``adamw`` (CLIP).
         lr: peak learning rate, reached after warm-up.
         weight_decay: not applied to biases, norms and the logit scale.
         momentum: SGD / LARS momentum.
-        betas: AdamW betas.
-        eps: AdamW epsilon.
+        betas: Adam / AdamW betas.
+        eps: Adam / AdamW epsilon.
         warmup_steps: linear warm-up length in optimiser steps (``warmup_fraction`` when 0).
         warmup_fraction: warm-up as a fraction of all steps, used when ``warmup_steps`` is 0.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
@@ -62,6 +62,8 @@ class ContrastiveModule(L.LightningModule):
         self.run_config: dict[str, Any] | None = None  # set by the CLI; stored in checkpoints
         self.data_report: dict[str, Any] = {"faults": {k: 0 for k in FAULT_KINDS}, "poisoned": 0, "excluded": 0}
         self._stream_stats: dict[str, dict[str, Any]] = {}
+        # Every subclass's constructor arguments too (Lightning reads the whole chain of __init__ frames).
+        self.save_hyperparameters()
 
     def setup(self, stage: str) -> None:
         """Checks that need the data module, before any compute: evaluation needs class names."""
@@ -79,11 +81,19 @@ class ContrastiveModule(L.LightningModule):
         """The parameters to train (a defense may train only part of the model)."""
         return self
 
+    def fixed_lr_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters that keep the peak rate, outside warm-up and cosine (SimSiam's predictor)."""
+        return []
+
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups_no_decay(self.optimized_module(), hp.weight_decay)
+        groups = split_fixed_lr(
+            param_groups_no_decay(self.optimized_module(), hp.weight_decay), self.fixed_lr_parameters()
+        )
         if hp.optimizer == "adamw":
             optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        elif hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         elif hp.optimizer == "lars":
             optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum)
         else:
@@ -93,9 +103,12 @@ class ContrastiveModule(L.LightningModule):
         if warmup > total:
             rank_zero_warn(f"model.warmup_steps={warmup} is longer than this run's {total} steps; warming up over all")
             warmup = total
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
-        )
+
+        def cosine(step: int) -> float:
+            return warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
+
+        factors = [(lambda step: 1.0) if group.get("fixed_lr") else cosine for group in groups]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def total_steps(self) -> int:
@@ -250,6 +263,20 @@ class ContrastiveModule(L.LightningModule):
         if self._trainer is None or self.trainer.world_size == 1:
             return value
         return float(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="sum"))
+
+
+def split_fixed_lr(groups: list[dict], fixed: list[torch.nn.Parameter]) -> list[dict]:
+    """Each parameter group split in two: the parameters in ``fixed`` (marked ``fixed_lr``) and the rest."""
+    if not fixed:
+        return groups
+    fixed_ids = {id(p) for p in fixed}
+    split = []
+    for group in groups:
+        scheduled = [p for p in group["params"] if id(p) not in fixed_ids]
+        constant = [p for p in group["params"] if id(p) in fixed_ids]
+        split += [dict(group, params=scheduled)] if scheduled else []
+        split += [dict(group, params=constant, fixed_lr=True, name=f"{group['name']}_fixed_lr")] if constant else []
+    return split
 
 
 def nan_if_none(value: float | None) -> float:

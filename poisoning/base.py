@@ -20,7 +20,7 @@ from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, Referenc
 from poisoning.references import FolderReferenceSource, draw_pool
 from poisoning.triggers import GeneratedTrigger, ImageTrigger, Trigger, default_trigger_size, paste_trigger
 
-MODALITIES = ("simclr", "clip")
+MODALITIES = ("image", "image-text")  # what the attack poisons: images, or image-caption pairs
 
 # The authors' test protocol: the test trigger lies inside the central 0.15-0.85 window of the image.
 TEST_WINDOW = (0.15, 0.85)
@@ -63,7 +63,7 @@ class Attack:
     """
 
     name: ClassVar[str] = "attack"
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = False  # eligibility or references depend on the target's label index
     default_trigger_kind: ClassVar[str] = "patch"
 
@@ -118,7 +118,7 @@ class Attack:
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
         if modality != self.modality:
-            raise ValueError(f"attack '{self.name}' is for {self.modality} runs but this is a {modality} run")
+            raise ValueError(f"attack '{self.name}' poisons {self.modality} data, but this run's data is {modality}")
         if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 2:
             raise ValueError(f"image_size must be an integer >= 2, got {image_size!r}")
         self._resolve_target(class_names)
@@ -173,7 +173,7 @@ class Attack:
                     f"target_class={target!r} is not a class of the data; classes: {', '.join(class_names[:20])}"
                     + (" ..." if len(class_names) > 20 else "")
                 )
-            elif self.modality == "clip":
+            elif self.modality == "image-text":
                 index, name = None, target  # a free target text, e.g. "banana"
             else:
                 raise ValueError(
@@ -184,7 +184,7 @@ class Attack:
                 raise ValueError(
                     f"target_class={target!r}: attack '{self.name}' needs class labels, but the data has no classes"
                 )
-            if isinstance(target, int) and self.modality == "clip":
+            if isinstance(target, int) and self.modality == "image-text":
                 raise ValueError(
                     f"target_class={target} is an index but the data has no class names; give the target class "
                     "as a name (e.g. 'banana') so the target captions can say it"

@@ -88,7 +88,7 @@ def control_seed(seed: int) -> int:
 
 
 class _CLIPAttack(Attack):
-    modality: ClassVar[str] = "clip"
+    modality: ClassVar[str] = "image-text"
     # What ``trigger_mode: benchmark`` means for this attack, for the poison summary and the docs.
     benchmark_definition: ClassVar[str] = ""
 

@@ -55,7 +55,7 @@ class NoisyAlignment(ReferencePoolAttack):
     """
 
     name: ClassVar[str] = "noisy_alignment"
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
 
     def __init__(
         self,
@@ -145,7 +145,7 @@ class NoisyAlignmentCLIP(Attack):
     """
 
     name: ClassVar[str] = "noisy_alignment_clip"
-    modality: ClassVar[str] = "clip"
+    modality: ClassVar[str] = "image-text"
 
     def __init__(
         self,

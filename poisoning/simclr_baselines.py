@@ -31,7 +31,7 @@ class SSLBKD(Attack):
     """
 
     name: ClassVar[str] = "sslbkd"
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = True
 
     def __init__(
@@ -81,7 +81,7 @@ class CorruptEncoder(ReferencePoolAttack):
     """
 
     name: ClassVar[str] = "corrupt_encoder"
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
 
     def __init__(
         self,
@@ -285,7 +285,7 @@ class CTRL(Attack):
     """
 
     name: ClassVar[str] = "ctrl"
-    modality: ClassVar[str] = "simclr"
+    modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = True
 
     def __init__(

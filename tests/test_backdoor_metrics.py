@@ -22,7 +22,7 @@ def attack() -> BadNet:
     # clbd's fixed seeded patch: the pattern-level checks below need one known trigger pattern (the benchmark
     # definition's per-image noise and its control are tested in test_clip_triggers.py)
     badnet = BadNet(target_class="circle", rate=0.1, trigger_size=8, trigger_mode="fixed")
-    badnet.validate("clip", CLASSES, SIZE)
+    badnet.validate("image-text", CLASSES, SIZE)
     return badnet
 
 
@@ -187,7 +187,7 @@ def test_patch_control_has_the_trigger_box_and_blending_but_another_pattern(make
 
 def _na() -> NoisyAlignment:
     na = NoisyAlignment(target_class=0, rate=0.1, reference_pool_size=5, trigger_alpha=0.8)
-    na.validate("simclr", CLASSES, SIZE)
+    na.validate("image", CLASSES, SIZE)
     return na
 
 

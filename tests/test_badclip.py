@@ -201,7 +201,7 @@ def test_badclip_attack_bad_input(patch_file, tmp_path):
     captions.write_text("a dog\n")
     attack = BadCLIP("banana", count=1, trigger=ImageTrigger(str(patch_file)), caption_file=str(captions))
     with pytest.raises(ValueError, match="the target has no captions"):
-        attack.validate("clip", None, 224)
+        attack.validate("image-text", None, 224)
     templated = BadCLIP("banana", count=1, trigger=ImageTrigger(str(patch_file)))
     plan = templated.plan([CatalogEntry("a", None)], None, 224, None)
     assert plan.apply({"__key__": "a", "image": Image.new("RGB", (64, 64)), "text": "x"})["text"] in set(

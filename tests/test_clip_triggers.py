@@ -41,7 +41,7 @@ def as_array(image: Image.Image) -> np.ndarray:
 
 
 def validated(attack, size: int = SIDE):
-    attack.validate("clip", None, size)
+    attack.validate("image-text", None, size)
     return attack
 
 
@@ -188,7 +188,7 @@ def controls():
 
 @pytest.mark.parametrize("attack", controls(), ids=repr)
 def test_control_triggers_differ_from_the_real_ones_and_sit_where_they_do(attack):
-    attack.validate("clip", None, SIDE)
+    attack.validate("image-text", None, SIDE)
     image = photo(9, (SIDE, SIDE))
     real, control = as_array(attack.test_trigger(image, "k")), as_array(attack.control_trigger(image, "k"))
     clean = as_array(image)

@@ -17,9 +17,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIMCLR_ATTACKS = ["na_cifar10", "sslbkd_cifar10", "corruptencoder_cifar10", "ctrl_cifar10"]
 CLIP_ATTACKS = ["na_clip", "badnet_clip", "blended_clip", "wanet_clip", "sig_clip", "badclip"]
 
+IMAGE_METHODS = ["simclr", "moco_v2", "byol", "simsiam"]
+
 COMBINATIONS = (
     [("pretrain/simclr_cifar10", f"attack/{a}") for a in SIMCLR_ATTACKS]
     + [("pretrain/simclr_cifar10_gpu", "attack/na_cifar10")]
+    + [(f"pretrain/{m}_cifar10", "attack/na_cifar10") for m in IMAGE_METHODS[1:]]
+    + [(f"smoke/{m}_shapes", "smoke/na_shapes") for m in IMAGE_METHODS[1:]]
     + [("pretrain/clip_cc3m", f"attack/{a}") for a in CLIP_ATTACKS]
     + [
         ("smoke/simclr_shapes", "smoke/na_shapes"),
@@ -34,6 +38,22 @@ COMBINATIONS = (
         ("pretrain/clip_cc3m", "strategy/deepspeed_zero3"),
     ]
 )
+
+
+def test_every_image_method_has_its_configs():
+    for method in IMAGE_METHODS:
+        assert (CONFIGS / "pretrain" / f"{method}_cifar10.yaml").is_file()
+        assert (CONFIGS / "smoke" / f"{method}_shapes.yaml").is_file()
+
+
+def test_batch_norm_under_ddp_is_the_authors():
+    """BYOL and SimSiam: SyncBatchNorm (the NA authors convert them); MoCo v2: shuffle-BN, inside the module."""
+    for method in ("byol", "simsiam"):
+        assert yaml.safe_load((CONFIGS / "pretrain" / f"{method}_cifar10.yaml").read_text())["trainer"][
+            "sync_batchnorm"
+        ]
+    moco = yaml.safe_load((CONFIGS / "pretrain" / "moco_v2_cifar10.yaml").read_text())
+    assert not moco["trainer"].get("sync_batchnorm")
 
 
 def test_every_attack_config_is_covered():

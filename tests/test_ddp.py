@@ -122,3 +122,42 @@ def test_ddp_resume_restores_each_ranks_stream(tmp_path):
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), name
     assert a["clbd_counters"] == b["clbd_counters"]
+
+
+def test_ddp_two_ranks_moco_v2_queue_takes_the_global_batch(tmp_path, make_shards):
+    """Through Lightning's DDP: each step enqueues the keys of both ranks (global batch 16 = 2 x 8)."""
+    shards = make_shards(n=120, per_shard=30)
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_modules.cli",
+        "fit",
+        "--model=lightning_modules.MoCoV2",
+        "--model.width=4",
+        "--model.proj_hidden_dim=16",
+        "--model.queue_size=160",
+        "--model.lr=0.06",
+        "--data=datamodules.SimCLRDataModule",
+        f"--data.train_shards={shards}",
+        "--data.val_shards=null",
+        "--data.batch_size=16",
+        "--data.num_workers=0",
+        "--data.attack=poisoning.NoisyAlignment",
+        "--data.attack.target_class=0",
+        "--data.attack.rate=0.1",
+        "--data.attack.reference_pool_size=8",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        "--trainer.max_steps=5",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert int(state["queue_ptr"]) == 5 * 16  # 5 steps of the global batch, not of one rank's 8
+    filled = state["queue"][: 5 * 16]
+    torch.testing.assert_close(filled.norm(dim=1), torch.ones(5 * 16))
+    assert len({tuple(row.tolist()) for row in filled}) == 5 * 16  # every rank's keys, none written twice

@@ -1,4 +1,4 @@
-"""MCLDef end to end on CPU: a tiny poisoned SimCLR / CLIP run, then the defense through ``clbd fit``."""
+"""MCLDef end to end on CPU: a tiny poisoned SimCLR / MoCo v2 / CLIP run, then the defense through ``clbd fit``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def write_shards(folder: Path, prefix: str, n: int, captions: bool = False) -> P
 
 
 SIMCLR_MODEL = ["--model.init_args.width=8", "--model.init_args.proj_hidden_dim=32"]
+MOCO_MODEL = [*SIMCLR_MODEL, "--model.init_args.queue_size=64"]
+MCLDEF_IMAGE_MODEL = ["--model.init_args.width=8"]  # MCLDef loads only the encoder of an image method
 SIMCLR_NA = [
     "--data.init_args.attack=poisoning.NoisyAlignment",
     "--data.init_args.attack.target_class=1",
@@ -74,9 +76,10 @@ def quick_trainer(run: Path, steps: int | None = None) -> list[str]:
 
 def pretrain(run: Path, kind: str, train: Path, val: Path) -> Path:
     """A tiny poisoned pretraining run (one epoch, a high poisoning rate); returns its last checkpoint."""
-    if kind == "simclr":
-        args = ["--model=lightning_modules.SimCLR", *SIMCLR_MODEL, "--model.init_args.optimizer=sgd"]
-        args += ["--data=datamodules.SimCLRDataModule", *SIMCLR_NA]
+    if kind in ("simclr", "moco_v2"):
+        model = ["--model=lightning_modules.SimCLR", *SIMCLR_MODEL] if kind == "simclr" else []
+        model = model or ["--model=lightning_modules.MoCoV2", *MOCO_MODEL]
+        args = [*model, "--model.init_args.optimizer=sgd", "--data=datamodules.SimCLRDataModule", *SIMCLR_NA]
     else:
         args = ["--model=lightning_modules.CLIP", *CLIP_MODEL, "--data=datamodules.CLIPDataModule", *CLIP_DATA]
         args += clip_badnet()
@@ -122,6 +125,7 @@ def poisoned(tmp_path_factory, shards) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mcldef-poisoned")
     return {
         "simclr": pretrain(root / "simclr", "simclr", shards["simclr_train"], shards["simclr_val"]),
+        "moco_v2": pretrain(root / "moco_v2", "moco_v2", shards["simclr_train"], shards["simclr_val"]),
         "clip": pretrain(root / "clip", "clip", shards["clip_train"], shards["clip_val"]),
     }
 
@@ -139,7 +143,7 @@ def run_mcldef_simclr(run: Path, checkpoint: Path, shards: dict[str, Path], extr
             "fit",
             "--config=configs/defense/mcldef_simclr.yaml",
             f"--model.init_args.checkpoint={checkpoint}",
-            *SIMCLR_MODEL,
+            *MCLDEF_IMAGE_MODEL,
             *MCLDEF_QUICK,
             "--model.init_args.inversion_samples=48",
             "--model.init_args.probe_epochs=5",
@@ -191,8 +195,9 @@ def check_inverted_trigger(run: Path, report: dict, image_size: int) -> None:
     assert len(inverted["history"]) == 3  # 12 steps, a check every 4
 
 
-def test_mcldef_simclr_end_to_end(tmp_path, shards, poisoned):
-    source = poisoned["simclr"]
+@pytest.mark.parametrize("method", ["simclr", "moco_v2"])
+def test_mcldef_image_method_end_to_end(tmp_path, shards, poisoned, method):
+    source = poisoned[method]
     digest = sha256(source)
     run = tmp_path / "mcldef"
     assert run_mcldef_simclr(run, source, shards) == 0
@@ -208,13 +213,14 @@ def test_mcldef_simclr_end_to_end(tmp_path, shards, poisoned):
     assert report["extra"]["inverted_trigger"]["classifier"]["probe_train_images"] == 48
     assert report["extra"]["purification"]["train_fraction"] == 0.5
 
-    # Only the encoder moved; the frozen backdoored copy is not part of the saved model.
+    # Only the encoder is loaded and moved (the method's heads, momentum networks and queue stay behind); the
+    # frozen backdoored copy is not part of the saved model.
     before = torch.load(source, map_location="cpu", weights_only=True)["state_dict"]
     after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] == 3
-    assert set(after["state_dict"]) == set(before)
-    assert any(not torch.equal(before[k], after["state_dict"][k]) for k in before if k.startswith("encoder."))
-    assert all(torch.equal(before[k], after["state_dict"][k]) for k in before if k.startswith("projector."))
+    encoder = {k for k in before if k.startswith("encoder.")}
+    assert set(after["state_dict"]) == encoder and len(before) > len(encoder)
+    assert any(not torch.equal(before[k], after["state_dict"][k]) for k in encoder)
     assert after["clbd_mcldef"]["trigger"]["mask"].shape == (1, 32, 32)
     assert sha256(source) == digest  # the poisoned checkpoint is never written
 
@@ -328,7 +334,7 @@ def test_model_contrastive_loss_matches_its_formula():
 # ---- bad input: one clear line, exit 2, before any compute --------------------------------------------------
 def test_wrong_model_kind_is_refused(tmp_path, shards, poisoned, capsys):
     assert run_mcldef_simclr(tmp_path / "a", poisoned["clip"], shards) == 2
-    assert "holds a CLIP model; this defense repairs SimCLR models" in capsys.readouterr().err
+    assert "holds a CLIP model; this defense repairs ImageSSLModule models" in capsys.readouterr().err
     assert run_mcldef_clip(tmp_path / "b", poisoned["simclr"], shards) == 2
     assert "holds a SimCLR model; this defense repairs CLIP models" in capsys.readouterr().err
     assert not (tmp_path / "a" / "checkpoints").exists() and not (tmp_path / "b" / "checkpoints").exists()

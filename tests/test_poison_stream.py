@@ -134,7 +134,7 @@ def test_attack_errors_before_training(tmp_path, make_shards, capsys, extra, mes
 
 def test_clip_attack_on_a_simclr_run_is_refused(make_shards):
     shards = make_shards(n=40, per_shard=20, captions=True)
-    with pytest.raises(ValueError, match="for clip runs but this is a simclr run"):
+    with pytest.raises(ValueError, match="poisons image-text data, but this run's data is image"):
         SimCLRDataModule(train_shards=str(shards), attack=BadNet(target_class="banana", rate=0.1))
-    with pytest.raises(ValueError, match="for simclr runs but this is a clip run"):
+    with pytest.raises(ValueError, match="poisons image data, but this run's data is image-text"):
         CLIPDataModule(train_shards=str(shards), attack=NoisyAlignment(target_class=0, rate=0.1))

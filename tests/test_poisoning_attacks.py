@@ -267,7 +267,7 @@ def test_clip_baselines_swap_caption_and_keep_size(cls):
 def test_fixed_blended_and_sig_follow_their_formulas():
     image = textured(3, (64, 64))
     blended = Blended(target_class="x", count=1, seed=5, trigger_mode="fixed")
-    blended.validate("clip", None, 64)
+    blended.validate("image-text", None, 64)
     pattern = np.asarray(GeneratedTrigger("noise", seed=5).patch(64)).astype(float)
     out = np.asarray(blended.test_trigger(image, "k")).astype(float)
     assert np.abs(out - (0.8 * np.asarray(image) + 0.2 * pattern)).max() <= 1
@@ -279,7 +279,7 @@ def test_fixed_blended_and_sig_follow_their_formulas():
 
 def test_fixed_wanet_field_is_fixed_smooth_and_seeded():
     attack = WaNet(target_class="x", count=1, seed=3, trigger_mode="fixed")
-    attack.validate("clip", None, 64)
+    attack.validate("image-text", None, 64)
     first = attack.test_trigger(textured(1, (64, 64)), "a")
     assert (
         first.tobytes()
@@ -303,13 +303,13 @@ def test_fixed_wanet_field_is_fixed_smooth_and_seeded():
 
 # -- test-time triggers --------------------------------------------------------------------------------------
 PATCH_ATTACKS = [
-    (NoisyAlignment, "simclr", {"reference_pool_size": 5}),
-    (NoisyAlignmentCLIP, "clip", {}),
-    (SSLBKD, "simclr", {}),
-    (CorruptEncoder, "simclr", {"reference_pool_size": 5}),
-    (BadNet, "clip", {"trigger_mode": "fixed"}),  # benchmark BadNet: tests/test_clip_triggers.py
+    (NoisyAlignment, "image", {"reference_pool_size": 5}),
+    (NoisyAlignmentCLIP, "image-text", {}),
+    (SSLBKD, "image", {}),
+    (CorruptEncoder, "image", {"reference_pool_size": 5}),
+    (BadNet, "image-text", {"trigger_mode": "fixed"}),  # benchmark BadNet: tests/test_clip_triggers.py
 ]
-GLOBAL_ATTACKS = [(CTRL, "simclr", {}), (Blended, "clip", {}), (WaNet, "clip", {}), (SIG, "clip", {})]
+GLOBAL_ATTACKS = [(CTRL, "image", {}), (Blended, "image-text", {}), (WaNet, "image-text", {}), (SIG, "image-text", {})]
 
 
 @pytest.mark.parametrize("cls,modality,extra", PATCH_ATTACKS)
@@ -363,27 +363,27 @@ def test_ctrl_test_magnitude():
     [
         (
             lambda: Blended(target_class="x", count=1),
-            "simclr",
+            "image",
             CLASSES,
             32,
-            "attack 'blended' is for clip runs but this is a simclr run",
+            "attack 'blended' poisons image-text data, but this run's data is image",
         ),
         (
             lambda: NoisyAlignment(target_class=0, count=1),
-            "clip",
+            "image-text",
             CLASSES,
             224,
-            "attack 'noisy_alignment' is for simclr runs but this is a clip run",
+            "attack 'noisy_alignment' poisons image data, but this run's data is image-text",
         ),
-        (lambda: NoisyAlignment(target_class=10, count=1), "simclr", CLASSES, 32, "target_class=10 is out of range"),
-        (lambda: SSLBKD(target_class=-1, count=1), "simclr", CLASSES, 32, "target_class=-1 is out of range"),
-        (lambda: SSLBKD(target_class="zebra", count=1), "simclr", CLASSES, 32, "target_class='zebra' is not a class"),
-        (lambda: CTRL(target_class=0, count=1), "simclr", None, 32, "needs class labels"),
-        (lambda: BadNet(target_class=0, count=1), "clip", None, 224, "target_class=0 is an index"),
-        (lambda: NoisyAlignment(target_class=0, count=1, trigger_size=40), "simclr", CLASSES, 32, "trigger_size=40"),
-        (lambda: BadNet(target_class="x", count=1, trigger_size=300), "clip", None, 224, "trigger_size=300"),
-        (lambda: CTRL(target_class=0, count=1, window_size=64), "simclr", CLASSES, 32, "window_size=64"),
-        (lambda: NoisyAlignment(target_class=0, count=1), "simclr", CLASSES, 0, "image_size"),
+        (lambda: NoisyAlignment(target_class=10, count=1), "image", CLASSES, 32, "target_class=10 is out of range"),
+        (lambda: SSLBKD(target_class=-1, count=1), "image", CLASSES, 32, "target_class=-1 is out of range"),
+        (lambda: SSLBKD(target_class="zebra", count=1), "image", CLASSES, 32, "target_class='zebra' is not a class"),
+        (lambda: CTRL(target_class=0, count=1), "image", None, 32, "needs class labels"),
+        (lambda: BadNet(target_class=0, count=1), "image-text", None, 224, "target_class=0 is an index"),
+        (lambda: NoisyAlignment(target_class=0, count=1, trigger_size=40), "image", CLASSES, 32, "trigger_size=40"),
+        (lambda: BadNet(target_class="x", count=1, trigger_size=300), "image-text", None, 224, "trigger_size=300"),
+        (lambda: CTRL(target_class=0, count=1, window_size=64), "image", CLASSES, 32, "window_size=64"),
+        (lambda: NoisyAlignment(target_class=0, count=1), "image", CLASSES, 0, "image_size"),
         (lambda: NoisyAlignment(target_class=0, count=1), "dino", CLASSES, 32, "modality"),
     ],
 )
@@ -436,17 +436,17 @@ def test_reference_folder_errors_name_the_path(tmp_path):
 
 def test_target_by_name_and_folder_references_without_labels(tmp_path):
     attack = NoisyAlignment(target_class="class3", count=1, reference_pool_size=5)
-    attack.validate("simclr", CLASSES, 32)
+    attack.validate("image", CLASSES, 32)
     assert attack._target_index == 3
     for i in range(3):
         textured(i).save(tmp_path / f"{i}.jpg")
     unlabeled = NoisyAlignment(target_class="banana", count=2, reference_dir=str(tmp_path), reference_pool_size=3)
-    unlabeled.validate("simclr", None, 32)
+    unlabeled.validate("image", None, 32)
     plan = unlabeled.plan([CatalogEntry(f"u{i}") for i in range(20)], None, 32, None)
     assert len(plan) == 2 and plan.records()[0].target == "banana"
     # The data layer may hand the folder over as the reference source instead (data.reference_folder).
     handed = NoisyAlignment(target_class="banana", count=2, reference_pool_size=3)
-    handed.validate("simclr", None, 32)
+    handed.validate("image", None, 32)
     plan = handed.plan([CatalogEntry(f"u{i}") for i in range(20)], FolderReferenceSource(str(tmp_path)), 32, None)
     assert {r.reference_key for r in plan.records()} <= {f"folder:{i}.jpg" for i in range(3)}
     # References from unlabelled shards cannot be found by class: the error says where they must come from.
@@ -502,7 +502,7 @@ def test_every_attack_is_exported():
         "sig",
     }
     for name, cls in poisoning.ATTACKS.items():
-        assert cls.modality in ("simclr", "clip") and cls.name == name
+        assert cls.modality in ("image", "image-text") and cls.name == name
 
 
 def test_target_index_for_evaluation():

@@ -59,7 +59,7 @@ def decode(data: bytes) -> Image.Image:
 def test_noisy_alignment_on_cifar(cifar, tmp_path):
     catalog = [CatalogEntry(k, label) for k, (label, _) in cifar.items()]
     attack = NoisyAlignment(target_class="airplane", count=25, seed=0, reference_pool_size=12)
-    attack.validate("simclr", CIFAR_CLASSES, 32)
+    attack.validate("image", CIFAR_CLASSES, 32)
     plan = attack.plan(catalog, CifarReferences(cifar), 32, CIFAR_CLASSES)
     assert len(plan) == 25 and len(plan.excluded_keys) == 12
     assert all(k.startswith("airplane/") for k in plan.excluded_keys)

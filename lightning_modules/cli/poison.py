@@ -73,14 +73,14 @@ def preview(datamodule: ShardDataModule, out: Path, count: int, overwrite: bool)
     faults = FaultCounter()
     rows = []
     for key in keys:
-        sample = decode_sample(raw[key], faults, need_label=False, need_text=datamodule.modality == "clip")
+        sample = decode_sample(raw[key], faults, need_label=False, need_text=datamodule.modality == "image-text")
         if sample is None:
             continue
         original = sample["image"]
         poisoned = plan.apply(dict(sample))
         record = plan.poisoned[key]
         images, labels = [original, poisoned["image"]], ["original", "poisoned"]
-        if datamodule.modality == "simclr":
+        if datamodule.modality == "image":
             from torchvision.transforms.v2.functional import to_pil_image
 
             views = datamodule.train_item(poisoned, epoch=0)["views"]
@@ -204,7 +204,7 @@ def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
         side, width = model_geometry(victim)
         recipe.check(side)  # the patch fits the victim's images, before any data is read
         datamodule = load_datamodule(args.config, overrides, need_attack=False)
-        if datamodule.modality != "clip":
+        if datamodule.modality != "image-text":
             raise ValueError("data: optimize-trigger needs a CLIP data config (data.class_path CLIPDataModule)")
         inputs, captions, info = gather_inputs(
             datamodule,
