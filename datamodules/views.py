@@ -43,7 +43,7 @@ def seeded(transform: Callable, image: Image.Image, seed: int):
 
 @dataclass
 class SimCLRAugmentation:
-    """SimCLR's augmentation for small images (DESIGN.md: CIFAR-10 settings of the NA authors and solo-learn)."""
+    """SimCLR's augmentation for small images (the CIFAR-10 settings of the NA authors and solo-learn)."""
 
     image_size: int = 32
     crop_scale: tuple[float, float] = (0.2, 1.0)

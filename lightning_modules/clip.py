@@ -31,7 +31,7 @@ class CLIP(ContrastiveModule):
         gather_with_grad: gather features across ranks keeping the gradient (exact global-batch gradient).
         max_logit_scale: the learned temperature is clamped to ``ln(max_logit_scale)`` after every step.
         zero_shot_templates: prompt templates of the zero-shot monitor (``cifar10``, ``openai_imagenet``, ...).
-        asr_exclude_target: count only triggered images whose true class is not the target (DESIGN.md).
+        asr_exclude_target: count only triggered images whose true class is not the target (see ``metrics``).
         **optim: optimiser and schedule (``ContrastiveModule``); AdamW, no decay on norms, biases, logit scale.
     """
 

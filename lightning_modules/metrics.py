@@ -1,6 +1,6 @@
 """Backdoor evaluation metrics as torchmetrics ``Metric``s, so that they sync across ranks on ``compute()``.
 
-ASR (attack success rate) is defined once here, for every caller (DESIGN.md "Evaluation"):
+ASR (attack success rate) is defined once here, for every caller:
 
     ASR = (# triggered test images whose true class != target and whose top-k predictions contain the target)
           / (# triggered test images whose true class != target)
