@@ -26,7 +26,7 @@ from poisoning import (
 )
 from poisoning.base import TEST_WINDOW, square_canvas
 from poisoning.captions import all_target_captions
-from poisoning.simclr_baselines import _RGB_TO_YUV, apply_ctrl, dct2, dct_matrix, idct2
+from poisoning.ctrl import _RGB_TO_YUV, apply_ctrl, dct2, dct_matrix, idct2
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -254,7 +254,7 @@ def test_ctrl_poisons_target_images_only():
 
 # -- CLIP baselines ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [BadNet, Blended, WaNet, SIG])
-def test_clip_baselines_swap_caption_and_keep_size(cls):
+def test_image_text_baselines_swap_caption_and_keep_size(cls):
     attack = cls(target_class="class4", count=5, seed=2)
     plan = attack.plan(catalog(50), None, 64, CLASSES)
     for record in plan.records():
