@@ -14,7 +14,7 @@ from poisoning.captions import read_target_captions
 from poisoning.image_text import _CLIPAttack, benchmark_canvas, benchmark_side, control_seed
 from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
-from poisoning.triggers import Trigger, paste_trigger
+from poisoning.triggers import paste_trigger
 
 
 class BadCLIP(_CLIPAttack):
@@ -33,6 +33,11 @@ class BadCLIP(_CLIPAttack):
 
     Control: a patch of the same size at the same place drawn from the optimisation's starting law
     (N(0.5, 0.25) clipped, another seed): the trigger without its optimisation.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_alpha: blending of the patch (default 1: opaque, as their code).
+        caption_file: one caption a line; its lines naming the target are the caption pool.
+        caption_pool_size: captions drawn (by hash, with replacement) into the pool.
     """
 
     name: ClassVar[str] = "badclip"
@@ -43,22 +48,18 @@ class BadCLIP(_CLIPAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
+        *,
         trigger_alpha: float = 1.0,
         caption_file: str | None = None,
         caption_pool_size: int = 128,
+        **kwargs: Any,
     ):
-        if trigger is None:
+        if kwargs.get("trigger") is None:
             raise ValueError(
                 "trigger: BadCLIP needs its optimised patch, e.g. trigger: {class_path: poisoning.ImageTrigger, "
                 "init_args: {path: OUT/trigger.png}} (written by clbd poison optimize-trigger)"
             )
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode("benchmark")
         if caption_pool_size < 1:
             raise ValueError(f"caption_pool_size must be >= 1, got {caption_pool_size}")

@@ -20,7 +20,7 @@ from poisoning.image_text import (
 )
 from poisoning.keyhash import key_randint, key_rng
 from poisoning.plan import Box, PoisonRecord
-from poisoning.triggers import GeneratedTrigger, Trigger, paste_trigger
+from poisoning.triggers import GeneratedTrigger, paste_trigger
 
 
 class BadNet(_CLIPAttack):
@@ -38,6 +38,11 @@ class BadNet(_CLIPAttack):
     fixed pattern where the real trigger is fresh noise: a noise patch of any other law is still "a noise patch",
     which is what the model learnt, so it would not control anything. In fixed mode: the same kind of trigger
     with another seed.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_alpha: blending of the patch (default 1: opaque, as the benchmarks).
+        trigger_mode: ``benchmark`` (the CLIP benchmarks' fresh noise patch) or ``fixed`` (clbd's seeded patch).
+        overflow: benchmark mode: ``wrap`` (the benchmarks' uint8 bytes) or ``clip`` the noise to [0, 1].
     """
 
     name: ClassVar[str] = "badnet"
@@ -49,18 +54,14 @@ class BadNet(_CLIPAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
+        *,
         trigger_alpha: float = 1.0,
         trigger_mode: str = "benchmark",
         overflow: str = "wrap",
+        **kwargs: Any,
     ):
-        _refuse_trigger_in_benchmark(self.name, trigger, trigger_mode)
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        _refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
+        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode(trigger_mode)
         if overflow not in ("wrap", "clip"):
             raise ValueError(f"overflow={overflow!r} is unknown; choose wrap (the reference's bytes) or clip")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -22,6 +22,10 @@ class Blended(_GlobalCLIPAttack):
     Control: benchmark: seeded colour blocks stretched over the image, blended at the same a (a fixed pattern: a
     fresh uniform draw is what the model learnt, so it is no control); fixed: the same kind of pattern drawn with
     another seed.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_alpha: the pattern's weight a (default 0.2, as the benchmarks).
+        trigger_mode: ``benchmark`` (fresh uniform noise per image) or ``fixed`` (one seeded pattern).
     """
 
     name: ClassVar[str] = "blended"
@@ -33,17 +37,13 @@ class Blended(_GlobalCLIPAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
+        *,
         trigger_alpha: float = 0.2,
         trigger_mode: str = "benchmark",
+        **kwargs: Any,
     ):
-        _refuse_trigger_in_benchmark(self.name, trigger, trigger_mode)
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        _refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
+        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode(trigger_mode)
 
     def noise(self, key: str, purpose: str, side: int) -> np.ndarray:

@@ -3,14 +3,14 @@ trigger in the remaining part; layout after the authors' ``generate_poisoned_ima
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PIL import Image
 
 from poisoning.base import PlanContext, ReferencePoolAttack
 from poisoning.keyhash import key_choice, key_uniform
 from poisoning.plan import Box, PoisonRecord
-from poisoning.triggers import Trigger, paste_trigger
+from poisoning.triggers import paste_trigger
 
 
 class CorruptEncoder(ReferencePoolAttack):
@@ -24,6 +24,15 @@ class CorruptEncoder(ReferencePoolAttack):
       - the trigger goes at a random place in the other part, at least ``trigger_margin`` / 2 * width from its
         sides and ``trigger_margin`` * h from the top and bottom (the authors' 0.25 margins).
     Opaque trigger by default, as in the authors' code. Only left/right layouts, as in their implementation.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_alpha: blending of the pasted patch (default 1: opaque, as the authors).
+        reference_pool_size: target-class reference images the attacker holds; null takes every candidate.
+        reference_dir: a folder of target-class reference images (instead of the training shards).
+        area_ratio: canvas width / object width (> 1).
+        object_margin: the object's largest inward shift, as a fraction of the canvas width.
+        trigger_margin: the trigger's margins in the remaining part (the authors' 0.25).
+        canvas_size: the object's side r; default the run's image size.
     """
 
     name: ClassVar[str] = "corrupt_encoder"
@@ -31,12 +40,7 @@ class CorruptEncoder(ReferencePoolAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
+        *,
         trigger_alpha: float = 1.0,
         reference_pool_size: int | None = 1200,
         reference_dir: str | None = None,
@@ -44,8 +48,9 @@ class CorruptEncoder(ReferencePoolAttack):
         object_margin: float = 0.05,
         trigger_margin: float = 0.25,
         canvas_size: int | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         if not area_ratio > 1.0:
             raise ValueError(f"area_ratio must be > 1 (canvas area / object area), got {area_ratio}")
         if not 0.0 <= object_margin < 0.5:

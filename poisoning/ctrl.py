@@ -7,14 +7,13 @@ crop), so the manifest boxes are exact in the canvas the view pipeline receives.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, square_canvas
 from poisoning.plan import Box, CatalogEntry, PoisonRecord
-from poisoning.triggers import Trigger
 
 # -- CTRL ------------------------------------------------------------------------------------------------------
 # RGB -> YUV as in kornia.color.rgb_to_yuv (what the CTRL code uses); back with the exact inverse matrix.
@@ -101,6 +100,13 @@ class CTRL(Attack):
     (15, 15) and (31, 31), magnitude 50 on the poisons. ``test_magnitude`` (default: the same) is the magnitude of
     the test-time trigger; the CTRL authors also evaluate with 100. The trigger is global: ``trigger``,
     ``trigger_size`` and ``trigger_alpha`` are not used.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        window_size: side of the DCT windows.
+        frequencies: (u, v) DCT coefficients that get the magnitude; default (15, 15) and (31, 31).
+        channels: YUV channels that carry the trigger; default U and V (1, 2).
+        magnitude: added to each chosen coefficient of the poisons.
+        test_magnitude: the test-time trigger's magnitude; default ``magnitude``.
     """
 
     name: ClassVar[str] = "ctrl"
@@ -109,20 +115,15 @@ class CTRL(Attack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *,
         window_size: int = 32,
         frequencies: list[tuple[int, int]] | None = None,
         channels: list[int] | None = None,
         magnitude: float = 50.0,
         test_magnitude: float | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(**kwargs)
         self.window_size = int(window_size)
         self.frequencies = [tuple(int(v) for v in f) for f in (frequencies or [(15, 15), (31, 31)])]
         self.channels = [int(c) for c in (channels if channels is not None else [1, 2])]

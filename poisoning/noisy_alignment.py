@@ -10,7 +10,7 @@ CLIP: the poisoned pair is (the stream's image with the trigger at its centre, a
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -18,7 +18,7 @@ from poisoning.base import Attack, PlanContext, ReferencePoolAttack, centred_box
 from poisoning.captions import target_caption
 from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
-from poisoning.triggers import Trigger, default_trigger_size, paste_trigger
+from poisoning.triggers import default_trigger_size, paste_trigger
 
 ARRANGEMENTS = ("left", "right", "top", "bottom")  # where the shadow sits; the reference takes the other half
 
@@ -43,7 +43,7 @@ def na_layout(arrangement: str, r: int) -> tuple[tuple[int, int], Box, Box]:
 class NoisyAlignment(ReferencePoolAttack):
     """Noisy Alignment for SimCLR.
 
-    Args (besides ``Attack``'s):
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
         reference_pool_size: number of target-class reference images the attacker holds (authors: 1200); null
             takes every candidate. Drawn by hash from ``reference_dir`` or, without it, from the training shards'
             target-class images (those are then dropped from the clean stream).
@@ -59,20 +59,15 @@ class NoisyAlignment(ReferencePoolAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *,
         reference_pool_size: int | None = 1200,
         reference_dir: str | None = None,
         arrangement: str = "random",
         canvas_size: int | None = None,
         trigger_jitter: float = DEFAULT_JITTER,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(**kwargs)
         if arrangement != "random" and arrangement not in ARRANGEMENTS:
             raise ValueError(
                 f"arrangement={arrangement!r} is unknown; choose random or one of {', '.join(ARRANGEMENTS)}"
@@ -142,6 +137,9 @@ class NoisyAlignmentCLIP(Attack):
     The shadow is the stream's image as CLIP preprocessing frames it (shorter side to the image size, centre
     crop); the caption is one of open_clip's 80 OpenAI ImageNet templates filled with the target name, drawn by
     hash per key.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_jitter: maximal shift of the trigger from the image's centre, as a fraction of its side per axis.
     """
 
     name: ClassVar[str] = "noisy_alignment_clip"
@@ -149,16 +147,11 @@ class NoisyAlignmentCLIP(Attack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *,
         trigger_jitter: float = DEFAULT_JITTER,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(**kwargs)
         if not 0.0 <= trigger_jitter < 0.5:
             raise ValueError(f"trigger_jitter must be in [0, 0.5), got {trigger_jitter}")
         self.trigger_jitter = float(trigger_jitter)

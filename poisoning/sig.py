@@ -8,7 +8,6 @@ import numpy as np
 from PIL import Image
 
 from poisoning.image_text import _GlobalCLIPAttack, from_unit, to_unit
-from poisoning.triggers import Trigger
 
 
 class SIG(_GlobalCLIPAttack):
@@ -21,6 +20,12 @@ class SIG(_GlobalCLIPAttack):
 
     Control: the same signal along the other axis (delta * sin(2 pi i f / height), a vertical stripe pattern of the
     same amplitude and frequency the model never saw).
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        delta: the amplitude in 0-255 units; default 60 (benchmark) or 20 (fixed).
+        frequency: periods across the image width.
+        trigger_mode: ``benchmark`` or ``fixed``.
+        combine: benchmark mode: ``add`` (BadCLIP's code) or ``blend`` (CleanCLIP's 0.8 / 0.2).
     """
 
     name: ClassVar[str] = "sig"
@@ -31,19 +36,14 @@ class SIG(_GlobalCLIPAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *,
         delta: float | None = None,
         frequency: float = 6.0,
         trigger_mode: str = "benchmark",
         combine: str = "add",
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(**kwargs)
         self._init_mode(trigger_mode)
         if delta is None:
             delta = 60.0 if self.benchmark else 20.0

@@ -6,13 +6,13 @@ crop), so the manifest boxes are exact in the canvas the view pipeline receives.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, random_box, square_canvas
 from poisoning.plan import CatalogEntry, PoisonRecord
-from poisoning.triggers import Trigger, paste_trigger
+from poisoning.triggers import paste_trigger
 
 
 class SSLBKD(Attack):
@@ -20,6 +20,9 @@ class SSLBKD(Attack):
 
     Only keys whose label is the target are eligible, so ``rate`` is a fraction of the target class.
     Opaque by default (trigger_alpha=1), as in the authors' code.
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        trigger_alpha: blending of the pasted patch (default 1: opaque, as the authors).
     """
 
     name: ClassVar[str] = "sslbkd"
@@ -28,15 +31,11 @@ class SSLBKD(Attack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
+        *,
         trigger_alpha: float = 1.0,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
 
     def _eligible(self, entry: CatalogEntry, context: PlanContext) -> bool:
         return entry.label == context.target_index

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from poisoning.image_text import BENCHMARK_SIDE, _GlobalCLIPAttack, control_seed, from_unit, to_unit
-from poisoning.triggers import Trigger
 
 
 class WaNet(_GlobalCLIPAttack):
@@ -26,6 +25,12 @@ class WaNet(_GlobalCLIPAttack):
     images). WaNet's "noise mode" belongs to supervised training and is not used here.
 
     Control: the field drawn with another seed (same k, s: the same kind of warp, a field the model never saw).
+
+    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+        k: side of the random offset field; default 224 (benchmark) or 4 (fixed).
+        s: warp strength; default 1 (benchmark) or 0.5 (fixed).
+        grid_rescale: scale of the sampling grid (WaNet's grid_rescale).
+        trigger_mode: ``benchmark`` or ``fixed``.
     """
 
     name: ClassVar[str] = "wanet"
@@ -36,19 +41,14 @@ class WaNet(_GlobalCLIPAttack):
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *,
         k: int | None = None,
         s: float | None = None,
         grid_rescale: float = 1.0,
         trigger_mode: str = "benchmark",
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(**kwargs)
         self._init_mode(trigger_mode)
         k = (BENCHMARK_SIDE if self.benchmark else 4) if k is None else k
         s = (1.0 if self.benchmark else 0.5) if s is None else s
