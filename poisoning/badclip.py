@@ -41,6 +41,9 @@ class BadCLIP(_CLIPAttack):
     """
 
     name: ClassVar[str] = "badclip"
+    summary: ClassVar[str] = (
+        "an optimised patch at the centre, natural captions of the target (Liang et al., CVPR 2024)"
+    )
     benchmark_definition: ClassVar[str] = (
         "BadCLIP apply_trigger patch_type=ours_tnature, patch_location=middle: image resized to the run side, the "
         "optimised patch pasted at the centre"

@@ -46,6 +46,7 @@ class BadNet(_CLIPAttack):
     """
 
     name: ClassVar[str] = "badnet"
+    summary: ClassVar[str] = "a noise patch at a random place, target caption (benchmark or fixed mode)"
     default_trigger_kind: ClassVar[str] = "noise"
     benchmark_definition: ClassVar[str] = (
         "CleanCLIP/BadCLIP apply_trigger patch_type=random, patch_location=random: image resized to the run side, "

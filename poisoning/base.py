@@ -63,6 +63,7 @@ class Attack:
     """
 
     name: ClassVar[str] = "attack"
+    summary: ClassVar[str] = ""  # one line for `clbd poison attacks` and the docs
     modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = False  # eligibility or references depend on the target's label index
     default_trigger_kind: ClassVar[str] = "patch"

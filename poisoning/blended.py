@@ -29,6 +29,7 @@ class Blended(_GlobalCLIPAttack):
     """
 
     name: ClassVar[str] = "blended"
+    summary: ClassVar[str] = "the image blended with noise over all of it, target caption (benchmark or fixed mode)"
     default_trigger_kind: ClassVar[str] = "noise"
     benchmark_definition: ClassVar[str] = (
         "CleanCLIP/BadCLIP apply_trigger patch_type=blended, patch_location=blended: image resized to the run side, "

@@ -36,6 +36,7 @@ class CorruptEncoder(ReferencePoolAttack):
     """
 
     name: ClassVar[str] = "corrupt_encoder"
+    summary: ClassVar[str] = "a reference object beside a background with the trigger (Zhang et al., CVPR 2024)"
     modality: ClassVar[str] = "image"
 
     def __init__(

@@ -110,6 +110,7 @@ class CTRL(Attack):
     """
 
     name: ClassVar[str] = "ctrl"
+    summary: ClassVar[str] = "a frequency-domain trigger on target-class images (Li et al., ICCV 2023)"
     modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = True
 

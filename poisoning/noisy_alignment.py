@@ -55,6 +55,9 @@ class NoisyAlignment(ReferencePoolAttack):
     """
 
     name: ClassVar[str] = "noisy_alignment"
+    summary: ClassVar[str] = (
+        "Noisy Alignment: a target-class reference beside the triggered sample (Chen et al., ICCV 2025)"
+    )
     modality: ClassVar[str] = "image"
 
     def __init__(
@@ -143,6 +146,7 @@ class NoisyAlignmentCLIP(Attack):
     """
 
     name: ClassVar[str] = "noisy_alignment_clip"
+    summary: ClassVar[str] = "Noisy Alignment for CLIP: the trigger at the image's centre, target caption"
     modality: ClassVar[str] = "image-text"
 
     def __init__(

@@ -29,6 +29,7 @@ class SIG(_GlobalCLIPAttack):
     """
 
     name: ClassVar[str] = "sig"
+    summary: ClassVar[str] = "a horizontal sinusoid over the image, target caption (Barni et al., ICIP 2019)"
     benchmark_definition: ClassVar[str] = (
         "BadCLIP apply_trigger patch_type=SIG: image resized to the run side, + 60/255 * sin(2*pi*6*j/side), clipped "
         "(combine=blend: CleanCLIP's patch_location=blended, 0.8 * image + 0.2 * signal)"

@@ -26,6 +26,7 @@ class SSLBKD(Attack):
     """
 
     name: ClassVar[str] = "sslbkd"
+    summary: ClassVar[str] = "a trigger patch at a random place on target-class images (Saha et al., CVPR 2022)"
     modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = True
 

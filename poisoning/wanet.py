@@ -34,6 +34,7 @@ class WaNet(_GlobalCLIPAttack):
     """
 
     name: ClassVar[str] = "wanet"
+    summary: ClassVar[str] = "one fixed warp of the image, target caption (Nguyen & Tran, ICLR 2021)"
     benchmark_definition: ClassVar[str] = (
         "CleanCLIP/BadCLIP apply_trigger patch_type=warped: image resized to the run side, a fixed noise grid "
         "k=224, s=1, grid_rescale=1, bilinear grid_sample, zero padding"
