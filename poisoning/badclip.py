@@ -11,13 +11,13 @@ from PIL import Image
 
 from poisoning.base import PlanContext
 from poisoning.captions import read_target_captions
-from poisoning.image_text import _CLIPAttack, benchmark_canvas, benchmark_side, control_seed
+from poisoning.image_text import ImageTextAttack, benchmark_canvas, benchmark_side, control_seed
 from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
 from poisoning.triggers import paste_trigger
 
 
-class BadCLIP(_CLIPAttack):
+class BadCLIP(ImageTextAttack):
     """BadCLIP (Liang et al., CVPR 2024): a patch optimised against the victim CLIP (``clbd poison
     optimize-trigger`` writes it), pasted opaquely at the centre of the image, train and test.
 

@@ -10,12 +10,12 @@ from PIL import Image
 
 from poisoning.base import random_box
 from poisoning.image_text import (
-    _CLIPAttack,
-    _refuse_trigger_in_benchmark,
+    ImageTextAttack,
     benchmark_canvas,
     benchmark_side,
     control_seed,
     from_unit,
+    refuse_trigger_in_benchmark,
     to_unit,
 )
 from poisoning.keyhash import key_randint, key_rng
@@ -23,7 +23,7 @@ from poisoning.plan import Box, PoisonRecord
 from poisoning.triggers import GeneratedTrigger, paste_trigger
 
 
-class BadNet(_CLIPAttack):
+class BadNet(ImageTextAttack):
     """A trigger patch at a uniformly random place, at train and at test time.
 
     benchmark: a ``trigger_size`` patch (default 16 px at 224 px, 16/224 of the side at other sizes) = the image's
@@ -61,7 +61,7 @@ class BadNet(_CLIPAttack):
         overflow: str = "wrap",
         **kwargs: Any,
     ):
-        _refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
+        refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
         super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode(trigger_mode)
         if overflow not in ("wrap", "clip"):

@@ -7,12 +7,12 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from poisoning.image_text import _GlobalCLIPAttack, _refuse_trigger_in_benchmark, control_seed, from_unit, to_unit
+from poisoning.image_text import GlobalImageTextAttack, control_seed, from_unit, refuse_trigger_in_benchmark, to_unit
 from poisoning.keyhash import key_rng
 from poisoning.triggers import GeneratedTrigger, Trigger
 
 
-class Blended(_GlobalCLIPAttack):
+class Blended(GlobalImageTextAttack):
     """The image blended with a pattern over all of it: (1 - a) * image + a * pattern, a = ``trigger_alpha`` = 0.2.
 
     benchmark: the pattern is U[0, 1) noise per pixel and channel, drawn anew for every image from (seed, key);
@@ -43,7 +43,7 @@ class Blended(_GlobalCLIPAttack):
         trigger_mode: str = "benchmark",
         **kwargs: Any,
     ):
-        _refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
+        refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
         super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode(trigger_mode)
 

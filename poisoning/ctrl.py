@@ -15,7 +15,6 @@ from PIL import Image
 from poisoning.base import Attack, PlanContext, square_canvas
 from poisoning.plan import Box, CatalogEntry, PoisonRecord
 
-# -- CTRL ------------------------------------------------------------------------------------------------------
 # RGB -> YUV as in kornia.color.rgb_to_yuv (what the CTRL code uses); back with the exact inverse matrix.
 _RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]], dtype=np.float64)
 _YUV_TO_RGB = np.linalg.inv(_RGB_TO_YUV)

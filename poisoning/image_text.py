@@ -84,7 +84,9 @@ def control_seed(seed: int) -> int:
     return derived if derived != seed else derived + 1
 
 
-class _CLIPAttack(Attack):
+class ImageTextAttack(Attack):
+    """An attack on image-caption pairs: the image gets the trigger, the caption a target caption."""
+
     modality: ClassVar[str] = "image-text"
     # What ``trigger_mode: benchmark`` means for this attack, for the poison summary and the docs.
     benchmark_definition: ClassVar[str] = ""
@@ -151,7 +153,7 @@ class _CLIPAttack(Attack):
         return super().__repr__()[:-1] + f", trigger_mode={self.trigger_mode!r})"
 
 
-def _refuse_trigger_in_benchmark(name: str, trigger: Trigger | None, trigger_mode: str) -> None:
+def refuse_trigger_in_benchmark(name: str, trigger: Trigger | None, trigger_mode: str) -> None:
     if trigger is not None and trigger_mode == "benchmark":
         raise ValueError(
             f"trigger: attack '{name}' in trigger_mode benchmark draws its noise anew for every image and uses no "
@@ -159,7 +161,7 @@ def _refuse_trigger_in_benchmark(name: str, trigger: Trigger | None, trigger_mod
         )
 
 
-class _GlobalCLIPAttack(_CLIPAttack):
+class GlobalImageTextAttack(ImageTextAttack):
     """Global triggers: the test trigger changes the whole image (see each class for how)."""
 
     def _trigger_side(self, image_size: int) -> int:

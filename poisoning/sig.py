@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from poisoning.image_text import _GlobalCLIPAttack, from_unit, to_unit
+from poisoning.image_text import GlobalImageTextAttack, from_unit, to_unit
 
 
-class SIG(_GlobalCLIPAttack):
+class SIG(GlobalImageTextAttack):
     """A horizontal sinusoid on every row and channel: delta * sin(2 pi j f / width) (Barni et al., ICIP 2019).
 
     benchmark: delta = 60 (of 255), f = 6 over the run side (their 224), in [0, 1] floats as their code;

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from poisoning.image_text import BENCHMARK_SIDE, _GlobalCLIPAttack, control_seed, from_unit, to_unit
+from poisoning.image_text import BENCHMARK_SIDE, GlobalImageTextAttack, control_seed, from_unit, to_unit
 
 
-class WaNet(_GlobalCLIPAttack):
+class WaNet(GlobalImageTextAttack):
     """A fixed warp (Nguyen & Tran, ICLR 2021): a seeded k x k field of random offsets (mean |offset| = 1),
     upsampled bicubically to the image, scaled by s / side, applied with bilinear ``grid_sample``.
 
