@@ -405,6 +405,31 @@ def random_box(region: Box, side: int, seed: int, key: str, purpose: str) -> Box
     return (x, y, x + side, y + side)
 
 
+class TargetClassAttack(Attack):
+    """An image attack on target-class images only (SSLBKD, CTRL): it needs labels, and ``rate`` is a fraction of
+    the target class. The poison is the stream's image framed as a square of the run's image size, so the manifest
+    boxes are exact in the canvas the view pipeline receives; subclasses say where the trigger goes."""
+
+    needs_labels: ClassVar[bool] = True
+
+    def _eligible(self, entry: CatalogEntry, context: PlanContext) -> bool:
+        return entry.label == context.target_index
+
+    def _trigger_box(self, key: str, side: int) -> Box:
+        raise NotImplementedError
+
+    def _record(self, key: str, context: PlanContext) -> PoisonRecord:
+        side = context.image_size
+        return PoisonRecord(
+            key=key,
+            attack=self.name,
+            target=context.target,
+            canvas_size=(side, side),
+            trigger_box=self._trigger_box(key, side),
+            reference_box=(0, 0, side, side),  # the sample itself is the target-class image
+        )
+
+
 class ReferencePoolAttack(Attack):
     """An attack that pastes target-class reference images drawn from a pool (NA, CorruptEncoder).
 

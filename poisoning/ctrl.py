@@ -1,8 +1,4 @@
-"""CTRL (Li et al., ICCV 2023): an imperceptible frequency-domain trigger on target-class images.
-
-Poisoned images are the stream's image framed as a square of the run's image size (shorter side resized, centre
-crop), so the manifest boxes are exact in the canvas the view pipeline receives.
-"""
+"""CTRL (Li et al., ICCV 2023): an imperceptible frequency-domain trigger on target-class images."""
 
 from __future__ import annotations
 
@@ -12,8 +8,8 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from poisoning.base import Attack, PlanContext, square_canvas
-from poisoning.plan import Box, CatalogEntry, PoisonRecord
+from poisoning.base import TargetClassAttack, square_canvas
+from poisoning.plan import Box, PoisonRecord
 
 # RGB -> YUV as in kornia.color.rgb_to_yuv (what the CTRL code uses); back with the exact inverse matrix.
 _RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]], dtype=np.float64)
@@ -92,7 +88,7 @@ def apply_ctrl(
     return add_rgb_delta(image, delta)
 
 
-class CTRL(Attack):
+class CTRL(TargetClassAttack):
     """CTRL: a frequency-domain trigger on target-class images (needs labels).
 
     Defaults are the CTRL code's CIFAR-10 setting: YUV, channels U and V, 32 x 32 DCT windows, frequencies
@@ -111,7 +107,6 @@ class CTRL(Attack):
     name: ClassVar[str] = "ctrl"
     summary: ClassVar[str] = "a frequency-domain trigger on target-class images (Li et al., ICCV 2023)"
     modality: ClassVar[str] = "image"
-    needs_labels: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -144,20 +139,8 @@ class CTRL(Attack):
         if self.window_size > image_size:
             raise ValueError(f"window_size={self.window_size} is larger than the image size {image_size}")
 
-    def _eligible(self, entry: CatalogEntry, context: PlanContext) -> bool:
-        return entry.label == context.target_index
-
-    def _record(self, key: str, context: PlanContext) -> PoisonRecord:
-        side = context.image_size
-        canvas = (0, 0, side, side)
-        return PoisonRecord(
-            key=key,
-            attack=self.name,
-            target=context.target,
-            canvas_size=(side, side),
-            trigger_box=canvas,
-            reference_box=canvas,
-        )
+    def _trigger_box(self, key: str, side: int) -> Box:
+        return (0, 0, side, side)  # global trigger
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:
         canvas = square_canvas(image, record.canvas_size[0])
