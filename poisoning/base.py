@@ -227,6 +227,18 @@ class Attack:
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         raise NotImplementedError
 
+    def _square_record(self, key: str, context: PlanContext, trigger_box: Box, **fields: Any) -> PoisonRecord:
+        """The record of a poison that is the stream's image framed as a square of the run's image size."""
+        side = context.image_size
+        return PoisonRecord(
+            key=key,
+            attack=self.name,
+            target=context.target,
+            canvas_size=(side, side),
+            trigger_box=trigger_box,
+            **fields,
+        )
+
     def plan(
         self,
         catalog: Sequence[CatalogEntry],
@@ -420,14 +432,8 @@ class TargetClassAttack(Attack):
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         side = context.image_size
-        return PoisonRecord(
-            key=key,
-            attack=self.name,
-            target=context.target,
-            canvas_size=(side, side),
-            trigger_box=self._trigger_box(key, side),
-            reference_box=(0, 0, side, side),  # the sample itself is the target-class image
-        )
+        # the sample itself is the target-class image
+        return self._square_record(key, context, self._trigger_box(key, side), reference_box=(0, 0, side, side))
 
 
 class ReferencePoolAttack(Attack):

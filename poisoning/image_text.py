@@ -127,14 +127,9 @@ class ImageTextAttack(Attack):
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         side = context.image_size
-        return PoisonRecord(
-            key=key,
-            attack=self.name,
-            target=context.target,
-            canvas_size=(side, side),
-            trigger_box=self._trigger_box(key, side),
-            shadow_box=(0, 0, side, side),
-            caption=target_caption(context.target_name or str(context.target), self.seed, key),
+        caption = target_caption(context.target_name or str(context.target), self.seed, key)
+        return self._square_record(
+            key, context, self._trigger_box(key, side), shadow_box=(0, 0, side, side), caption=caption
         )
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:

@@ -164,15 +164,8 @@ class NoisyAlignmentCLIP(Attack):
         side = context.image_size
         canvas_box = (0, 0, side, side)
         trigger_box = centred_box(canvas_box, self._trigger_side(side), self.trigger_jitter, self.seed, key)
-        return PoisonRecord(
-            key=key,
-            attack=self.name,
-            target=context.target,
-            canvas_size=(side, side),
-            trigger_box=trigger_box,
-            shadow_box=canvas_box,
-            caption=target_caption(context.target_name or str(context.target), self.seed, key),
-        )
+        caption = target_caption(context.target_name or str(context.target), self.seed, key)
+        return self._square_record(key, context, trigger_box, shadow_box=canvas_box, caption=caption)
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:
         canvas = square_canvas(image, record.canvas_size[0])
