@@ -34,7 +34,7 @@ class BadCLIP(ImageTextAttack):
     Control: a patch of the same size at the same place drawn from the optimisation's starting law
     (N(0.5, 0.25) clipped, another seed): the trigger without its optimisation.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_alpha: blending of the patch (default 1: opaque, as their code).
         caption_file: one caption a line; its lines naming the target are the caption pool.
         caption_pool_size: captions drawn (by hash, with replacement) into the pool.
@@ -51,18 +51,18 @@ class BadCLIP(ImageTextAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_alpha: float = 1.0,
         caption_file: str | None = None,
         caption_pool_size: int = 128,
         **kwargs: Any,
     ):
-        if kwargs.get("trigger") is None:
+        super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
+        if not self.trigger_given:
             raise ValueError(
                 "trigger: BadCLIP needs its optimised patch, e.g. trigger: {class_path: poisoning.ImageTrigger, "
                 "init_args: {path: OUT/trigger.png}} (written by clbd poison optimize-trigger)"
             )
-        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
         self._init_mode("benchmark")
         if caption_pool_size < 1:
             raise ValueError(f"caption_pool_size must be >= 1, got {caption_pool_size}")

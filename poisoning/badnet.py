@@ -39,7 +39,7 @@ class BadNet(ImageTextAttack):
     which is what the model learnt, so it would not control anything. In fixed mode: the same kind of trigger
     with another seed.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_alpha: blending of the patch (default 1: opaque, as the benchmarks).
         trigger_mode: ``benchmark`` (the CLIP benchmarks' fresh noise patch) or ``fixed`` (clbd's seeded patch).
         overflow: benchmark mode: ``wrap`` (the benchmarks' uint8 bytes) or ``clip`` the noise to [0, 1].
@@ -55,14 +55,14 @@ class BadNet(ImageTextAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_alpha: float = 1.0,
         trigger_mode: str = "benchmark",
         overflow: str = "wrap",
         **kwargs: Any,
     ):
-        refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
-        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
+        super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
+        refuse_trigger_in_benchmark(self.name, self.trigger_given, trigger_mode)
         self._init_mode(trigger_mode)
         if overflow not in ("wrap", "clip"):
             raise ValueError(f"overflow={overflow!r} is unknown; choose wrap (the reference's bytes) or clip")

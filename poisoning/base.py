@@ -86,6 +86,7 @@ class Attack:
         self.rate = None if rate is None else float(rate)
         self.count = None if count is None else int(count)
         self.seed = int(seed)
+        self.trigger_given = trigger is not None  # False: the seeded default below
         self.trigger = trigger if trigger is not None else GeneratedTrigger(self.default_trigger_kind, seed=self.seed)
         if not isinstance(self.trigger, Trigger):
             raise ValueError(f"trigger must be a Trigger (GeneratedTrigger or ImageTrigger), got {trigger!r}")

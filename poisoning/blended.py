@@ -23,7 +23,7 @@ class Blended(GlobalImageTextAttack):
     fresh uniform draw is what the model learnt, so it is no control); fixed: the same kind of pattern drawn with
     another seed.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_alpha: the pattern's weight a (default 0.2, as the benchmarks).
         trigger_mode: ``benchmark`` (fresh uniform noise per image) or ``fixed`` (one seeded pattern).
     """
@@ -38,13 +38,13 @@ class Blended(GlobalImageTextAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_alpha: float = 0.2,
         trigger_mode: str = "benchmark",
         **kwargs: Any,
     ):
-        refuse_trigger_in_benchmark(self.name, kwargs.get("trigger"), trigger_mode)
-        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
+        super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
+        refuse_trigger_in_benchmark(self.name, self.trigger_given, trigger_mode)
         self._init_mode(trigger_mode)
 
     def noise(self, key: str, purpose: str, side: int) -> np.ndarray:

@@ -25,7 +25,7 @@ class CorruptEncoder(ReferencePoolAttack):
         sides and ``trigger_margin`` * h from the top and bottom (the authors' 0.25 margins).
     Opaque trigger by default, as in the authors' code. Only left/right layouts, as in their implementation.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_alpha: blending of the pasted patch (default 1: opaque, as the authors).
         reference_pool_size: target-class reference images the attacker holds; null takes every candidate.
         reference_dir: a folder of target-class reference images (instead of the training shards).
@@ -41,7 +41,7 @@ class CorruptEncoder(ReferencePoolAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_alpha: float = 1.0,
         reference_pool_size: int | None = 1200,
         reference_dir: str | None = None,
@@ -51,7 +51,7 @@ class CorruptEncoder(ReferencePoolAttack):
         canvas_size: int | None = None,
         **kwargs: Any,
     ):
-        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
+        super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
         if not area_ratio > 1.0:
             raise ValueError(f"area_ratio must be > 1 (canvas area / object area), got {area_ratio}")
         if not 0.0 <= object_margin < 0.5:

@@ -96,7 +96,7 @@ class CTRL(TargetClassAttack):
     the test-time trigger; the CTRL authors also evaluate with 100. The trigger is global: ``trigger``,
     ``trigger_size`` and ``trigger_alpha`` are not used.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         window_size: side of the DCT windows.
         frequencies: (u, v) DCT coefficients that get the magnitude; default (15, 15) and (31, 31).
         channels: YUV channels that carry the trigger; default U and V (1, 2).
@@ -110,7 +110,7 @@ class CTRL(TargetClassAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         window_size: int = 32,
         frequencies: list[tuple[int, int]] | None = None,
         channels: list[int] | None = None,
@@ -118,7 +118,7 @@ class CTRL(TargetClassAttack):
         test_magnitude: float | None = None,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         self.window_size = int(window_size)
         self.frequencies = [tuple(int(v) for v in f) for f in (frequencies or [(15, 15), (31, 31)])]
         self.channels = [int(c) for c in (channels if channels is not None else [1, 2])]

@@ -39,7 +39,6 @@ from poisoning.base import Attack, PlanContext, square_canvas
 from poisoning.captions import target_caption
 from poisoning.keyhash import key_uniform
 from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource
-from poisoning.triggers import Trigger
 
 TRIGGER_MODES = ("benchmark", "fixed")
 
@@ -148,8 +147,8 @@ class ImageTextAttack(Attack):
         return super().__repr__()[:-1] + f", trigger_mode={self.trigger_mode!r})"
 
 
-def refuse_trigger_in_benchmark(name: str, trigger: Trigger | None, trigger_mode: str) -> None:
-    if trigger is not None and trigger_mode == "benchmark":
+def refuse_trigger_in_benchmark(name: str, trigger_given: bool, trigger_mode: str) -> None:
+    if trigger_given and trigger_mode == "benchmark":
         raise ValueError(
             f"trigger: attack '{name}' in trigger_mode benchmark draws its noise anew for every image and uses no "
             "trigger pattern; set trigger_mode: fixed to use one"

@@ -43,7 +43,7 @@ def na_layout(arrangement: str, r: int) -> tuple[tuple[int, int], Box, Box]:
 class NoisyAlignment(ReferencePoolAttack):
     """Noisy Alignment for SimCLR.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         reference_pool_size: number of target-class reference images the attacker holds (authors: 1200); null
             takes every candidate. Drawn by hash from ``reference_dir`` or, without it, from the training shards'
             target-class images (those are then dropped from the clean stream).
@@ -62,7 +62,7 @@ class NoisyAlignment(ReferencePoolAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         reference_pool_size: int | None = 1200,
         reference_dir: str | None = None,
         arrangement: str = "random",
@@ -70,7 +70,7 @@ class NoisyAlignment(ReferencePoolAttack):
         trigger_jitter: float = DEFAULT_JITTER,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         if arrangement != "random" and arrangement not in ARRANGEMENTS:
             raise ValueError(
                 f"arrangement={arrangement!r} is unknown; choose random or one of {', '.join(ARRANGEMENTS)}"
@@ -141,7 +141,7 @@ class NoisyAlignmentCLIP(Attack):
     crop); the caption is one of open_clip's 80 OpenAI ImageNet templates filled with the target name, drawn by
     hash per key.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_jitter: maximal shift of the trigger from the image's centre, as a fraction of its side per axis.
     """
 
@@ -151,11 +151,11 @@ class NoisyAlignmentCLIP(Attack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_jitter: float = DEFAULT_JITTER,
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         if not 0.0 <= trigger_jitter < 0.5:
             raise ValueError(f"trigger_jitter must be in [0, 0.5), got {trigger_jitter}")
         self.trigger_jitter = float(trigger_jitter)

@@ -21,7 +21,7 @@ class SIG(GlobalImageTextAttack):
     Control: the same signal along the other axis (delta * sin(2 pi i f / height), a vertical stripe pattern of the
     same amplitude and frequency the model never saw).
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         delta: the amplitude in 0-255 units; default 60 (benchmark) or 20 (fixed).
         frequency: periods across the image width.
         trigger_mode: ``benchmark`` or ``fixed``.
@@ -37,14 +37,14 @@ class SIG(GlobalImageTextAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         delta: float | None = None,
         frequency: float = 6.0,
         trigger_mode: str = "benchmark",
         combine: str = "add",
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         self._init_mode(trigger_mode)
         if delta is None:
             delta = 60.0 if self.benchmark else 20.0

@@ -17,7 +17,7 @@ class SSLBKD(TargetClassAttack):
     Only keys whose label is the target are eligible, so ``rate`` is a fraction of the target class.
     Opaque by default (trigger_alpha=1), as in the authors' code.
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_alpha: blending of the pasted patch (default 1: opaque, as the authors).
     """
 
@@ -27,11 +27,11 @@ class SSLBKD(TargetClassAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         trigger_alpha: float = 1.0,
         **kwargs: Any,
     ):
-        super().__init__(trigger_alpha=trigger_alpha, **kwargs)
+        super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
 
     def _trigger_box(self, key: str, side: int) -> Box:
         return random_box((0, 0, side, side), self._trigger_side(side), self.seed, key, "trigger")

@@ -26,7 +26,7 @@ class WaNet(GlobalImageTextAttack):
 
     Control: the field drawn with another seed (same k, s: the same kind of warp, a field the model never saw).
 
-    Args (besides ``Attack``'s, which pass through ``**kwargs``):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         k: side of the random offset field; default 224 (benchmark) or 4 (fixed).
         s: warp strength; default 1 (benchmark) or 0.5 (fixed).
         grid_rescale: scale of the sampling grid (WaNet's grid_rescale).
@@ -42,14 +42,14 @@ class WaNet(GlobalImageTextAttack):
 
     def __init__(
         self,
-        *,
+        *args: Any,
         k: int | None = None,
         s: float | None = None,
         grid_rescale: float = 1.0,
         trigger_mode: str = "benchmark",
         **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         self._init_mode(trigger_mode)
         k = (BENCHMARK_SIDE if self.benchmark else 4) if k is None else k
         s = (1.0 if self.benchmark else 0.5) if s is None else s

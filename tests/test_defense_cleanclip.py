@@ -220,7 +220,7 @@ def test_clean_fit_scales_the_test_trigger_as_clbd_test(tmp_path):
     for mode, side in (("fixed", 12), ("benchmark", 8)):  # fixed: 8 px at 32 px -> 12 px at 48 px
         boxes = []
         for stage in ("fit", "test"):
-            attack = BadNet(target_class="dog", rate=0.5, trigger_size=8, trigger_mode=mode)
+            attack = BadNet("dog", rate=0.5, trigger_size=8, trigger_mode=mode)
             module = CleanCLIPDataModule(attack=attack, poison_train=False, **common)
             module.setup(stage)
             boxes.append(module.attack.test_trigger_box((48, 48), "test00001"))

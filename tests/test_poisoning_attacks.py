@@ -528,7 +528,10 @@ def test_shared_arguments_reach_jsonargparse(name):
         parser.parse_args(["--attack.target_class", target, "--attack.rate", "many"])
     if name == "badclip":
         return  # needs its optimised trigger file to build
-    attack = cls(**args)
+    target_class = args.pop("target_class")
+    assert target_class == (0 if cls.modality == "image" else "circle")
+    attack = cls(target_class, **args)  # target_class may also come first, by position
+    assert attack.target_class == target_class
     assert (attack.rate, attack.trigger_size, attack.trigger_alpha) == (0.25, 5, args["trigger_alpha"])
 
 
