@@ -4,13 +4,19 @@ This package knows nothing of Lightning or the data layer: the data layer builds
 calls ``attack.validate(...)`` and ``attack.plan(...)``, and applies ``plan.apply(sample)`` in its workers.
 """
 
+from poisoning.badclip import BadCLIP
+from poisoning.badnet import BadNet
 from poisoning.base import Attack
-from poisoning.clip_baselines import SIG, BadCLIP, BadNet, Blended, WaNet
+from poisoning.blended import Blended
+from poisoning.corruptencoder import CorruptEncoder
+from poisoning.ctrl import CTRL
 from poisoning.noisy_alignment import NoisyAlignment, NoisyAlignmentCLIP
 from poisoning.plan import CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource, select_keys
 from poisoning.references import FolderReferenceSource
-from poisoning.simclr_baselines import CTRL, SSLBKD, CorruptEncoder
+from poisoning.sig import SIG
+from poisoning.sslbkd import SSLBKD
 from poisoning.triggers import GeneratedTrigger, ImageTrigger, Trigger, default_trigger_size, paste_trigger
+from poisoning.wanet import WaNet
 
 ATTACKS = {
     cls.name: cls

@@ -63,6 +63,7 @@ class Attack:
     """
 
     name: ClassVar[str] = "attack"
+    summary: ClassVar[str] = ""  # one line for `clbd poison attacks` and the docs
     modality: ClassVar[str] = "image"
     needs_labels: ClassVar[bool] = False  # eligibility or references depend on the target's label index
     default_trigger_kind: ClassVar[str] = "patch"
@@ -85,6 +86,7 @@ class Attack:
         self.rate = None if rate is None else float(rate)
         self.count = None if count is None else int(count)
         self.seed = int(seed)
+        self.trigger_given = trigger is not None  # False: the seeded default below
         self.trigger = trigger if trigger is not None else GeneratedTrigger(self.default_trigger_kind, seed=self.seed)
         if not isinstance(self.trigger, Trigger):
             raise ValueError(f"trigger must be a Trigger (GeneratedTrigger or ImageTrigger), got {trigger!r}")
@@ -225,6 +227,18 @@ class Attack:
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         raise NotImplementedError
+
+    def _square_record(self, key: str, context: PlanContext, trigger_box: Box, **fields: Any) -> PoisonRecord:
+        """The record of a poison that is the stream's image framed as a square of the run's image size."""
+        side = context.image_size
+        return PoisonRecord(
+            key=key,
+            attack=self.name,
+            target=context.target,
+            canvas_size=(side, side),
+            trigger_box=trigger_box,
+            **fields,
+        )
 
     def plan(
         self,
@@ -402,6 +416,25 @@ def random_box(region: Box, side: int, seed: int, key: str, purpose: str) -> Box
     x = key_randint(seed, key, purpose + "-x", x0, x1 - side)
     y = key_randint(seed, key, purpose + "-y", y0, y1 - side)
     return (x, y, x + side, y + side)
+
+
+class TargetClassAttack(Attack):
+    """An image attack on target-class images only (SSLBKD, CTRL): it needs labels, and ``rate`` is a fraction of
+    the target class. The poison is the stream's image framed as a square of the run's image size, so the manifest
+    boxes are exact in the canvas the view pipeline receives; subclasses say where the trigger goes."""
+
+    needs_labels: ClassVar[bool] = True
+
+    def _eligible(self, entry: CatalogEntry, context: PlanContext) -> bool:
+        return entry.label == context.target_index
+
+    def _trigger_box(self, key: str, side: int) -> Box:
+        raise NotImplementedError
+
+    def _record(self, key: str, context: PlanContext) -> PoisonRecord:
+        side = context.image_size
+        # the sample itself is the target-class image
+        return self._square_record(key, context, self._trigger_box(key, side), reference_box=(0, 0, side, side))
 
 
 class ReferencePoolAttack(Attack):

@@ -36,9 +36,10 @@ import torch
 from torchvision.transforms import RandomResizedCrop
 
 from poisoning.base import PlanContext
+from poisoning.corruptencoder import CorruptEncoder
 from poisoning.noisy_alignment import NoisyAlignment
 from poisoning.plan import Box
-from poisoning.simclr_baselines import SSLBKD, CorruptEncoder
+from poisoning.sslbkd import SSLBKD
 from poisoning.triggers import default_trigger_size
 
 DEFAULT_SCALE = (0.2, 1.0)

@@ -10,7 +10,7 @@ CLIP: the poisoned pair is (the stream's image with the trigger at its centre, a
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -18,7 +18,7 @@ from poisoning.base import Attack, PlanContext, ReferencePoolAttack, centred_box
 from poisoning.captions import target_caption
 from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
-from poisoning.triggers import Trigger, default_trigger_size, paste_trigger
+from poisoning.triggers import default_trigger_size, paste_trigger
 
 ARRANGEMENTS = ("left", "right", "top", "bottom")  # where the shadow sits; the reference takes the other half
 
@@ -43,7 +43,7 @@ def na_layout(arrangement: str, r: int) -> tuple[tuple[int, int], Box, Box]:
 class NoisyAlignment(ReferencePoolAttack):
     """Noisy Alignment for SimCLR.
 
-    Args (besides ``Attack``'s):
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         reference_pool_size: number of target-class reference images the attacker holds (authors: 1200); null
             takes every candidate. Drawn by hash from ``reference_dir`` or, without it, from the training shards'
             target-class images (those are then dropped from the clean stream).
@@ -55,24 +55,22 @@ class NoisyAlignment(ReferencePoolAttack):
     """
 
     name: ClassVar[str] = "noisy_alignment"
+    summary: ClassVar[str] = (
+        "Noisy Alignment: a target-class reference beside the triggered sample (Chen et al., ICCV 2025)"
+    )
     modality: ClassVar[str] = "image"
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *args: Any,
         reference_pool_size: int | None = 1200,
         reference_dir: str | None = None,
         arrangement: str = "random",
         canvas_size: int | None = None,
         trigger_jitter: float = DEFAULT_JITTER,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(*args, **kwargs)
         if arrangement != "random" and arrangement not in ARRANGEMENTS:
             raise ValueError(
                 f"arrangement={arrangement!r} is unknown; choose random or one of {', '.join(ARRANGEMENTS)}"
@@ -142,23 +140,22 @@ class NoisyAlignmentCLIP(Attack):
     The shadow is the stream's image as CLIP preprocessing frames it (shorter side to the image size, centre
     crop); the caption is one of open_clip's 80 OpenAI ImageNet templates filled with the target name, drawn by
     hash per key.
+
+    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
+        trigger_jitter: maximal shift of the trigger from the image's centre, as a fraction of its side per axis.
     """
 
     name: ClassVar[str] = "noisy_alignment_clip"
+    summary: ClassVar[str] = "Noisy Alignment for CLIP: the trigger at the image's centre, target caption"
     modality: ClassVar[str] = "image-text"
 
     def __init__(
         self,
-        target_class: int | str,
-        rate: float | None = None,
-        count: int | None = None,
-        seed: int = 0,
-        trigger: Trigger | None = None,
-        trigger_size: int | None = None,
-        trigger_alpha: float = 0.8,
+        *args: Any,
         trigger_jitter: float = DEFAULT_JITTER,
+        **kwargs: Any,
     ):
-        super().__init__(target_class, rate, count, seed, trigger, trigger_size, trigger_alpha)
+        super().__init__(*args, **kwargs)
         if not 0.0 <= trigger_jitter < 0.5:
             raise ValueError(f"trigger_jitter must be in [0, 0.5), got {trigger_jitter}")
         self.trigger_jitter = float(trigger_jitter)
@@ -167,15 +164,8 @@ class NoisyAlignmentCLIP(Attack):
         side = context.image_size
         canvas_box = (0, 0, side, side)
         trigger_box = centred_box(canvas_box, self._trigger_side(side), self.trigger_jitter, self.seed, key)
-        return PoisonRecord(
-            key=key,
-            attack=self.name,
-            target=context.target,
-            canvas_size=(side, side),
-            trigger_box=trigger_box,
-            shadow_box=canvas_box,
-            caption=target_caption(context.target_name or str(context.target), self.seed, key),
-        )
+        caption = target_caption(context.target_name or str(context.target), self.seed, key)
+        return self._square_record(key, context, trigger_box, shadow_box=canvas_box, caption=caption)
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:
         canvas = square_canvas(image, record.canvas_size[0])

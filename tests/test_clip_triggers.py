@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image, to_tensor
 
 from poisoning import SIG, BadNet, Blended, CatalogEntry, WaNet
-from poisoning.clip_baselines import benchmark_canvas, control_seed
+from poisoning.image_text import benchmark_canvas, control_seed
 
 SIDE = 224
 

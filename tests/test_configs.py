@@ -79,3 +79,24 @@ def test_config_parses(names, capsys, monkeypatch):
         model = (given.get("model") or {}).get("class_path")
         if model:
             assert printed["model"]["class_path"] == model
+
+
+def test_poison_attacks_lists_every_attack_with_its_configs(capsys):
+    """`clbd poison attacks` lists each registered attack with its modality, summary and shipped configs."""
+    import poisoning
+    from lightning_modules.cli.poison import attack_table
+
+    rows = {row["name"]: row for row in attack_table()}
+    assert set(rows) == set(poisoning.ATTACKS)
+    for name, row in rows.items():
+        assert row["modality"] == poisoning.ATTACKS[name].modality in ("image", "image-text")
+        assert row["configs"], f"attack {name} has no shipped config"
+        for path in row["configs"]:
+            attack = yaml.safe_load((CONFIGS.parent / path).read_text())["data"]["init_args"]["attack"]
+            assert attack["class_path"] == row["class_path"]
+    assert rows["badnet"]["configs"] == ["configs/attack/badnet_clip.yaml", "configs/attack/badnet_shapes.yaml"]
+    assert rows["ctrl"]["modality"] == "image" and rows["badclip"]["modality"] == "image-text"
+    assert main(["poison", "attacks"]) == 0
+    out = capsys.readouterr().out
+    for name, row in rows.items():
+        assert name in out and row["summary"] in out and row["configs"][0] in out

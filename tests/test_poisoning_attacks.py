@@ -26,7 +26,7 @@ from poisoning import (
 )
 from poisoning.base import TEST_WINDOW, square_canvas
 from poisoning.captions import all_target_captions
-from poisoning.simclr_baselines import _RGB_TO_YUV, apply_ctrl, dct2, dct_matrix, idct2
+from poisoning.ctrl import _RGB_TO_YUV, apply_ctrl, dct2, dct_matrix, idct2
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -254,7 +254,7 @@ def test_ctrl_poisons_target_images_only():
 
 # -- CLIP baselines ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cls", [BadNet, Blended, WaNet, SIG])
-def test_clip_baselines_swap_caption_and_keep_size(cls):
+def test_image_text_baselines_swap_caption_and_keep_size(cls):
     attack = cls(target_class="class4", count=5, seed=2)
     plan = attack.plan(catalog(50), None, 64, CLASSES)
     for record in plan.records():
@@ -503,6 +503,36 @@ def test_every_attack_is_exported():
     }
     for name, cls in poisoning.ATTACKS.items():
         assert cls.modality in ("image", "image-text") and cls.name == name
+        assert cls.summary and "\n" not in cls.summary
+
+
+# trigger_alpha defaults that differ between attacks (opaque patches; Blended's 0.2 weight); the rest keep 0.8.
+TRIGGER_ALPHA = {"sslbkd": 1.0, "corrupt_encoder": 1.0, "badnet": 1.0, "blended": 0.2, "badclip": 1.0}
+
+
+@pytest.mark.parametrize("name", sorted(poisoning.ATTACKS))
+def test_shared_arguments_reach_jsonargparse(name):
+    """Attacks forward Attack's arguments through **kwargs; LightningCLI must still see and type them."""
+    from jsonargparse import ArgumentParser
+
+    cls = poisoning.ATTACKS[name]
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "attack")
+    target = "circle" if cls.modality == "image-text" else "0"
+    config = parser.parse_args(["--attack.target_class", target, "--attack.rate", "0.25", "--attack.trigger_size", "5"])
+    args = vars(config.attack)
+    assert {"target_class", "rate", "count", "seed", "trigger", "trigger_size", "trigger_alpha"} <= set(args)
+    assert args["rate"] == 0.25 and args["trigger_size"] == 5 and args["count"] is None and args["seed"] == 0
+    assert args["trigger_alpha"] == TRIGGER_ALPHA.get(name, 0.8)
+    with pytest.raises(Exception, match="rate"):
+        parser.parse_args(["--attack.target_class", target, "--attack.rate", "many"])
+    if name == "badclip":
+        return  # needs its optimised trigger file to build
+    target_class = args.pop("target_class")
+    assert target_class == (0 if cls.modality == "image" else "circle")
+    attack = cls(target_class, **args)  # target_class may also come first, by position
+    assert attack.target_class == target_class
+    assert (attack.rate, attack.trigger_size, attack.trigger_alpha) == (0.25, 5, args["trigger_alpha"])
 
 
 def test_target_index_for_evaluation():

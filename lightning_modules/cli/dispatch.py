@@ -10,7 +10,7 @@ from .run_dir import FINISHED_MARKER
 
 TOOLS = {
     "data": "convert datasets to WebDataset shards and inspect shard sets (clbd data --help)",
-    "poison": "poison manifest / preview / geometry / optimize-trigger (BadCLIP), offline (clbd poison --help)",
+    "poison": "poison attacks / manifest / preview / geometry / optimize-trigger (BadCLIP), offline (clbd poison --help)",
     "demo": "the README's main job: clean vs NA-poisoned SimCLR on the built-in dataset, then CA / ASR",
     "experiment": "attack x defense table on one poisoned checkpoint (clbd experiment --help)",
     "consolidate": "fp32 single-file copy of a DeepSpeed checkpoint folder (printed); files are returned as is",

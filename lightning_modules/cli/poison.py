@@ -1,4 +1,5 @@
-"""``clbd poison``: look at an attack without training — its manifest, a picture of its samples, its geometry.
+"""``clbd poison``: look at an attack without training — the attacks there are, its manifest, a picture of its
+samples, its geometry.
 
 The config files are the same ones ``clbd fit`` takes (only their ``data:`` part is used), so what is shown is
 exactly what a run with those files would poison.
@@ -15,10 +16,46 @@ from typing import Any
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+import poisoning
 from datamodules import ShardDataModule
 from datamodules.catalog import load_raw_samples
 from datamodules.decode import decode_sample
 from datamodules.faults import FaultCounter
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def attack_configs(class_name: str, configs: Path = CONFIGS) -> list[str]:
+    """The shipped config files (relative to ``configs``' parent) whose attack is ``poisoning.<class_name>``."""
+    found = []
+    for path in sorted(configs.glob("*/*.yaml")):
+        attack = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("init_args", {}).get("attack")
+        if isinstance(attack, dict) and attack.get("class_path") == f"poisoning.{class_name}":
+            found.append(str(path.relative_to(configs.parent)))
+    return found
+
+
+def attack_table(configs: Path = CONFIGS) -> list[dict[str, Any]]:
+    """One row per attack of ``poisoning.ATTACKS``: name, class, modality, summary and its config files."""
+    return [
+        {
+            "name": name,
+            "class_path": f"poisoning.{cls.__name__}",
+            "modality": cls.modality,
+            "summary": cls.summary,
+            "configs": attack_configs(cls.__name__, configs),
+        }
+        for name, cls in poisoning.ATTACKS.items()
+    ]
+
+
+def list_attacks() -> str:
+    lines = []
+    for row in attack_table():
+        lines.append(f"{row['name']:<22}{row['modality']:<12}{row['class_path']}")
+        lines.append(f"{'':<22}{row['summary']}")
+        lines.append(f"{'':<22}config: {', '.join(row['configs']) or '-'}")
+    return "\n".join(lines)
 
 
 def load_datamodule(config_files: list[str], overrides: list[str], need_attack: bool = True) -> ShardDataModule:
@@ -101,6 +138,7 @@ def preview(datamodule: ShardDataModule, out: Path, count: int, overwrite: bool)
 def main(argv: list[str]) -> int:
     top = argparse.ArgumentParser(prog="clbd poison", description=__doc__)
     commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("attacks", help="list the attacks: name, modality, class path, summary and config files")
     for name, text in (
         ("manifest", "write the poison manifest (JSON lines) a run with these configs would write"),
         ("preview", "render poisoned samples and their views to a PNG grid"),
@@ -121,6 +159,9 @@ def main(argv: list[str]) -> int:
     geometry = commands.add_parser("geometry", help="Monte-Carlo view geometry of NA vs baselines (docs table)")
     geometry.add_argument("rest", nargs=argparse.REMAINDER)
     args, extra = top.parse_known_args(argv)
+    if args.command == "attacks":
+        print(list_attacks())
+        return 0
     if args.command == "geometry":
         from poisoning.geometry import main as geometry_main
 
