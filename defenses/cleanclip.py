@@ -51,9 +51,12 @@ class CleanCLIP(DefenseMixin, CLIP):
         lambda_clip: weight of the multimodal CLIP loss (paper: 1).
         lambda_unimodal: weight of the unimodal image / text loss (paper: 1; ablation 0.5 ... 8).
         model_name: must be the poisoned run's model.
-        lr, weight_decay, betas, eps, warmup_steps: the paper's fine-tuning (AdamW, lr 1e-5, wd 0.1, betas and eps
-            of the authors' code, 50 warm-up steps as in their README).
-        other arguments: ``lightning_modules.CLIP``'s.
+        zero_shot_templates: prompt templates of the zero-shot evaluation (the authors': ImageNet's).
+        lr, weight_decay, betas, eps, warmup_steps, warmup_fraction: CleanCLIP's own defaults, the paper's
+            fine-tuning: AdamW (``CLIP``'s), lr 1e-5, weight decay 0.1, betas (0.9, 0.999) and eps 1e-8 of the
+            authors' code, 50 warm-up steps as in their README (so no warm-up fraction).
+        **kwargs: ``lightning_modules.CLIP``'s other arguments (``grad_checkpointing``, ``local_loss``, ...) and
+            optimiser settings (``optimizer``, ``momentum``, ``min_lr_ratio``, ``compile``), with their defaults.
     """
 
     defense_name = "cleanclip"
@@ -66,22 +69,14 @@ class CleanCLIP(DefenseMixin, CLIP):
         lambda_clip: float = 1.0,
         lambda_unimodal: float = 1.0,
         model_name: str = "RN50",
-        grad_checkpointing: bool = False,
-        local_loss: bool = True,
-        gather_with_grad: bool = True,
-        max_logit_scale: float = 100.0,
         zero_shot_templates: str = "openai_imagenet",
-        asr_exclude_target: bool = True,
-        optimizer: str = "adamw",
         lr: float = 1e-5,
         weight_decay: float = 0.1,
-        momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         warmup_steps: int = 50,
         warmup_fraction: float = 0.0,
-        min_lr_ratio: float = 0.0,
-        compile: bool = False,
+        **kwargs: Any,
     ):
         if checkpoint is None:
             raise ValueError(
@@ -91,25 +86,20 @@ class CleanCLIP(DefenseMixin, CLIP):
         for name, value in (("lambda_clip", lambda_clip), ("lambda_unimodal", lambda_unimodal)):
             if value < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {value}")
+        # A checkpoint's hparams carry CLIP's pretrained=None; any file would contradict ``checkpoint``.
+        if kwargs.pop("pretrained", None) is not None:
+            raise ValueError("model.pretrained: CleanCLIP starts from model.checkpoint, not from a pretrained file")
         super().__init__(
             model_name=model_name,
             pretrained=None,
-            grad_checkpointing=grad_checkpointing,
-            local_loss=local_loss,
-            gather_with_grad=gather_with_grad,
-            max_logit_scale=max_logit_scale,
             zero_shot_templates=zero_shot_templates,
-            asr_exclude_target=asr_exclude_target,
-            optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
-            momentum=momentum,
             betas=betas,
             eps=eps,
             warmup_steps=warmup_steps,
             warmup_fraction=warmup_fraction,
-            min_lr_ratio=min_lr_ratio,
-            compile=compile,
+            **kwargs,
         )
         self.init_defense(checkpoint)
 

@@ -37,6 +37,10 @@ class ContrastiveModule(L.LightningModule):
         warmup_fraction: warm-up as a fraction of all steps, used when ``warmup_steps`` is 0.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
         compile: wrap the network in ``torch.compile``.
+
+    A subclass takes these through ``**kwargs`` (jsonargparse follows them here, so ``--print_config`` lists them
+    with their defaults). A subclass with other defaults (SimCLR, CLIP, CleanCLIP) names only those settings in its
+    own signature, with its defaults, and passes them on by name: there is one place for each default.
     """
 
     def __init__(

@@ -27,7 +27,9 @@ class BYOL(MomentumImageSSLModule):
         proj_hidden_dim: projector and predictor hidden size (the NA authors: 1024).
         proj_output_dim: projection and prediction size (the NA authors: 128).
         base_tau, final_tau: target momentum, cosine from base to final (BYOL: 0.99 to 1).
-        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``).
+        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``); the
+            optimiser's defaults are ``ContrastiveModule``'s (SGD, lr 0.1, no warm-up), and
+            ``configs/pretrain/byol_cifar10.yaml`` sets the NA authors' CIFAR-10 ones.
     """
 
     method_name: ClassVar[str] = "byol"

@@ -32,7 +32,11 @@ class CLIP(ContrastiveModule):
         max_logit_scale: the learned temperature is clamped to ``ln(max_logit_scale)`` after every step.
         zero_shot_templates: prompt templates of the zero-shot monitor (``cifar10``, ``openai_imagenet``, ...).
         asr_exclude_target: count only triggered images whose true class is not the target (see ``metrics``).
-        **optim: optimiser and schedule (``ContrastiveModule``); AdamW, no decay on norms, biases, logit scale.
+        optimizer, lr, weight_decay, betas, eps, warmup_fraction: CLIP's own defaults, open_clip's: AdamW, lr 5e-4,
+            weight decay 0.2 (not on norms, biases, logit scale), betas (0.9, 0.98), eps 1e-6, warm-up over 5% of the
+            steps.
+        **optim: the other optimiser settings (``ContrastiveModule``'s, with its defaults: momentum, warmup_steps,
+            min_lr_ratio, compile).
     """
 
     def __init__(
@@ -48,25 +52,19 @@ class CLIP(ContrastiveModule):
         optimizer: str = "adamw",
         lr: float = 5e-4,
         weight_decay: float = 0.2,
-        momentum: float = 0.9,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
-        warmup_steps: int = 0,
         warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.0,
-        compile: bool = False,
+        **optim: Any,
     ):
         super().__init__(
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
-            momentum=momentum,
             betas=betas,
             eps=eps,
-            warmup_steps=warmup_steps,
             warmup_fraction=warmup_fraction,
-            min_lr_ratio=min_lr_ratio,
-            compile=compile,
+            **optim,
         )
         open_clip_config(model_name)  # a clear error for an unknown name, before anything is built
         templates_by_name(zero_shot_templates)

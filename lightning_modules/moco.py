@@ -29,7 +29,9 @@ class MoCoV2(MomentumImageSSLModule):
         queue_size: keys kept as negatives; a multiple of the global batch size.
         temperature: InfoNCE temperature (the NA authors: 0.2).
         base_tau, final_tau: key-encoder momentum, cosine from base to final (MoCo: constant 0.999).
-        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``).
+        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``); the
+            optimiser's defaults are ``ContrastiveModule``'s (SGD, lr 0.1, no warm-up), and
+            ``configs/pretrain/moco_v2_cifar10.yaml`` sets the NA authors' CIFAR-10 ones.
     """
 
     method_name: ClassVar[str] = "moco_v2"

@@ -18,15 +18,24 @@ class SimCLR(ImageSSLModule):
         proj_hidden_dim: projection MLP hidden size.
         proj_output_dim: projection size (128 in SimCLR).
         temperature: NT-Xent temperature (0.5 for CIFAR-10 in the NA setup).
-        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``).
+        optimizer, lr, warmup_fraction: SimCLR's own defaults, the NA setup on CIFAR-10: LARS, lr 0.5, warm-up over
+            3% of the steps (the other optimiser settings: ``ContrastiveModule``'s defaults).
+        **kwargs: the encoder, evaluation and other optimiser settings (``ImageSSLModule``, ``ContrastiveModule``).
     """
 
     method_name: ClassVar[str] = "simclr"
 
     def __init__(
-        self, proj_hidden_dim: int = 2048, proj_output_dim: int = 128, temperature: float = 0.5, **kwargs: Any
+        self,
+        proj_hidden_dim: int = 2048,
+        proj_output_dim: int = 128,
+        temperature: float = 0.5,
+        optimizer: str = "lars",
+        lr: float = 0.5,
+        warmup_fraction: float = 0.03,
+        **kwargs: Any,
     ):
-        super().__init__(**kwargs)
+        super().__init__(optimizer=optimizer, lr=lr, warmup_fraction=warmup_fraction, **kwargs)
         self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_output_dim)
         self.loss = NTXentLoss(temperature=temperature, gather=True)
 

@@ -27,7 +27,9 @@ class SimSiam(ImageSSLModule):
         proj_output_dim: projection and prediction size (the NA authors: 2048).
         pred_hidden_dim: predictor bottleneck (the NA authors: 512).
         fix_predictor_lr: the predictor keeps the peak rate, no warm-up or cosine (SimSiam and the NA authors).
-        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``).
+        **kwargs: the encoder, evaluation and optimiser settings (``ImageSSLModule``, ``ContrastiveModule``); the
+            optimiser's defaults are ``ContrastiveModule``'s (SGD, lr 0.1, no warm-up), and
+            ``configs/pretrain/simsiam_cifar10.yaml`` sets the NA authors' CIFAR-10 ones.
     """
 
     method_name: ClassVar[str] = "simsiam"
