@@ -9,7 +9,9 @@ and only with the same model and data config.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import inspect
 import json
 import logging
@@ -191,10 +193,20 @@ def _plain(value: Any) -> Any:
     return yaml.safe_load(yaml.safe_dump(json.loads(json.dumps(value, default=str))))
 
 
+def deepspeed_logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to the stdout of the moment it is first imported (a warning on a CPU machine):
+    importing it here with stdout sent to stderr keeps ``--print_config``'s YAML alone on stdout."""
+    if "deepspeed" not in sys.modules and importlib.util.find_spec("deepspeed") is not None:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+
+
 def run(argv: list[str]) -> int:
     """One LightningCLI command (``fit``, ``validate``, ``test``, ``predict`` and its options); 0 on success, 2 on a
     configuration error (one clear line; CLBD_DEBUG=1 shows the traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if any(arg.startswith("--print_config") for arg in argv):
+        deepspeed_logs_to_stderr()
     command = argv[0] if argv else ""
     try:
         ClbdCLI(args=argv)
