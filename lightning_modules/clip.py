@@ -14,9 +14,25 @@ from torchmetrics.classification import MulticlassAccuracy
 from datamodules.openclip_configs import open_clip_config
 
 from .base import ContrastiveModule, nan_if_none
+from .checkpoints import consolidate
+from .safe_checkpoint import load_checkpoint
 from .losses import clip_loss
 from .metrics import AttackSuccessRate, BackdoorPredictions, asr_definition, backdoor_headlines
 from .zero_shot import build_zero_shot_classifier, templates_by_name
+
+
+def clbd_clip_weights(path: str) -> dict[str, torch.Tensor] | None:
+    """The open_clip weights inside a clbd checkpoint (a CLIP run's or a CLIP defense's), or None when ``path`` is
+    not one (open_clip's own ``.pt`` / ``.bin`` / ``.safetensors`` files). Loaded with the safe unpickler."""
+    if not (Path(path).is_dir() or Path(path).suffix == ".ckpt"):
+        return None
+    state = load_checkpoint(consolidate(Path(path)))  # a DeepSpeed folder: its fp32 copy
+    if not (isinstance(state, dict) and "clbd_run_config" in state and "state_dict" in state):
+        return None
+    weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"model.pretrained: {path} is a clbd checkpoint without CLIP weights (an image-SSL run?)")
+    return weights
 
 
 class CLIP(ContrastiveModule):
@@ -25,7 +41,9 @@ class CLIP(ContrastiveModule):
     Args:
         model_name: an open_clip model (``RN50``, ``ViT-B-32``, ...) or clbd's tiny ``clip-tiny-vit`` /
             ``clip-tiny-rn`` for CPU runs and tests.
-        pretrained: a LOCAL checkpoint file to start from (nothing is downloaded); None trains from scratch.
+        pretrained: a LOCAL checkpoint file to start from (nothing is downloaded): open_clip's format, or a clbd
+            CLIP run's checkpoint (its ``last.ckpt``, or a DeepSpeed folder through its consolidated copy) to
+            fine-tune a model clbd trained; None trains from scratch.
         grad_checkpointing: recompute activations in backward (less memory, ~30% more compute).
         local_loss: each rank scores its own rows against the gathered batch (open_clip's ``--local-loss``).
         gather_with_grad: gather features across ranks keeping the gradient (exact global-batch gradient).
@@ -68,12 +86,23 @@ class CLIP(ContrastiveModule):
         )
         open_clip_config(model_name)  # a clear error for an unknown name, before anything is built
         templates_by_name(zero_shot_templates)
-        if pretrained is not None and not Path(pretrained).is_file():
+        if pretrained is not None and not Path(pretrained).exists():
             raise FileNotFoundError(
                 f"model.pretrained: no checkpoint file at {pretrained} (clbd downloads nothing; give a local file)"
             )
         self.save_hyperparameters()
-        self.model = self.maybe_compile(open_clip.create_model(model_name, pretrained=pretrained))
+        clbd_weights = clbd_clip_weights(pretrained) if pretrained is not None else None
+        model = open_clip.create_model(model_name, pretrained=None if clbd_weights is not None else pretrained)
+        if clbd_weights is not None:
+            try:
+                model.load_state_dict(clbd_weights)
+            except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
+                first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+                raise ValueError(
+                    f"model.pretrained: {pretrained} does not fit {model_name} ({first}); was it trained with "
+                    "another model_name?"
+                ) from None
+        self.model = self.maybe_compile(model)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.tokenizer = open_clip.get_tokenizer(model_name)

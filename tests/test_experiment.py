@@ -86,6 +86,62 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
     assert again["minutes"] == table["minutes"] and marker.stat().st_mtime_ns == before
 
 
+def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_shards):
+    shards = make_shards(n=64, per_shard=32, captions=True)
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
+    plan = {
+        "seeds": [0, 1],
+        "common": clip_overrides(shards),
+        "base": {"configs": ["configs/smoke/clip_shapes.yaml"], "seed": 5},
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack], "overrides": []},
+        "clean_reference": True,
+        "defense_budget": {"steps": 1, "batch_size": 16},
+        "defenses": {"finetune": {"configs": ["configs/defense/cleanclip.yaml"]}},
+    }
+    config = tmp_path / "experiment.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+
+    base = out / "base" / "checkpoints" / "last.ckpt"
+    assert yaml.safe_load((out / "base" / "config.yaml").read_text())["seed_everything"] == 5
+    assert not (out / "seed0" / "base").exists()  # one clean model for all seeds
+    for seed in (0, 1):
+        for run in ("poisoned", "clean"):
+            saved = yaml.safe_load((out / f"seed{seed}" / run / "config.yaml").read_text())
+            assert saved["model"]["init_args"]["pretrained"] == str(base)
+            assert saved["seed_everything"] == seed
+    table = json.loads((out / "table.json").read_text())
+    assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "finetune"]
+    assert table["minutes"]["base"]["base"] > 0
+
+
+def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
+    import torch
+
+    from lightning_modules.safe_checkpoint import load_checkpoint
+
+    shards = make_shards(n=32, per_shard=32, captions=True)
+    plan = {
+        "seeds": [0],
+        "common": clip_overrides(shards),
+        "base": {"configs": ["configs/smoke/clip_shapes.yaml"]},
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", write_attack(
+            tmp_path / "a.yaml", "poisoning.BadNet", target_class="class1", rate=0.3)]},
+        "defenses": {},
+    }
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))
+    from lightning_modules.cli.experiment import fit_base, load_plan
+
+    checkpoint, _ = fit_base(load_plan(tmp_path / "e.yaml"), tmp_path / "out", plan["common"], {})
+    model = CLIP(model_name="clip-tiny-vit", pretrained=checkpoint)
+    saved = load_checkpoint(checkpoint)["state_dict"]
+    for name, value in model.model.state_dict().items():
+        assert torch.equal(value, saved[f"model.{name}"]), name
+    with pytest.raises(ValueError, match="model.pretrained: .* does not fit clip-tiny-rn"):
+        CLIP(model_name="clip-tiny-rn", pretrained=checkpoint)
+
+
 def test_image_ssl_experiment_runs_attack_by_method_with_a_clean_reference(tmp_path, make_shards):
     shards = make_shards(n=64, per_shard=32)
     attack = write_attack(tmp_path / "sslbkd.yaml", "poisoning.SSLBKD", target_class=0, rate=0.5, trigger_size=6)
@@ -130,6 +186,8 @@ def test_image_ssl_experiment_runs_attack_by_method_with_a_clean_reference(tmp_p
         ({"attack_target": "banana"}, "target_class='banana' is not a class of the eval set"),
         ({"only_target": True}, "holds only images of the target class"),
         ({"defense_budget": {"steps": 0}}, "defense_budget.steps"),
+        ({"base": {"configs": []}}, "base.configs is empty"),
+        ({"base": {"configs": ["configs/smoke/clip_shapes.yaml"], "seed": "one"}}, "base.seed must be an integer"),
     ],
 )
 def test_experiment_errors_name_the_field_before_compute(tmp_path, make_shards, capsys, change, message):
@@ -143,8 +201,9 @@ def test_experiment_errors_name_the_field_before_compute(tmp_path, make_shards, 
         "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack]},
         "defenses": {"cleanclip": {"configs": ["configs/defense/cleanclip.yaml"]}},
     }
-    if "defense_budget" in change:
-        plan["defense_budget"] = change["defense_budget"]
+    for key in ("defense_budget", "base"):
+        if key in change:
+            plan[key] = change[key]
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(plan))
     out = tmp_path / "o"

@@ -8,6 +8,8 @@ Defenses (one poisoned model per seed, each defense from it)::
 
     seeds: [0, 1, 2]                # each seed: poisoned pretraining, clean reference, every defense
     common: [...]                   # overrides for every step (e.g. --trainer.accelerator=cpu)
+    base:                           # optional: a clean model trained once (its own seed) into --out/base; then
+      configs: [...]                #   the poisoned and the clean run of every seed fine-tune it (model.pretrained)
     pretrain:
       configs: [configs/smoke/clip_shapes.yaml, configs/attack/badnet_shapes.yaml]
       overrides: []
@@ -127,11 +129,24 @@ def load_plan(path: Path) -> dict[str, Any]:
             raise ValueError(f"{path}: pretrain.configs needs the pretraining config and at least one attack config")
         if pretrain.get("checkpoint") and len(seeds) > 1:
             raise ValueError(f"{path}: pretrain.checkpoint is one model, but seeds has {len(seeds)}; give one seed")
+        base = plan.get("base")
+        if base is not None:
+            if not isinstance(base, dict) or not base.get("configs"):
+                raise ValueError(f"{path}: base.configs is empty (the clean model's pretraining config)")
+            if pretrain.get("checkpoint"):
+                raise ValueError(f"{path}: give base (a clean model to fine-tune) or pretrain.checkpoint, not both")
+            seed = base.setdefault("seed", 0)
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ValueError(f"{path}: base.seed must be an integer, got {seed!r}")
         budget = plan.get("defense_budget") or {}
         for key in ("steps", "batch_size"):
             if key in budget and (not isinstance(budget[key], int) or budget[key] < 1):
                 raise ValueError(f"{path}: defense_budget.{key} must be an integer >= 1, got {budget[key]!r}")
-        configs = [*pretrain["configs"], *(c for d in plan["defenses"].values() for c in d.get("configs", []))]
+        configs = [
+            *(base or {}).get("configs", []),
+            *pretrain["configs"],
+            *(c for d in plan["defenses"].values() for c in d.get("configs", [])),
+        ]
     for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"{path}: config file not found: {config}")
@@ -347,12 +362,27 @@ def steps_run(run_dir: Path) -> int | None:
     return json.loads(finished.read_text()).get("global_step") if finished.exists() else None
 
 
-def run_defenses(plan: dict[str, Any], runner: Runner, only: list[str] | None) -> list[dict[str, Any]]:
-    """One seed of a defense experiment: rows (clean reference, poisoned, each defense) of summaries."""
+def fit_base(plan: dict[str, Any], out: Path, common: list[str], earlier: dict[str, Any]) -> tuple[str, float | None]:
+    """The clean model every seed fine-tunes (``base``): trained once, with its own seed, into ``OUT/base``."""
+    base = plan["base"]
+    runner = Runner(out, base.get("seed", 0), common, earlier)
+    runner.out = out  # one model for all seeds, beside the seeds' folders
+    run_dir = runner.fit("base", base["configs"], flatten(base.get("overrides", [])))
+    return str(run_dir / "checkpoints" / "last.ckpt"), runner.minutes.get("base")
+
+
+def run_defenses(
+    plan: dict[str, Any], runner: Runner, only: list[str] | None, base_checkpoint: str | None = None
+) -> list[dict[str, Any]]:
+    """One seed of a defense experiment: rows (clean reference, poisoned, each defense) of summaries. With a
+    ``base_checkpoint`` the poisoned and the clean run fine-tune it (the papers' regime: a clean model, then
+    poisoned fine-tuning); without one they train from scratch."""
     pretrain = plan["pretrain"]
     base, attack = pretrain["configs"][:1], pretrain["configs"][1:]
     overrides = flatten(pretrain.get("overrides", []))
     checkpoint = pretrain.get("checkpoint")
+    if base_checkpoint is not None:  # poisoned and clean runs alike fine-tune the shared clean model
+        overrides = [*overrides, f"--model.init_args.pretrained={base_checkpoint}"]
     if not checkpoint:
         checkpoint = str(runner.fit("poisoned", [*base, *attack], overrides) / "checkpoints" / "last.ckpt")
     rows: list[dict[str, Any]] = []
@@ -469,10 +499,17 @@ def main(argv: list[str] | None = None) -> int:
     common = flatten(plan.get("common", []))
     per_seed_rows: dict[int, list[dict[str, Any]]] = {}
     minutes: dict[str, dict[str, float | None]] = {}
+    base_checkpoint = None
+    if plan.get("base"):
+        base_checkpoint, base_minutes = fit_base(plan, out, common, earlier.get("base") or {})
+        minutes["base"] = {"base": base_minutes}
     for seed in plan["seeds"]:
         runner = Runner(out, seed, common, earlier.get(str(seed), {}))
         try:
-            rows = run_grid(plan, runner) if "methods" in plan else run_defenses(plan, runner, args.only)
+            if "methods" in plan:
+                rows = run_grid(plan, runner)
+            else:
+                rows = run_defenses(plan, runner, args.only, base_checkpoint)
         except ValueError as exc:
             print(f"clbd experiment: error: {exc}", file=sys.stderr)
             return 2
