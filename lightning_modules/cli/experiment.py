@@ -8,8 +8,9 @@ Defenses (one poisoned model per seed, each defense from it)::
 
     seeds: [0, 1, 2]                # each seed: poisoned pretraining, clean reference, every defense
     common: [...]                   # overrides for every step (e.g. --trainer.accelerator=cpu)
-    base:                           # optional: a clean model trained once (its own seed) into --out/base; then
-      configs: [...]                #   the poisoned and the clean run of every seed fine-tune it (model.pretrained)
+    base:                           # optional: a clean model trained once (its own seed) into --out/base, or into
+      configs: [...]                #   base.dir to share it between experiments; then the poisoned and the clean
+      dir: runs/clip-shapes-base    #   run of every seed fine-tune it (model.pretrained)
     pretrain:
       configs: [configs/smoke/clip_shapes.yaml, configs/attack/badnet_shapes.yaml]
       overrides: []
@@ -363,11 +364,14 @@ def steps_run(run_dir: Path) -> int | None:
 
 
 def fit_base(plan: dict[str, Any], out: Path, common: list[str], earlier: dict[str, Any]) -> tuple[str, float | None]:
-    """The clean model every seed fine-tunes (``base``): trained once, with its own seed, into ``OUT/base``."""
+    """The clean model every seed fine-tunes (``base``): trained once, with its own seed, into ``OUT/base`` or into
+    ``base.dir`` (a folder several experiments share, so the clean model is trained once for all of them)."""
     base = plan["base"]
     runner = Runner(out, base.get("seed", 0), common, earlier)
-    runner.out = out  # one model for all seeds, beside the seeds' folders
-    run_dir = runner.fit("base", base["configs"], flatten(base.get("overrides", [])))
+    folder = Path(base["dir"]) if base.get("dir") else out / "base"
+    runner.out = folder.parent  # one model for all seeds, beside the seeds' folders (or in the shared folder)
+    run_dir = runner.fit(folder.name, base["configs"], flatten(base.get("overrides", [])))
+    runner.minutes.setdefault("base", runner.minutes.get(folder.name))
     return str(run_dir / "checkpoints" / "last.ckpt"), runner.minutes.get("base")
 
 
