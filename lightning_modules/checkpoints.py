@@ -25,7 +25,9 @@ def consolidate(checkpoint: str | Path) -> Path:
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     target = consolidated_path(checkpoint)
-    if target.is_file() and target.stat().st_mtime >= checkpoint.stat().st_mtime:
+    # A save over the folder rewrites the files inside it and leaves the folder's own mtime as it was.
+    newest = max((f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file()), default=checkpoint.stat().st_mtime)
+    if target.is_file() and target.stat().st_mtime >= newest:
         return target
     check_checkpoint(checkpoint)  # the converter unpickles with weights_only=False
     try:

@@ -156,7 +156,7 @@ class ClbdCLI(LightningCLI):
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
         self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
-        prepare_deepspeed(self.trainer, self.datamodule)
+        prepare_deepspeed(self.trainer, self.datamodule, resolved)
 
     def before_validate(self) -> None:
         self._check_eval_checkpoint("validate")
