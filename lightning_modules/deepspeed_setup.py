@@ -82,6 +82,7 @@ def resume_on_other_ranks(strategy: Any, checkpoint: Path, world_size: int) -> N
     written_by = checkpoint_ranks(checkpoint)
     if written_by is None or written_by == world_size:
         return
+    check_adam_state(checkpoint, written_by, world_size)
     strategy.config.setdefault("checkpoint", {})["load_universal"] = True
     target = universal_path(checkpoint)
     original = strategy.load_checkpoint
@@ -113,6 +114,27 @@ def resume_on_other_ranks(strategy: Any, checkpoint: Path, world_size: int) -> N
             drop_files_of_other_ranks(Path(filepath), world_size)
 
     strategy.save_checkpoint = save_checkpoint
+
+
+def check_adam_state(checkpoint: Path, written_by: int, world_size: int) -> None:
+    """DeepSpeed's universal checkpoint carries Adam's state only (ZeRO-1/2's converter and ZeRO-3's loader name
+    ``exp_avg`` and ``exp_avg_sq``): another optimizer's state (SGD's or LARS's momentum) would be lost or fail
+    halfway. Refused here, before any compute."""
+    from .safe_checkpoint import load_checkpoint
+
+    tag = checkpoint / latest_tag(checkpoint)
+    first = next(f for f in sorted(tag.glob("*optim_states.pt")) if (m := OPTIM_STATES.search(f.name)) and m[1] == "0")
+    saved = load_checkpoint(first, mmap=True)["optimizer_state_dict"]
+    inner = saved.get("base_optimizer_state") or saved.get("optimizer_state_dict") or {}
+    keys = {key for state in (inner.get("state") or {}).values() for key in state}
+    if not keys or not {"exp_avg", "exp_avg_sq"} <= keys or keys - {"exp_avg", "exp_avg_sq", "step"}:
+        held = ", ".join(sorted(keys)) or "no optimizer state yet"
+        raise ValueError(
+            f"--ckpt_path {checkpoint}: written by {written_by} DeepSpeed ranks, resumed on {world_size}; that goes "
+            f"through DeepSpeed's universal checkpoint, which carries Adam's state (exp_avg, exp_avg_sq) only, and "
+            f"this checkpoint's optimizer holds {held}. Resume it on {written_by} ranks, or train with "
+            "model.optimizer adam or adamw"
+        )
 
 
 def drop_files_of_other_ranks(checkpoint: Path, world_size: int) -> None:

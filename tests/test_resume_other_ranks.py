@@ -106,14 +106,15 @@ def test_resume_on_another_number_of_ranks_takes_each_sample_once(tmp_path, befo
     assert final["global_step"] == 2 * SAMPLES // BATCH
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_deepspeed_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, before, after):
-    """ZeRO-2: the checkpoint written by ``before`` ranks is converted once to DeepSpeed's universal form beside the
-    run, and loaded on ``after`` ranks with the saved weights; over the interrupted epoch each sample once."""
+@pytest.mark.parametrize("before, after, stage", [(2, 1, 2), (1, 2, 2), (2, 1, 3)])
+def test_deepspeed_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, before, after, stage):
+    """The checkpoint written by ``before`` ranks is converted once to DeepSpeed's universal form beside the run and
+    loaded on ``after`` ranks with the saved weights (batch-norm statistics included); over the interrupted epoch
+    each sample once. AdamW: the universal checkpoint carries Adam's state only."""
     pytest.importorskip("deepspeed")
     weights = tmp_path / "weights-after-load.pt"
     record = ["--trainer.callbacks+=tests.callbacks.RecordWeights", f"--trainer.callbacks.path={weights}"]
-    run, resumed, saved = interrupt_and_resume(tmp_path, before, after, 2, ["--model.optimizer=adamw"], record)
+    run, resumed, saved = interrupt_and_resume(tmp_path, before, after, stage, ["--model.optimizer=adamw"], record)
     said = f"was written by {before} data-parallel ranks and is resumed on {after}"
     assert resumed.stderr.count(said) == 1, resumed.stderr[-3000:]  # rank 0 converts, once
     universal = run / "universal" / "last.ckpt"
@@ -126,3 +127,18 @@ def test_deepspeed_resume_on_another_number_of_ranks_goes_through_a_universal_ch
     assert_each_sample_once(tmp_path)
     final = load_checkpoint(run / "consolidated" / "last.ckpt")
     assert final["global_step"] == 2 * SAMPLES // BATCH
+
+
+def test_deepspeed_resume_on_another_number_of_ranks_refuses_a_non_adam_optimizer(tmp_path):
+    """SGD's or LARS's momentum has no place in DeepSpeed's universal checkpoint: refused before any compute."""
+    from lightning_modules.deepspeed_setup import resume_on_other_ranks
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (checkpoint / "checkpoint").mkdir(parents=True)
+    (checkpoint / "latest").write_text("checkpoint")
+    state = {"optimizer_state_dict": {"base_optimizer_state": {"state": {0: {"momentum_buffer": torch.zeros(4)}}}}}
+    for rank in range(2):
+        torch.save(state, checkpoint / "checkpoint" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    with pytest.raises(ValueError, match="written by 2 DeepSpeed ranks, resumed on 1.*holds momentum_buffer"):
+        resume_on_other_ranks(strategy=None, checkpoint=checkpoint, world_size=1)
+    assert not (tmp_path / "run" / "universal").exists()
