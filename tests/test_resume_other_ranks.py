@@ -107,7 +107,9 @@ def test_resume_on_another_number_of_ranks_takes_each_sample_once(tmp_path, befo
 
 
 @pytest.mark.parametrize("before, after, stage", [(2, 1, 2), (1, 2, 2), (2, 1, 3)])
-def test_deepspeed_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(tmp_path, before, after, stage):
+def test_deepspeed_resume_on_another_number_of_ranks_goes_through_a_universal_checkpoint(
+    tmp_path, before, after, stage
+):
     """The checkpoint written by ``before`` ranks is converted once to DeepSpeed's universal form beside the run and
     loaded on ``after`` ranks with the saved weights (batch-norm statistics included); over the interrupted epoch
     each sample once. AdamW: the universal checkpoint carries Adam's state only."""

@@ -281,7 +281,9 @@ def test_run_resumed_on_another_task_count_takes_each_sample_once(
     def record(folder: str) -> list[str]:
         return ["--trainer.callbacks+=tests.callbacks.RecordKeys", f"--trainer.callbacks.folder={tmp_path / folder}"]
 
-    first = submit_cc3m(slurm_cluster, tmp_path / "two", cc3m_shards, PAUSE, "--trainer.callbacks.step=7", *record("k2"))
+    first = submit_cc3m(
+        slurm_cluster, tmp_path / "two", cc3m_shards, PAUSE, "--trainer.callbacks.step=7", *record("k2")
+    )
     slurm_cluster.wait_for_file(first.run_dir / "paused_r0_step7", first.job_id, timeout=240)
     slurm_cluster.cancel(first.job_id)
     slurm_cluster.wait(first.job_id, timeout=60)
@@ -289,7 +291,9 @@ def test_run_resumed_on_another_task_count_takes_each_sample_once(
 
     env = {"CC3M_TRAIN": str(cc3m_shards), "CLBD_RUN_DIR": str(first.run_dir)}
     overrides = ["--config", str(SMOKE_CONFIG), *record("k1")]
-    second = submit_script(slurm_cluster, tmp_path / "one", "pretrain_cc3m.sh", *overrides, layout=CPU_ONE_TASK, env=env)
+    second = submit_script(
+        slurm_cluster, tmp_path / "one", "pretrain_cc3m.sh", *overrides, layout=CPU_ONE_TASK, env=env
+    )
     assert_completed(slurm_cluster.wait(second.job_id, timeout=300), second, restarts=0)
     log = second.log()
     assert "1 node(s), 1 task(s)" in log
