@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .safe_checkpoint import check_checkpoint
+from .safe_checkpoint import check_checkpoint, load_checkpoint
 
 
 def consolidated_path(checkpoint: Path) -> Path:
@@ -25,7 +25,9 @@ def consolidate(checkpoint: str | Path) -> Path:
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     target = consolidated_path(checkpoint)
-    if target.is_file() and target.stat().st_mtime >= checkpoint.stat().st_mtime:
+    # A save over the folder rewrites the files inside it and leaves the folder's own mtime as it was.
+    newest = max((f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file()), default=checkpoint.stat().st_mtime)
+    if target.is_file() and target.stat().st_mtime >= newest:
         return target
     check_checkpoint(checkpoint)  # the converter unpickles with weights_only=False
     try:
@@ -37,3 +39,19 @@ def consolidate(checkpoint: str | Path) -> Path:
     convert_zero_checkpoint_to_fp32_state_dict(checkpoint, partial)
     os.replace(partial, target)
     return target
+
+
+def checkpoint_ranks(checkpoint: str | Path) -> int | None:
+    """How many ranks wrote a clbd checkpoint: a DeepSpeed folder's per-rank ZeRO files, a file's per-rank stream
+    states; None when it does not say (a checkpoint from elsewhere, one written outside a fit)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        from .deepspeed_setup import checkpoint_ranks as deepspeed_ranks
+
+        return deepspeed_ranks(checkpoint)
+    try:
+        state = load_checkpoint(checkpoint, mmap=True)  # the tensors stay on disk: only the small entries are read
+    except RuntimeError:  # not a zip checkpoint: no mmap
+        state = load_checkpoint(checkpoint)
+    per_rank = state.get("clbd_per_rank") if isinstance(state, dict) else None
+    return len(per_rank) if per_rank else None

@@ -85,11 +85,12 @@ clbd_run_dir() {
 # clbd_latest_checkpoint DIR: sets CLBD_LATEST_CKPT to the most recently modified "*.ckpt" under DIR
 # (files: Lightning, hpc_ckpt_N.ckpt, last.ckpt; directories: DeepSpeed), or "" when there is none.
 # Does not descend into a DeepSpeed checkpoint directory, nor into DIR/consolidated/ (fp32 copies of DeepSpeed
-# checkpoints for evaluation: weights only, nothing a run could resume from).
+# checkpoints for evaluation: weights only, nothing a run could resume from) or DIR/universal/ (DeepSpeed's
+# universal copies, which clbd makes itself when a checkpoint resumes on another number of ranks).
 clbd_latest_checkpoint() {
     local dir=${1:-}
     clbd_require_path "$dir" "checkpoint directory"
-    CLBD_LATEST_CKPT=$(find "$dir" \( -type d -name consolidated \) -prune -o \
+    CLBD_LATEST_CKPT=$(find "$dir" \( -type d \( -name consolidated -o -name universal \) \) -prune -o \
         \( -name '*.ckpt' -prune -printf '%T@ %p\n' \) 2>/dev/null | sort -n -k1,1 | tail -n 1 | cut -d' ' -f2-)
     export CLBD_LATEST_CKPT
 }
@@ -311,9 +312,30 @@ clbd_resume_args() {
     if [[ -n $CLBD_LATEST_CKPT ]]; then
         CLBD_RESUME_ARGS=(--ckpt_path "$CLBD_LATEST_CKPT")
         echo "clbd: resuming from $CLBD_LATEST_CKPT (the newest checkpoint in $dir)"
+        clbd_resume_layout "$CLBD_LATEST_CKPT"
     elif [[ -e $dir/config.yaml || -e $dir/checkpoints ]]; then
         CLBD_RESUME_ARGS=(--ckpt_path last)
         echo "clbd: $dir holds a run without checkpoints: starting it again at step 0"
+    fi
+}
+
+# clbd_resume_layout CKPT: says when CKPT was written by another number of ranks than this job's tasks (a requeue
+# that landed on another allocation, a resume by hand with other --nodes / --ntasks-per-node). clbd resumes it all
+# the same: the rest of the interrupted epoch is dealt among the new ranks (each sample once), a DeepSpeed
+# checkpoint goes through DeepSpeed's universal checkpoint. Needs clbd_command (CLBD_PY) first.
+clbd_resume_layout() {
+    local ckpt=$1 written_by
+    written_by=$(CLBD_CKPT=$ckpt "$CLBD_PY" -c 'import os
+from lightning_modules.checkpoints import checkpoint_ranks
+print(checkpoint_ranks(os.environ["CLBD_CKPT"]) or "")' 2>/dev/null) || written_by=""
+    if [[ -z $written_by ]]; then
+        echo "clbd: $ckpt does not say how many ranks wrote it"
+    elif ((written_by != SLURM_NTASKS)); then
+        echo "clbd: $ckpt was written by $written_by rank(s); this job has $SLURM_NTASKS task(s)" \
+            "(${SLURM_NNODES} node(s) x ${SLURM_NTASKS_PER_NODE:-?}): resuming on another number of ranks" \
+            "(the rest of the interrupted epoch is dealt among the $SLURM_NTASKS ranks, each sample once)"
+    else
+        echo "clbd: $ckpt was written by $written_by rank(s), as many as this job has"
     fi
 }
 

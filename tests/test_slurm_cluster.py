@@ -175,6 +175,9 @@ def test_common_helpers_inside_a_job(slurm_cluster: SlurmCluster, tmp_path: Path
     _set_mtime(newer, 100)
     _set_mtime(deepspeed_dir, 200)
     _set_mtime(inner, 10)  # newer than all, but inside a DeepSpeed checkpoint: not a checkpoint of its own
+    for copies in ("consolidated", "universal"):  # clbd's fp32 / universal copies: nothing to resume from
+        (ckpt_dir / copies / "last.ckpt" / "checkpoint").mkdir(parents=True)
+        _set_mtime(ckpt_dir / copies / "last.ckpt", 5)
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
 

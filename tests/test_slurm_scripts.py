@@ -16,6 +16,7 @@ import io
 import json
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,6 +262,52 @@ def test_requeue_without_hpc_checkpoint_resumes_from_the_newest_checkpoint(
     assert sorted(p.name for p in run_dir.glob("started_*")) == ["started_r0_step0", "started_r1_step12"]
     assert_same_final_model(run_dir, reference().run_dir)
     assert logged_steps(run_dir) == list(range(MAX_STEPS)), "step 12 logged again, once"
+
+
+def keys_seen(folder: Path) -> list[dict]:
+    """tests.callbacks.RecordKeys' rows (step, epoch, keys) of every rank."""
+    return [json.loads(line) for file in sorted(folder.glob("rank*.jsonl")) for line in file.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_run_resumed_on_another_task_count_takes_each_sample_once(
+    slurm_cluster: SlurmCluster, cc3m_shards: Path, tmp_path: Path
+) -> None:
+    """A job on 2 tasks ended mid-epoch (scancel while held after step 7; checkpoints at step 6) and resumed on an
+    allocation of 1 task (a new job with CLBD_RUN_DIR, as after losing half the GPUs): the script says the
+    checkpoint was written by 2 ranks, the rest of epoch 0 goes to the one rank, and over that epoch every pair is
+    trained on exactly once; epoch 1 is a fresh one-rank epoch and the run ends at the configured step."""
+
+    def record(folder: str) -> list[str]:
+        return ["--trainer.callbacks+=tests.callbacks.RecordKeys", f"--trainer.callbacks.folder={tmp_path / folder}"]
+
+    first = submit_cc3m(
+        slurm_cluster, tmp_path / "two", cc3m_shards, PAUSE, "--trainer.callbacks.step=7", *record("k2")
+    )
+    slurm_cluster.wait_for_file(first.run_dir / "paused_r0_step7", first.job_id, timeout=240)
+    slurm_cluster.cancel(first.job_id)
+    slurm_cluster.wait(first.job_id, timeout=60)
+    assert not list(first.run_dir.glob("hpc_ckpt_*.ckpt")) and not (first.run_dir / "fit_finished.json").exists()
+
+    env = {"CC3M_TRAIN": str(cc3m_shards), "CLBD_RUN_DIR": str(first.run_dir)}
+    overrides = ["--config", str(SMOKE_CONFIG), *record("k1")]
+    second = submit_script(
+        slurm_cluster, tmp_path / "one", "pretrain_cc3m.sh", *overrides, layout=CPU_ONE_TASK, env=env
+    )
+    assert_completed(slurm_cluster.wait(second.job_id, timeout=300), second, restarts=0)
+    log = second.log()
+    assert "1 node(s), 1 task(s)" in log
+    assert "was written by 2 rank(s); this job has 1 task(s)" in log and "resuming on another number of ranks" in log
+    assert "resuming on another number of ranks (checkpoint: 2)" in log, log[-4000:]  # clbd's own line
+
+    before = [row for row in keys_seen(tmp_path / "k2") if row["step"] <= 6]  # the checkpoint is step 6's
+    after = keys_seen(tmp_path / "k1")
+    epoch0 = Counter(k for row in before + [r for r in after if r["epoch"] == 0] for k in row["keys"])
+    epoch1 = Counter(k for row in after if row["epoch"] == 1 for k in row["keys"])
+    assert len(epoch0) == SHARDS * PER_SHARD and set(epoch0.values()) == {1}, "each pair once, none lost"
+    assert set(epoch1) == set(epoch0) and set(epoch1.values()) == {1}
+    assert min(r["step"] for r in after) == 7 and max(r["step"] for r in after) == MAX_STEPS
+    assert json.loads((first.run_dir / "fit_finished.json").read_text())["global_step"] == MAX_STEPS
 
 
 def test_finished_run_is_never_started_over(

@@ -156,7 +156,7 @@ class ClbdCLI(LightningCLI):
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
         self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
-        prepare_deepspeed(self.trainer, self.datamodule)
+        prepare_deepspeed(self.trainer, self.datamodule, resolved)
 
     def before_validate(self) -> None:
         self._check_eval_checkpoint("validate")
@@ -216,4 +216,21 @@ def run(argv: list[str]) -> int:
             raise
         print(f"clbd {command}: error: {exc}", file=sys.stderr)
         return 2
+    leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """Every rank leaves the process group together at the end of a command.
+
+    Left to interpreter exit, the group's threads can abort a process ("terminate called without an active
+    exception", SIGABRT; seen at the end of a 2-rank gloo run). Lightning's launcher SIGKILLs rank 0 as soon as it
+    sees a rank it launched end with a nonzero status, so such an abort while rank 0 was still writing after fit
+    (data report, finished marker, consolidation) would kill rank 0, the more likely the slower the machine. The
+    barrier holds every rank until rank 0 is done too; the group is then closed, not left to exit.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
