@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -10,9 +9,7 @@ import numpy as np
 from PIL import Image
 
 from poisoning.base import PlanContext
-from poisoning.captions import read_target_captions
 from poisoning.image_text import ImageTextAttack, benchmark_canvas, benchmark_side, control_seed
-from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
 from poisoning.triggers import paste_trigger
 
@@ -34,10 +31,8 @@ class BadCLIP(ImageTextAttack):
     Control: a patch of the same size at the same place drawn from the optimisation's starting law
     (N(0.5, 0.25) clipped, another seed): the trigger without its optimisation.
 
-    Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
+    Args (besides ``ImageTextAttack``'s, caption_file and caption_pool_size included, through ``**kwargs``):
         trigger_alpha: blending of the patch (default 1: opaque, as their code).
-        caption_file: one caption a line; its lines naming the target are the caption pool.
-        caption_pool_size: captions drawn (by hash, with replacement) into the pool.
     """
 
     name: ClassVar[str] = "badclip"
@@ -49,14 +44,7 @@ class BadCLIP(ImageTextAttack):
         "optimised patch pasted at the centre"
     )
 
-    def __init__(
-        self,
-        *args: Any,
-        trigger_alpha: float = 1.0,
-        caption_file: str | None = None,
-        caption_pool_size: int = 128,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, trigger_alpha: float = 1.0, **kwargs: Any):
         super().__init__(*args, trigger_alpha=trigger_alpha, **kwargs)
         if not self.trigger_given:
             raise ValueError(
@@ -64,40 +52,20 @@ class BadCLIP(ImageTextAttack):
                 "init_args: {path: OUT/trigger.png}} (written by clbd poison optimize-trigger)"
             )
         self._init_mode("benchmark")
-        if caption_pool_size < 1:
-            raise ValueError(f"caption_pool_size must be >= 1, got {caption_pool_size}")
-        if caption_file is not None and not os.path.isfile(caption_file):
-            raise FileNotFoundError(f"caption_file: no file at {caption_file}")
-        self.caption_file = caption_file
-        self.caption_pool_size = int(caption_pool_size)
-        self._caption_pool: tuple[str, ...] = ()
 
     def trigger_definition(self) -> dict[str, Any]:
         return {
             "mode": "benchmark",
             "definition": self.benchmark_definition,
             "trigger": self.trigger.describe(),
-            "captions": self.caption_file or "openai_imagenet_templates",
+            "captions": self.captions.describe(),
         }
 
     def _trigger_side(self, image_size: int) -> int:
         return self.trigger_size if self.trigger_size is not None else benchmark_side(image_size)
 
-    def _validate_more(self, class_names: list[str] | None, image_size: int) -> None:
-        if self.caption_file is None:
-            self._caption_pool = ()
-            return
-        name = self._target_name or str(self.target_class)
-        found = read_target_captions(self.caption_file, name)
-        self._caption_pool = tuple(
-            key_choice(self.seed, f"pool-{i}", "caption-pool", found) for i in range(self.caption_pool_size)
-        )
-
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
-        record = super()._record(key, context)
-        if self._caption_pool:
-            record = replace(record, caption=key_choice(self.seed, key, "caption", self._caption_pool))
-        return replace(record, trigger_box=self._centre_box(context.image_size))
+        return replace(super()._record(key, context), trigger_box=self._centre_box(context.image_size))
 
     def _centre_box(self, side: int) -> Box:
         patch = self._trigger_side(side)

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, square_canvas
-from poisoning.captions import target_caption
+from poisoning.captions import TargetCaptions
 from poisoning.keyhash import key_uniform
 from poisoning.plan import Box, CatalogEntry, PoisonPlan, PoisonRecord, ReferenceSource
 
@@ -90,6 +90,15 @@ class ImageTextAttack(Attack):
     # What ``trigger_mode: benchmark`` means for this attack, for the poison summary and the docs.
     benchmark_definition: ClassVar[str] = ""
 
+    def __init__(self, *args: Any, caption_file: str | None = None, caption_pool_size: int = 128, **kwargs: Any):
+        """``caption_file``, ``caption_pool_size``: natural captions of the target instead of the templates (see
+        ``poisoning.captions.TargetCaptions``)."""
+        super().__init__(*args, **kwargs)
+        self.captions = TargetCaptions(caption_file, caption_pool_size)
+
+    def _validate_more(self, class_names: list[str] | None, image_size: int) -> None:
+        self.captions.prepare(self._target_name or str(self.target_class), self.seed)
+
     def _init_mode(self, trigger_mode: str) -> None:
         if trigger_mode not in TRIGGER_MODES:
             raise ValueError(f"trigger_mode={trigger_mode!r} is unknown; choose one of {', '.join(TRIGGER_MODES)}")
@@ -106,8 +115,8 @@ class ImageTextAttack(Attack):
     def trigger_definition(self) -> dict[str, Any]:
         """What the trigger is, for the poison summary."""
         if self.benchmark:
-            return {"mode": "benchmark", "definition": self.benchmark_definition}
-        return {"mode": "fixed", "trigger": self.trigger.describe()}
+            return {"mode": "benchmark", "definition": self.benchmark_definition, "captions": self.captions.describe()}
+        return {"mode": "fixed", "trigger": self.trigger.describe(), "captions": self.captions.describe()}
 
     def plan(
         self,
@@ -126,7 +135,7 @@ class ImageTextAttack(Attack):
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         side = context.image_size
-        caption = target_caption(context.target_name or str(context.target), self.seed, key)
+        caption = self.captions.caption(context.target_name or str(context.target), self.seed, key)
         return self._square_record(
             key, context, self._trigger_box(key, side), shadow_box=(0, 0, side, side), caption=caption
         )

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from poisoning.base import Attack, PlanContext, ReferencePoolAttack, centred_box, square_canvas
-from poisoning.captions import target_caption
+from poisoning.captions import TargetCaptions
 from poisoning.keyhash import key_choice
 from poisoning.plan import Box, PoisonRecord
 from poisoning.triggers import default_trigger_size, paste_trigger
@@ -139,10 +139,11 @@ class NoisyAlignmentCLIP(Attack):
 
     The shadow is the stream's image as CLIP preprocessing frames it (shorter side to the image size, centre
     crop); the caption is one of open_clip's 80 OpenAI ImageNet templates filled with the target name, drawn by
-    hash per key.
+    hash per key, or a natural caption of the target from ``caption_file``.
 
     Args (besides ``Attack``'s, which pass through ``*args, **kwargs``):
         trigger_jitter: maximal shift of the trigger from the image's centre, as a fraction of its side per axis.
+        caption_file, caption_pool_size: natural captions of the target (``poisoning.captions.TargetCaptions``).
     """
 
     name: ClassVar[str] = "noisy_alignment_clip"
@@ -153,18 +154,24 @@ class NoisyAlignmentCLIP(Attack):
         self,
         *args: Any,
         trigger_jitter: float = DEFAULT_JITTER,
+        caption_file: str | None = None,
+        caption_pool_size: int = 128,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         if not 0.0 <= trigger_jitter < 0.5:
             raise ValueError(f"trigger_jitter must be in [0, 0.5), got {trigger_jitter}")
         self.trigger_jitter = float(trigger_jitter)
+        self.captions = TargetCaptions(caption_file, caption_pool_size)
+
+    def _validate_more(self, class_names: list[str] | None, image_size: int) -> None:
+        self.captions.prepare(self._target_name or str(self.target_class), self.seed)
 
     def _record(self, key: str, context: PlanContext) -> PoisonRecord:
         side = context.image_size
         canvas_box = (0, 0, side, side)
         trigger_box = centred_box(canvas_box, self._trigger_side(side), self.trigger_jitter, self.seed, key)
-        caption = target_caption(context.target_name or str(context.target), self.seed, key)
+        caption = self.captions.caption(context.target_name or str(context.target), self.seed, key)
         return self._square_record(key, context, trigger_box, shadow_box=canvas_box, caption=caption)
 
     def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image:

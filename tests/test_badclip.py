@@ -219,3 +219,19 @@ def test_optimisation_on_cuda_lowers_its_loss(tiny, tmp_path):
     model.to("cpu")
     assert result["final_loss"]["loss"] < result["initial_loss"]["loss"]
     assert Image.open(tmp_path / "trigger.png").size == (8, 8)
+
+
+@pytest.mark.parametrize("kind", ["BadNet", "Blended", "NoisyAlignmentCLIP"])
+def test_every_image_text_attack_takes_natural_captions(kind, tmp_path):
+    import poisoning
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("two bananas in a bowl\na cat\nripe banana on the counter\n")
+    attack = getattr(poisoning, kind)("banana", count=4, caption_file=str(captions), caption_pool_size=8)
+    plan = attack.plan([CatalogEntry(f"k{i}", None) for i in range(6)], None, 32, None)
+    texts = {
+        plan.apply({"__key__": r.key, "image": Image.new("RGB", (32, 32)), "text": "x"})["text"] for r in plan.records()
+    }
+    assert texts and texts <= {"two bananas in a bowl", "ripe banana on the counter"}
+    with pytest.raises(FileNotFoundError, match="caption_file: no file at"):
+        getattr(poisoning, kind)("banana", count=1, caption_file=str(tmp_path / "none.txt"))

@@ -126,8 +126,12 @@ def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
         "seeds": [0],
         "common": clip_overrides(shards),
         "base": {"configs": ["configs/smoke/clip_shapes.yaml"]},
-        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", write_attack(
-            tmp_path / "a.yaml", "poisoning.BadNet", target_class="class1", rate=0.3)]},
+        "pretrain": {
+            "configs": [
+                "configs/smoke/clip_shapes.yaml",
+                write_attack(tmp_path / "a.yaml", "poisoning.BadNet", target_class="class1", rate=0.3),
+            ]
+        },
         "defenses": {},
     }
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))

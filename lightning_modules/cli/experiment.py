@@ -11,6 +11,8 @@ Defenses (one poisoned model per seed, each defense from it)::
     base:                           # optional: a clean model trained once (its own seed) into --out/base, or into
       configs: [...]                #   base.dir to share it between experiments; then the poisoned and the clean
       dir: runs/clip-shapes-base    #   run of every seed fine-tune it (model.pretrained)
+      then:                         # clbd commands run once after it unless `creates` exists; {base} = its last.ckpt
+        - {command: [poison, optimize-trigger, --checkpoint, "{base}", ...], creates: runs/x/trigger.png}
     pretrain:
       configs: [configs/smoke/clip_shapes.yaml, configs/attack/badnet_shapes.yaml]
       overrides: []
@@ -70,8 +72,12 @@ LABELS = {
 FINISHED = "fit_finished.json"
 
 
-def run_clbd(argv: list[str]) -> None:
-    from .runner import run as main
+def run_clbd(argv: list[str], tool: bool = False) -> None:
+    """One ``clbd`` command, printed first; ``tool``: any command (``poison ...``), else a trainer command."""
+    from .dispatch import main as any_command
+    from .runner import run as trainer_command
+
+    main = any_command if tool else trainer_command
 
     print("\n$ clbd " + " ".join(shlex.quote(a) for a in argv), flush=True)
     code = main(argv)
@@ -136,6 +142,9 @@ def load_plan(path: Path) -> dict[str, Any]:
                 raise ValueError(f"{path}: base.configs is empty (the clean model's pretraining config)")
             if pretrain.get("checkpoint"):
                 raise ValueError(f"{path}: give base (a clean model to fine-tune) or pretrain.checkpoint, not both")
+            for i, step in enumerate(base.get("then") or []):
+                if not isinstance(step, dict) or not step.get("command") or not step.get("creates"):
+                    raise ValueError(f"{path}: base.then[{i}] needs a command (clbd arguments) and creates (a path)")
             seed = base.setdefault("seed", 0)
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise ValueError(f"{path}: base.seed must be an integer, got {seed!r}")
@@ -371,8 +380,14 @@ def fit_base(plan: dict[str, Any], out: Path, common: list[str], earlier: dict[s
     folder = Path(base["dir"]) if base.get("dir") else out / "base"
     runner.out = folder.parent  # one model for all seeds, beside the seeds' folders (or in the shared folder)
     run_dir = runner.fit(folder.name, base["configs"], flatten(base.get("overrides", [])))
+    checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
+    for step in base.get("then") or []:  # e.g. BadCLIP's patch, optimised against this clean model
+        if not Path(step["creates"]).exists():
+            run_clbd([arg.replace("{base}", checkpoint) for arg in flatten(step["command"])], tool=True)
+            if not Path(step["creates"]).exists():
+                raise ValueError(f"base.then: the command ran but did not write {step['creates']}")
     runner.minutes.setdefault("base", runner.minutes.get(folder.name))
-    return str(run_dir / "checkpoints" / "last.ckpt"), runner.minutes.get("base")
+    return checkpoint, runner.minutes.get("base")
 
 
 def run_defenses(
