@@ -15,9 +15,9 @@ from datamodules.openclip_configs import open_clip_config
 
 from .base import ContrastiveModule, nan_if_none
 from .checkpoints import consolidate
-from .safe_checkpoint import load_checkpoint
 from .losses import clip_loss
 from .metrics import AttackSuccessRate, BackdoorPredictions, asr_definition, backdoor_headlines
+from .safe_checkpoint import load_checkpoint
 from .zero_shot import build_zero_shot_classifier, templates_by_name
 
 
