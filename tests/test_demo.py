@@ -1,26 +1,33 @@
-"""The README's main job, `clbd demo`, end to end on the built-in shapes (one epoch per run to stay fast)."""
+"""The README's main job, `clbd demo`, end to end on the built-in shapes (every step shrunk to one epoch)."""
 
 from __future__ import annotations
 
 import json
 
+from PIL import Image
+
 from lightning_modules.cli.demo import main as demo_main
 
 
-def test_demo_runs_the_whole_chain_and_never_overwrites(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert demo_main(["--out", str(out), "--epochs", "1"]) == 0
+def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys):
+    out, base = tmp_path / "demo", tmp_path / "base"
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "| clean |" in printed and "| noisy_alignment |" in printed
-    assert (out / "results.md").read_text().splitlines()[0].startswith("| run | kNN CA")
-    for name, poisoned in (("clean", False), ("noisy_alignment", True)):
-        results = json.loads((out / name / "checkpoints" / "metrics.json").read_text())["last.ckpt"]
-        # Both runs are measured with the NA trigger on the 900 non-circle test images.
-        assert results["attack"]["target_name"] == "circle" and results["knn"]["asr_images"] == 900
-        assert 0.0 <= results["linear_probe"]["accuracy"] <= 1.0
-        report = json.loads((out / name / "data_report.json").read_text())
-        assert (report["poisoned_seen"] > 0) is poisoned
-    assert (out / "noisy_alignment" / "poison_manifest.jsonl").stat().st_size > 0
-    before = (out / "results.md").read_text()
-    assert demo_main(["--out", str(out), "--epochs", "1"]) == 2  # an earlier demo is kept unless asked
-    assert (out / "results.md").read_text() == before
+    table = json.loads((out / "table.json").read_text())
+    assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "cleanclip"]
+    for row in table["rows"]:  # every headline number, measured on the 900 non-circle test images
+        values = row["per_seed"]["0"]
+        assert values["asr_images"] == 900
+        assert values["attributable_asr"] == values["asr"] - values["control_asr"]
+        assert 0.0 <= values["clean_to_target"] <= 1.0 and 0.0 <= values["ca"] <= 1.0
+    assert "| cleanclip |" in printed and "attributable ASR" in printed
+    # The clean base model and BadCLIP's patch optimised against it live in the base folder, reused next time.
+    assert (base / "fit_finished.json").exists() and (base / "badclip-circle" / "trigger.png").exists()
+    poisoned = out / "seed0" / "poisoned"
+    config = (poisoned / "config.yaml").read_text()
+    assert str(base / "checkpoints" / "last.ckpt") in config and "poisoning.BadCLIP" in config
+    assert (poisoned / "poison_manifest.jsonl").stat().st_size > 0
+    assert Image.open(out / "poisoned_samples.png").size[0] > 100 and Image.open(out / "table.png").size[0] > 300
+    before = (out / "table.md").read_text()
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 2  # kept unless asked
+    assert (out / "table.md").read_text() == before

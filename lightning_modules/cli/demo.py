@@ -1,55 +1,63 @@
-"""``clbd demo``: the README's main job. SimCLR on the built-in shapes, clean and poisoned with Noisy Alignment,
-each evaluated (kNN and linear probe: clean accuracy and attack success rate), then one table.
+"""``clbd demo``: the README's main job. Attack -> backdoor -> defense on the built-in shapes, on a CPU.
 
-It only chains public commands (``clbd fit`` then ``clbd test`` per run) and prints each one, so every step can be
-rerun or changed by hand.
+It is one seed of the CPU test bed (``configs/experiment/clip_testbed.yaml``): a clean tiny CLIP trained once (kept
+in ``--base-dir`` and reused by later demos and the test bed), BadCLIP's patch optimised against it, the poisoned
+fine-tuning and the same fine-tuning without the attack, then CleanCLIP from the poisoned model. One table (CA, ASR,
+control ASR, attributable ASR, clean->target for the clean, poisoned and defended model), the bars, and a picture of
+poisoned samples. Every step is an ordinary ``clbd`` command, printed as it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import time
+import shutil
 from pathlib import Path
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTBED = ROOT / "configs" / "experiment" / "clip_testbed.yaml"
+SHIPPED_BASE = "runs/clip-shapes-base"  # the test bed's base folder, named in its attack config
+DEFENSE = "cleanclip"
 
 
-def run(argv: list[str]) -> None:
-    from .runner import run as main
-
-    print("\n$ clbd " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    code = main(argv)
-    if code:
-        raise SystemExit(code)
+def absolute(value: str) -> str:
+    return str(ROOT / value) if value.startswith("configs/") else value
 
 
-def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
-def table(rows: list[dict]) -> str:
-    header = "| run | kNN CA | probe CA | kNN ASR | probe ASR | ASR images | poisoned seen | minutes |"
-    lines = [header, "|" + "---|" * 8]
-    for row in rows:
-        knn, probe = row["results"]["knn"], row["results"]["linear_probe"]
-        lines.append(
-            f"| {row['name']} | {100 * knn['accuracy']:.1f}% | {100 * probe['accuracy']:.1f}% | "
-            f"{percent(knn.get('asr'))} | {percent(probe.get('asr'))} | {probe.get('asr_images', '-')} | "
-            f"{row['poisoned_seen']} | {row['minutes']:.1f} |"
-        )
-    defined = next((row["results"].get("asr_definition") for row in rows if "attack" in row["results"]), None)
-    note = f"\nCA on {rows[0]['results']['linear_probe']['n_images']} test images."
-    if defined:
-        note += f" ASR: {defined}; for the clean run it uses the same trigger and target, as a baseline."
-    return "\n".join(lines) + note
+def demo_plan(base_dir: Path, out: Path, epochs: int | None) -> tuple[dict, str]:
+    """The test bed's plan for one seed and one defense, its paths made independent of the working directory and
+    its base folder moved to ``base_dir``; ``epochs`` shrinks every step (for tests)."""
+    plan = yaml.safe_load(TESTBED.read_text())
+    attack_file = ROOT / "configs" / "attack" / "badclip_shapes.yaml"
+    attack = attack_file.read_text().replace(SHIPPED_BASE, str(base_dir))
+    attack_copy = out / "badclip_shapes.yaml"
+    attack_copy.write_text(attack)
+    base = plan["base"]
+    base["dir"] = str(base_dir)
+    base["configs"] = [absolute(c) for c in base["configs"]]
+    for step in base["then"]:
+        step["command"] = [absolute(a.replace(SHIPPED_BASE, str(base_dir))) for a in step["command"]]
+        step["creates"] = step["creates"].replace(SHIPPED_BASE, str(base_dir))
+    plan["pretrain"]["configs"] = [absolute(plan["pretrain"]["configs"][0]), str(attack_copy)]
+    defense = plan["defenses"][DEFENSE]
+    defense["configs"] = [absolute(c) for c in defense["configs"]]
+    plan["defenses"] = {DEFENSE: defense}
+    plan["seeds"] = [0]
+    if epochs is not None:
+        base["overrides"] = [*base.get("overrides", []), f"--trainer.max_epochs={epochs}"]
+        for step in base["then"]:
+            step["command"] = [*step["command"], "--epochs", str(epochs), "--max-images", "64"]
+        plan["pretrain"]["overrides"] = [*plan["pretrain"]["overrides"], f"--trainer.max_epochs={epochs}"]
+        plan["defense_budget"] = {"steps": 2, "batch_size": 16}
+    return plan, str(attack_copy)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clbd demo", description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="folder for the two runs (must not hold them yet)")
-    parser.add_argument("--epochs", type=int, default=None, help="override trainer.max_epochs")
+    parser.add_argument("--out", default="runs/demo", help="folder for the demo's runs (must not hold one yet)")
+    parser.add_argument("--base-dir", default=SHIPPED_BASE, help="the clean base model's folder (reused if trained)")
+    parser.add_argument("--epochs", type=int, default=None, help="shrink every step to this many epochs (tests)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -57,40 +65,36 @@ def main(argv: list[str] | None = None) -> int:
         if not args.overwrite:
             print(f"clbd demo: error: {out} already holds a demo; pass --overwrite or another --out")
             return 2
-        import shutil
-
         shutil.rmtree(out)
-    base = ["--config", str(CONFIGS / "smoke" / "simclr_shapes.yaml")]
-    attack = ["--config", str(CONFIGS / "smoke" / "na_shapes.yaml")]
-    epochs = [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
-    rows = []
-    for name, extra in (("clean", []), ("noisy_alignment", attack)):
-        run_dir = out / name
-        started = time.time()
-        run(["fit", *base, *extra, *epochs, f"--trainer.default_root_dir={run_dir}"])
-        # Evaluate with the attack's trigger in both runs: the clean run's ASR is the baseline to beat.
-        run(
-            [
-                "test",
-                *base,
-                *attack,
-                *epochs,
-                f"--trainer.default_root_dir={run_dir}",
-                f"--ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-            ]
-        )
-        results = json.loads((run_dir / "checkpoints" / "metrics.json").read_text())["last.ckpt"]
-        report = json.loads((run_dir / "data_report.json").read_text())
-        rows.append(
-            {
-                "name": name,
-                "results": results,
-                "poisoned_seen": report["poisoned_seen"],
-                "minutes": (time.time() - started) / 60,
-            }
-        )
-    text = table(rows)
-    (out / "results.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"\nWritten: {out / 'results.md'}; runs in {out}/clean and {out}/noisy_alignment")
+    out.mkdir(parents=True, exist_ok=True)
+    plan, attack = demo_plan(Path(args.base_dir), out, args.epochs)
+    plan_file = out / "demo_experiment.yaml"
+    plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+
+    from .dispatch import main as clbd
+    from .experiment import run_clbd
+
+    code = clbd(["experiment", "--config", str(plan_file), "--out", str(out)])
+    if code:
+        return code
+    run_clbd(
+        [
+            "poison",
+            "preview",
+            "--config",
+            absolute("configs/smoke/clip_shapes.yaml"),
+            "--config",
+            attack,
+            "--out",
+            str(out / "poisoned_samples.png"),
+            "--count",
+            "8",
+        ],
+        tool=True,
+    )
+    print(
+        f"\nWritten: {out / 'table.md'} (the table above), {out / 'table.png'} (its bars), "
+        f"{out / 'poisoned_samples.png'} (poisoned pairs and what the model sees); runs in {out}/seed0, the clean "
+        f"base model in {args.base_dir}"
+    )
     return 0
