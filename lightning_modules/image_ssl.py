@@ -71,7 +71,6 @@ class ImageSSLModule(ContrastiveModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.track_batch(batch)
         view1, view2 = batch["views"]
         loss = self.method_loss(view1, view2)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=view1.shape[0])
