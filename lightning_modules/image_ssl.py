@@ -1,4 +1,4 @@
-"""What every image self-supervised method shares: the ResNet encoder, the training step's bookkeeping, the kNN
+"""What every image self-supervised method shares: the ResNet encoder, the training step, the kNN
 monitor and the linear probe, and encoder features for defenses.
 
 A method (``SimCLR``, ``MoCoV2``, ``BYOL``, ``SimSiam``) is a short subclass that builds its heads in ``__init__`` and
