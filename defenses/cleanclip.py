@@ -141,7 +141,6 @@ class CleanCLIP(DefenseMixin, CLIP):
         return {"clip": clip, "unimodal": unimodal}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.track_batch(batch)
         features = self.encode_views(batch)
         scale = self.model.logit_scale.exp()
         losses = self.cleanclip_losses(features, scale)

@@ -227,7 +227,6 @@ class MCLDefMixin(DefenseMixin):
         return self.pixel_normalizer().stamp(images, mask, pattern)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.track_batch(batch)
         images = self.clean_images(batch)
         stamped = self.stamp(images)
         z = self.purified_features(stamped)

@@ -556,7 +556,6 @@ class UBT(DefenseMixin, CLIP):
 
     # ---- stage 2: unlearn the chosen pairs with the token portion only ----------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        self.track_batch(batch)
         scale = self.model.logit_scale.exp().detach()
         keep = torch.tensor([key in self.retain_keys for key in batch["key"]], device=self.device)
         retain = torch.zeros((), device=self.device)

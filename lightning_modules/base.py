@@ -1,7 +1,9 @@
-"""The base LightningModule: optimiser and schedule, stream bookkeeping, and evaluation results on disk.
+"""The base LightningModule: optimiser and schedule, and evaluation results on disk.
 
 Each method (the image methods through ``image_ssl.ImageSSLModule``, CLIP, the defenses) is a subclass that adds its
-model, loss and evaluation; everything a run shares lives here, after solo-learn's ``BaseMethod``.
+model, loss and evaluation; everything a run shares lives here, after solo-learn's ``BaseMethod``. What the training streams report (skip and
+poison counts, each rank's stream position in checkpoints) is kept by the ``StreamBookkeeping`` callback, which every
+module adds to its run (``configure_callbacks``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from datamodules.faults import FAULT_KINDS
-
 from .optim import LARS, param_groups_no_decay, warmup_cosine
+from .stream_bookkeeping import StreamBookkeeping
 
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
 
@@ -64,8 +65,7 @@ class ContrastiveModule(L.LightningModule):
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.run_config: dict[str, Any] | None = None  # set by the CLI; stored in checkpoints
-        self.data_report: dict[str, Any] = {"faults": {k: 0 for k in FAULT_KINDS}, "poisoned": 0, "excluded": 0}
-        self._stream_stats: dict[str, dict[str, Any]] = {}
+        self.stream_bookkeeping = StreamBookkeeping()  # counts, per-rank stream positions, data_report.json
         # Every subclass's constructor arguments too (Lightning reads the whole chain of __init__ frames).
         self.save_hyperparameters()
 
@@ -140,108 +140,17 @@ class ContrastiveModule(L.LightningModule):
             module.compile()
         return module
 
-    # ---- stream bookkeeping -------------------------------------------------------------------------------
-    def track_batch(self, batch: dict[str, Any]) -> None:
-        """Count poisoned samples and keep each stream's latest skip counts (they travel with the batch)."""
-        poisoned = batch.get("poisoned")
-        if poisoned is not None:
-            self.log("train/poisoned_in_batch", poisoned.sum().float(), on_step=True, on_epoch=False)
-        stats = batch.get("stream_stats")
-        if isinstance(stats, dict) and "stream" in stats:
-            self._stream_stats[stats["stream"]] = stats
+    # ---- stream bookkeeping (a callback) and checkpoints ---------------------------------------------------
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every run of a clbd module keeps its stream bookkeeping, whoever builds the Trainer."""
+        return [self.stream_bookkeeping]
 
-    def on_train_epoch_end(self) -> None:
-        """Sum every stream's counts of the epoch over workers and ranks into the run's data report.
-
-        The counts come from the streams themselves (cumulative per epoch, part of the loader state), so a run
-        resumed mid-epoch counts every sample exactly once. Streams count each fault once per epoch; the report
-        keeps each epoch's counts (``per_epoch``) beside the run's totals.
-        """
-        counts = ("poisoned", "excluded", "seen")
-        local = torch.zeros(len(FAULT_KINDS) + len(counts), dtype=torch.long, device=self.device)
-        for stats in self._stream_stats.values():
-            for i, kind in enumerate(FAULT_KINDS):
-                local[i] += int(stats["faults"].get(kind, 0))
-            for i, name in enumerate(counts):
-                local[len(FAULT_KINDS) + i] += int(stats.get(name, 0))
-        totals = self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
-        totals = [int(t) for t in totals.tolist()]
-        self._stream_stats.clear()
-        epoch_faults = dict(zip(FAULT_KINDS, totals))
-        poisoned, excluded, seen = totals[len(FAULT_KINDS) :]
-        report = self.data_report
-        for kind in FAULT_KINDS:
-            report["faults"][kind] = report["faults"].get(kind, 0) + epoch_faults[kind]
-            self.log(f"data/{kind}", float(report["faults"][kind]), sync_dist=False)
-        report["poisoned"] += poisoned
-        report["excluded"] += excluded
-        report["samples_seen"] = report.get("samples_seen", 0) + seen
-        # Each epoch's own counts too: a fault in the data is met once per epoch, so totals grow with epochs.
-        report.setdefault("per_epoch", []).append(
-            {
-                "epoch": int(self.current_epoch),
-                "samples_seen": seen,
-                "poisoned": poisoned,
-                "excluded": excluded,
-                "faults": epoch_faults,
-            }
-        )
-        self.log("train/poisoned_seen_epoch", float(poisoned), sync_dist=False)
-        self.log("train/poisoned_seen_total", float(report["poisoned"]), sync_dist=False)
-        self.log("train/samples_seen_epoch", float(seen), sync_dist=False)
-
-    # ---- checkpoints --------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["clbd_run_config"] = self.run_config
-        checkpoint["clbd_counters"] = {"data_report": self.data_report}
-        # Lightning writes rank 0's checkpoint only, with rank 0's loader state; every rank streams its own shards,
-        # so each rank's stream position (and its epoch's counts so far) is gathered into the file.
-        mine = {"loaders": self._loader_states(), "stream_stats": self._stream_stats}
-        checkpoint["clbd_per_rank"] = self._gather_objects(mine)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        counters = checkpoint.get("clbd_counters") or {}
-        if "data_report" in counters:
-            self.data_report = counters["data_report"]
-        per_rank = checkpoint.get("clbd_per_rank")
-        if not per_rank or self._trainer is None or self.trainer.state.fn != "fit":
-            return  # evaluating a checkpoint reads no training stream: any number of ranks will do
-        world_size, rank = self.trainer.world_size, self.trainer.global_rank
-        fit_loop = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
-        if len(per_rank) != world_size:
-            # Another number of ranks: the rest of the interrupted epoch is dealt among this run's streams (each
-            # sample once); the old streams' counts so far are kept under their own names, on rank 0 only.
-            self.trainer.datamodule.resume_on_other_ranks([(m.get("loaders") or [None])[0] for m in per_rank])
-            self._stream_stats = {
-                f"{name} (before the resume)": stats
-                for m in (per_rank if rank == 0 else [])
-                for name, stats in (m.get("stream_stats") or {}).items()
-            }
-            if fit_loop is not None:
-                fit_loop["combined_loader"] = []  # the old layout's loader states fit no stream of this one
-            return
-        mine = per_rank[rank]
-        self._stream_stats = dict(mine.get("stream_stats") or {})
-        if fit_loop is not None and mine.get("loaders") is not None:
-            fit_loop["combined_loader"] = mine["loaders"]
-
-    def _loader_states(self) -> list[dict[str, Any]] | None:
-        combined = getattr(self.trainer.fit_loop, "_combined_loader", None) if self._trainer is not None else None
-        return combined._state_dicts() if combined is not None else None
-
-    def _gather_objects(self, value: Any) -> list[Any]:
-        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
-            return [value]
-        gathered: list[Any] = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
 
     def finish_fit(self, trainer: L.Trainer) -> None:
-        """After fit: the data report (skips by kind, poisoned samples) beside the checkpoints."""
-        if trainer.is_global_zero:
-            report = dict(self.data_report, poisoned_seen=self.data_report["poisoned"], epochs=trainer.current_epoch)
-            path = Path(trainer.default_root_dir) / "data_report.json"
-            path.write_text(json.dumps(report, indent=1) + "\n")
+        """After fit (the CLI calls it): the data report (skips by kind, poisoned samples) beside the checkpoints."""
+        self.stream_bookkeeping.write_report(trainer)
 
     # ---- evaluation results -------------------------------------------------------------------------------
     @rank_zero_only

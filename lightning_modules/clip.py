@@ -120,7 +120,6 @@ class CLIP(ContrastiveModule):
         return self.encode_image(batch["image"]), self.encode_text(batch["text"]), self.model.logit_scale.exp()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.track_batch(batch)
         image_features, text_features, scale = self.clip_outputs(batch)
         loss = self.loss(image_features, text_features, scale)
         size = batch["image"].shape[0]

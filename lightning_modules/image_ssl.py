@@ -1,4 +1,4 @@
-"""What every image self-supervised method shares: the ResNet encoder, the training step's bookkeeping, the kNN
+"""What every image self-supervised method shares: the ResNet encoder, the training step, the kNN
 monitor and the linear probe, and encoder features for defenses.
 
 A method (``SimCLR``, ``MoCoV2``, ``BYOL``, ``SimSiam``) is a short subclass that builds its heads in ``__init__`` and
@@ -71,7 +71,6 @@ class ImageSSLModule(ContrastiveModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        self.track_batch(batch)
         view1, view2 = batch["views"]
         loss = self.method_loss(view1, view2)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=view1.shape[0])

@@ -4,6 +4,7 @@ of finished runs, and errors that name the field before any compute."""
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from PIL import Image
 
 from lightning_modules import CLIP
-from lightning_modules.cli.experiment import interval
+from lightning_modules.cli.experiment import METRICS, interval
 from lightning_modules.cli.experiment import main as experiment_main
 
 
@@ -181,6 +182,67 @@ def test_image_ssl_experiment_runs_attack_by_method_with_a_clean_reference(tmp_p
         assert row["summary"]["ca"]["n"] == 1 and row["summary"]["ca"]["low"] is None  # one seed: no interval
     assert (out / "seed3" / "simclr-clean" / "eval-sslbkd.json").exists()
     assert (out / "seed3" / "simclr-sslbkd" / "poison_manifest.jsonl").exists()
+
+
+def test_defense_experiment_on_a_moco_v2_checkpoint(tmp_path, make_shards):
+    """The defense kind of experiment on an image method other than SimCLR: a MoCo v2 run poisoned by NA, then MCLDef
+    from its checkpoint (one seed, two defense steps)."""
+    shards = make_shards(n=96, per_shard=32)
+    attack = write_attack(
+        tmp_path / "na.yaml", "poisoning.NoisyAlignment", target_class=1, rate=0.25, reference_pool_size=10
+    )
+    common = [
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.accelerator=cpu",
+        f"--data.init_args.train_shards={shards}",
+        f"--data.init_args.val_shards={shards}",
+        f"--data.init_args.test_shards={shards}",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.eval_batch_size=48",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.knn_bank_size=96",
+    ]
+    moco = ["--model.init_args.proj_hidden_dim=32", "--model.init_args.queue_size=64"]
+    encoder = ["--model.init_args.width=8", "--model.init_args.knn_k=5", "--model.init_args.probe_epochs=3"]
+    mcldef = [
+        *encoder,
+        "--model.init_args.inversion_steps=8",
+        "--model.init_args.inversion_check_every=4",
+        "--model.init_args.inversion_batch_size=16",
+        "--model.init_args.inversion_samples=32",
+        "--data.init_args.train_fraction=0.5",
+    ]
+    plan = {
+        "seeds": [0],
+        "common": common,
+        "pretrain": {"configs": ["configs/smoke/moco_v2_shapes.yaml", attack], "overrides": [*encoder, *moco]},
+        "defense_budget": {"steps": 2, "batch_size": 16},
+        "defenses": {"mcldef": {"configs": ["configs/defense/mcldef_simclr.yaml"], "overrides": mcldef}},
+    }
+    config = tmp_path / "moco.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+
+    pretrained = yaml.safe_load((out / "seed0" / "poisoned" / "config.yaml").read_text())
+    assert pretrained["model"]["class_path"] == "lightning_modules.MoCoV2"
+    table = json.loads((out / "table.json").read_text())
+    assert [row["name"] for row in table["rows"]] == ["poisoned (no defense)", "mcldef"]
+    for row in table["rows"]:
+        values = row["per_seed"]["0"]
+        assert set(values) >= {*METRICS, "asr_images"}
+        for name in ("ca", "asr", "control_asr", "attributable_asr", "clean_to_target", "flip_rate"):
+            assert math.isfinite(values[name]) and 0 <= abs(values[name]) <= 1, (row["name"], name)
+            assert row["summary"][name]["n"] == 1 and row["summary"][name]["mean"] == values[name]
+        assert values["attributable_asr"] == pytest.approx(values["asr"] - values["control_asr"])
+        assert values["asr_images"] == 72  # the 96 images less the 24 of the target class
+    defended = table["rows"][1]
+    assert defended["steps"] == [2] and defended["samples"] == [32]
+    report = json.loads((out / "seed0" / "mcldef" / "defense_metrics.json").read_text())
+    assert report["defense"] == "mcldef"
+    assert report["poisoned_checkpoint"] == str((out / "seed0" / "poisoned" / "checkpoints" / "last.ckpt").resolve())
+    assert "| mcldef |" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize(
