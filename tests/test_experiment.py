@@ -40,21 +40,33 @@ def clip_overrides(shards) -> list[str]:
     ]
 
 
-def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards):
-    shards = make_shards(n=96, per_shard=32, captions=True)
-    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
-    plan = {
-        "seeds": [0, 1],
-        "common": clip_overrides(shards),
-        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack], "overrides": []},
-        "clean_reference": True,
-        "defense_budget": {"steps": 2, "batch_size": 16},
-        "defenses": {"cleanclip": {"configs": ["configs/defense/cleanclip.yaml"]}},
-    }
+def run_experiment(tmp_path, plan: dict):
+    """Write ``plan`` as an experiment file, run it into ``tmp_path/out`` (it must succeed), return that folder."""
     config = tmp_path / "experiment.yaml"
     config.write_text(yaml.safe_dump(plan))
     out = tmp_path / "out"
     assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+    return out
+
+
+def clip_plan(shards, attack: str, defenses: dict, **more) -> dict:
+    """Two seeds of a tiny CLIP attack x defense plan with a clean reference and a tiny defense budget."""
+    return {
+        "seeds": [0, 1],
+        "common": clip_overrides(shards),
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack], "overrides": []},
+        "clean_reference": True,
+        "defenses": defenses,
+        **more,
+    }
+
+
+def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards):
+    shards = make_shards(n=96, per_shard=32, captions=True)
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
+    defenses = {"cleanclip": {"configs": ["configs/defense/cleanclip.yaml"]}}
+    plan = clip_plan(shards, attack, defenses, defense_budget={"steps": 2, "batch_size": 16})
+    out = run_experiment(tmp_path, plan)
 
     table = json.loads((out / "table.json").read_text())
     assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "cleanclip"]
@@ -82,7 +94,7 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
     # A second call reuses every finished run and only rewrites the table, keeping the measured minutes.
     marker = out / "seed1" / "poisoned" / "fit_finished.json"
     before = marker.stat().st_mtime_ns
-    assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+    assert experiment_main(["--config", str(tmp_path / "experiment.yaml"), "--out", str(out)]) == 0
     again = json.loads((out / "table.json").read_text())
     assert again["minutes"] == table["minutes"] and marker.stat().st_mtime_ns == before
 
@@ -90,19 +102,10 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
 def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_shards):
     shards = make_shards(n=64, per_shard=32, captions=True)
     attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
-    plan = {
-        "seeds": [0, 1],
-        "common": clip_overrides(shards),
-        "base": {"configs": ["configs/smoke/clip_shapes.yaml"], "seed": 5},
-        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack], "overrides": []},
-        "clean_reference": True,
-        "defense_budget": {"steps": 1, "batch_size": 16},
-        "defenses": {"finetune": {"configs": ["configs/defense/cleanclip.yaml"]}},
-    }
-    config = tmp_path / "experiment.yaml"
-    config.write_text(yaml.safe_dump(plan))
-    out = tmp_path / "out"
-    assert experiment_main(["--config", str(config), "--out", str(out)]) == 0
+    defenses = {"finetune": {"configs": ["configs/defense/cleanclip.yaml"]}}
+    base_section = {"configs": ["configs/smoke/clip_shapes.yaml"], "seed": 5}
+    plan = clip_plan(shards, attack, defenses, base=base_section, defense_budget={"steps": 1, "batch_size": 16})
+    out = run_experiment(tmp_path, plan)
 
     base = out / "base" / "checkpoints" / "last.ckpt"
     assert yaml.safe_load((out / "base" / "config.yaml").read_text())["seed_everything"] == 5
