@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .clip import open_clip_weights
+from .safe_checkpoint import load_checkpoint
+
 STATE_FILE = "optimize_state.pt"
 TRIGGER_FILE = "trigger.png"
 SETTINGS_FILE = "trigger.json"
@@ -110,7 +113,7 @@ def load_victim(checkpoint: str, model_name: str | None) -> tuple[torch.nn.Modul
 
         state: Any = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)  # weights_only: a crafted file is refused, never run
     run_config = state.get("clbd_run_config") if isinstance(state, dict) else None
     if run_config is not None:
         model = run_config.get("model") or {}
@@ -120,7 +123,7 @@ def load_victim(checkpoint: str, model_name: str | None) -> tuple[torch.nn.Modul
         if model_name is not None and model_name != run_name:
             raise ValueError(f"model: {path} is a {run_name!r} run, not {model_name!r}")
         model_name = run_name
-        weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+        weights = open_clip_weights(state)
     else:
         if model_name is None:
             raise ValueError(f"model: {path} is not a clbd run checkpoint; name its open_clip architecture")

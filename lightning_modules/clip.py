@@ -21,6 +21,11 @@ from .safe_checkpoint import load_checkpoint
 from .zero_shot import build_zero_shot_classifier, templates_by_name
 
 
+def open_clip_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The open_clip model's weights in a clbd checkpoint (the module keeps it as ``model``)."""
+    return {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+
+
 def clbd_clip_weights(path: str) -> dict[str, torch.Tensor] | None:
     """The open_clip weights inside a clbd checkpoint (a CLIP run's or a CLIP defense's), or None when ``path`` is
     not one (open_clip's own ``.pt`` / ``.bin`` / ``.safetensors`` files). Loaded with the safe unpickler."""
@@ -29,7 +34,7 @@ def clbd_clip_weights(path: str) -> dict[str, torch.Tensor] | None:
     state = load_checkpoint(consolidate(Path(path)))  # a DeepSpeed folder: its fp32 copy
     if not (isinstance(state, dict) and "clbd_run_config" in state and "state_dict" in state):
         return None
-    weights = {k[len("model.") :]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    weights = open_clip_weights(state)
     if not weights:
         raise ValueError(f"model.pretrained: {path} is a clbd checkpoint without CLIP weights (an image-SSL run?)")
     return weights
