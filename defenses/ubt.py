@@ -5,10 +5,11 @@ training pairs (the poisoned stream itself), prioritised by weak similarity: eve
 under the poisoned model is measured first, and the copy is overfitted on the weakest ``weak_fraction`` of the
 pairs for ``weak_steps`` steps (then on all pairs for the rest of ``overfit_steps``). Poisoned pairs (a trigger
 on an image of any class, captioned as the target) are the ones the model fits worst, so this is where the
-shortcut grows. Every pair is then scored by how much its similarity rose (``gain``, the default) or by its
-similarity under the overfitted copy (``similarity``), and the highest-scoring ones are flagged. The stream's
-``poisoned`` flags and the run's poison manifest are read only to score this detection (AUROC of both scores,
-precision and recall at the flagged count), never to flag.
+shortcut grows. Every pair is then scored by its weakness under the poisoned model (``weak_similarity``, the
+default: the score that separated the poisons on the CPU test beds), by how much its similarity rose (``gain``) or
+by its similarity under the overfitted copy (``similarity``), and the highest-scoring ones are flagged. The
+stream's ``poisoned`` flags and the run's poison manifest are read only to score this detection (AUROC of every
+score, precision and recall at the flagged count), never to flag.
 
 Stage 2 (the training loop): the most suspicious flagged pairs (a small subset, held in memory) are unlearnt: their
 image and text features are pushed apart (positive cosine similarity penalised) while the batch's pairs of the
@@ -50,13 +51,24 @@ from .base import DefenseMixin
 log = logging.getLogger("clbd.defenses")
 
 UBT_DETECTION = "ubt_detection.json"
-SCORES = ("similarity", "gain")
+SCORES = ("weak_similarity", "gain", "similarity")
 TOKEN_PORTIONS = ("text", "vision", "text+vision")
 
 
 def pair_similarity(model: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
     """Cosine similarity of each image with its own caption (rows of a batch)."""
     return (model.encode_image(images, normalize=True) * model.encode_text(tokens, normalize=True)).sum(-1)
+
+
+def detection_score(name: str, overfitted: float, poisoned: float) -> float:
+    """A pair's suspicion (higher = more suspicious) from its image-text cosine under the overfitted copy and under
+    the poisoned model: ``weak_similarity`` = minus the poisoned model's cosine (the pairs it fits worst), ``gain`` =
+    the rise during overfitting, ``similarity`` = the overfitted copy's cosine."""
+    if name == "weak_similarity":
+        return -poisoned
+    if name == "gain":
+        return overfitted - poisoned
+    return overfitted
 
 
 def pairwise_clip_loss(image_features: Tensor, text_features: Tensor, scale: Tensor) -> Tensor:
@@ -206,8 +218,9 @@ class UBT(DefenseMixin, CLIP):
         weak_fraction: the share of pairs, lowest image-text similarity under the poisoned model first, that the
             copy is overfitted on first (null: all pairs uniformly, no prioritising).
         weak_steps: how many of the ``overfit_steps`` go to that weak share (null: all); the rest use all pairs.
-        detection_score: ``gain`` (the rise of a pair's image-text cosine during overfitting) or ``similarity``
-            (the cosine under the overfitted copy). Both are reported; only this one flags.
+        detection_score: ``weak_similarity`` (the lowest image-text cosines under the poisoned model first),
+            ``gain`` (the rise of a pair's cosine during overfitting) or ``similarity`` (the cosine under the
+            overfitted copy). All three are reported; only this one flags.
         flag_fraction: share of the scored pairs flagged as suspicious (used when ``flag_count`` is null).
         flag_count: number of pairs flagged.
         suspect_fraction: the top share of pairs by the detection score left out of the retain term (at least the
@@ -238,7 +251,7 @@ class UBT(DefenseMixin, CLIP):
         overfit_lr: float = 5e-4,
         weak_fraction: float | None = 0.2,
         weak_steps: int | None = None,
-        detection_score: str = "gain",
+        detection_score: str = "weak_similarity",
         flag_fraction: float = 0.01,
         flag_count: int | None = None,
         suspect_fraction: float = 0.5,
@@ -357,7 +370,7 @@ class UBT(DefenseMixin, CLIP):
             n_all = int(self.all_ranks_sum(n_all))
         if not after:
             raise ValueError("data.train_shards: the training stream gave no pairs to score")
-        by_score = {"similarity": after, "gain": {k: after[k] - baseline[k] for k in after}}
+        by_score = {name: {k: detection_score(name, after[k], baseline[k]) for k in after} for name in SCORES}
         scores = by_score[hp.detection_score]
         n_flag = hp.flag_count if hp.flag_count is not None else math.ceil(hp.flag_fraction * len(scores))
         _, flagged, self.retain_keys = split_by_score(scores, n_flag, hp.suspect_fraction)
@@ -448,8 +461,7 @@ class UBT(DefenseMixin, CLIP):
                     similarity[key] = float(after[i])
                     baseline[key] = float(before[i])
                     # the same arithmetic as the flagging's (run_detection), so the kept candidates are its top ones
-                    gain = similarity[key] - baseline[key]
-                    scores[key] = gain if hp.detection_score == "gain" else similarity[key]
+                    scores[key] = detection_score(hp.detection_score, similarity[key], baseline[key])
                     truth_flags[key] = bool(batch["poisoned"][i])  # for scoring the detection only
                     # Copies: a row view would pin its whole batch in memory (and in checkpoints).
                     candidates[key] = (batch["image"][i].detach().cpu().clone(), batch["text"][i].cpu().clone())
@@ -519,8 +531,6 @@ class UBT(DefenseMixin, CLIP):
                 "retain_pairs": len(self.retain_keys),
                 "retain_true_poisons": retained_poisons,
                 "suspect_fraction": self.hparams.suspect_fraction,
-                # The same ranking without overfitting: how much stage 1's overfitting helps the detection.
-                "auroc_poisoned_model_similarity": score_auroc(baseline, truth),
                 "flag_asked": asked,
                 "manifest_poisons": len(truth) if source.startswith("manifest") else None,
                 "stream_flags_poisoned": len(stream_truth),

@@ -11,7 +11,14 @@ import open_clip
 import pytest
 import torch
 
-from defenses.ubt import caption_token_ids, characteristic_rows, overfit_batches, split_by_score, weakest_keys
+from defenses.ubt import (
+    caption_token_ids,
+    characteristic_rows,
+    detection_score,
+    overfit_batches,
+    split_by_score,
+    weakest_keys,
+)
 from lightning_modules.cli import main
 from lightning_modules.zero_shot import fill_template, templates_by_name
 from poisoning.plan import records_from_manifest
@@ -81,7 +88,7 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert detection["precision"] == pytest.approx(flagged_poisons / 24)
     assert detection["recall"] == pytest.approx(flagged_poisons / len(poisons))
     assert 0 <= detection["precision"] <= 1 and 0 <= detection["recall"] <= 1
-    assert 0 <= detection["auroc"] <= 1 and 0 <= detection["auroc_poisoned_model_similarity"] <= 1
+    assert 0 <= detection["auroc"] <= 1
     scores = [pair["score"] for pair in detection["flagged_pairs"]]
     assert scores == sorted(scores, reverse=True)
     assert detection["selected"] == 8 == sum(pair["unlearnt"] for pair in detection["flagged_pairs"][:8])
@@ -112,13 +119,14 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert updated["updated_weights"] < updated["model_weights"] / 10
     assert sha256(source) == digest
 
-    # Stage 1 overfits the weakest 20% of the pairs (by similarity under the poisoned model), scores by gain, and
-    # reports both scores at the flagged count.
+    # Stage 1 overfits the weakest 20% of the pairs (by similarity under the poisoned model), flags by that weakness,
+    # and reports every score at the flagged count.
     schedule = detection["overfit_schedule"]
     assert schedule["weak_pairs"] == 16 and schedule["weak_steps"] == 2 and schedule["all_pairs_steps"] == 0
-    assert detection["score"] == "gain" and set(detection["by_score"]) == {"similarity", "gain"}
-    assert detection["by_score"]["gain"]["auroc"] == detection["auroc"]
-    assert detection["by_score"]["gain"]["precision"] == detection["precision"]
+    assert detection["score"] == "weak_similarity"
+    assert set(detection["by_score"]) == {"weak_similarity", "similarity", "gain"}
+    assert detection["by_score"]["weak_similarity"]["auroc"] == detection["auroc"]
+    assert detection["by_score"]["weak_similarity"]["precision"] == detection["precision"]
     for values in detection["by_score"].values():
         assert 0 <= values["auroc"] <= 1 and 0 <= values["precision"] <= 1 and 0 <= values["recall"] <= 1
     # The retain term's pairs: every pair ranked below the top half, so no flagged pair.
@@ -255,3 +263,21 @@ def test_ubt_on_two_ranks_scores_every_pair_once(tmp_path, setup):
     assert detection["true_positives"] + detection["false_negatives"] == len(poisons)
     report = json.loads((run / "defense_metrics.json").read_text())
     assert report["before"]["n_images"] == report["after"]["n_images"] == 40  # summed over the two ranks
+
+
+def test_detection_scores_rank_as_defined():
+    """weak_similarity ranks the poisoned model's weakest pairs first, the same pairs stage 1 overfits on; gain is the
+    rise during overfitting; similarity the overfitted copy's cosine."""
+    assert detection_score("weak_similarity", 0.9, 0.2) == -0.2
+    assert detection_score("gain", 0.9, 0.2) == pytest.approx(0.7)
+    assert detection_score("similarity", 0.9, 0.2) == 0.9
+    poisoned = {"a": 0.5, "b": -0.1, "c": 0.3, "d": 0.0, "e": 0.8}
+    overfitted = {"a": 0.6, "b": 0.7, "c": 0.31, "d": 0.02, "e": 0.85}
+    by = {
+        name: {k: detection_score(name, overfitted[k], poisoned[k]) for k in poisoned}
+        for name in ("weak_similarity", "gain", "similarity")
+    }
+    assert split_by_score(by["weak_similarity"], 2, 0.0)[1] == ["b", "d"]
+    assert set(split_by_score(by["weak_similarity"], 2, 0.0)[1]) == weakest_keys(poisoned, 0.4)
+    assert split_by_score(by["gain"], 2, 0.0)[1] == ["b", "a"]
+    assert split_by_score(by["similarity"], 2, 0.0)[1] == ["e", "b"]

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,9 @@ def run(argv: list[str]) -> int:
     if any(arg.startswith("--print_config") for arg in argv):
         deepspeed_logs_to_stderr()
     command = argv[0] if argv else ""
+    # ``clbd fit ...`` hands LightningCLI its own command line as ``args``; LightningCLI warns whenever ``args`` and
+    # ``sys.argv`` are both set, which here would be noise on every command.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         ClbdCLI(args=argv)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
