@@ -119,6 +119,14 @@ def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_
     assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "finetune"]
     assert table["minutes"]["base"]["base"] > 0
 
+    # The finished base is reused only by the command that made it: another base seed is refused before compute.
+    from lightning_modules.cli.experiment import fit_base, load_plan
+
+    plan["base"]["seed"] = 6
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(plan))
+    with pytest.raises(ValueError, match=r"base was made by another command .*--seed_everything=6"):
+        fit_base(load_plan(tmp_path / "other.yaml"), out, plan["common"], {})
+
 
 def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
     import torch

@@ -30,7 +30,8 @@ Image SSL (attack x method, each method with a clean reference)::
 The seed goes to ``seed_everything`` and ``data.seed`` (initialisation, data order, augmentations); the attack's own
 seed (which samples are poisoned, the trigger) stays the config's, so every seed measures the same attack. Runs
 that finished (``fit_finished.json``, ``defense_metrics.json``, a saved evaluation) are reused; an interrupted fit
-resumes from its ``last.ckpt``. On a machine without CUDA, or with ``--trainer.accelerator=cpu``, every step runs
+resumes from its ``last.ckpt``; either only for the ``clbd fit`` arguments that made it (``experiment_command.json``).
+On a machine without CUDA, or with ``--trainer.accelerator=cpu``, every step runs
 in 32-bit (``--trainer.precision=32-true``) unless an override says otherwise, so no row runs bf16 on a CPU.
 """
 
@@ -70,6 +71,7 @@ LABELS = {
     "target_accuracy": "target-class acc.",
 }
 FINISHED = "fit_finished.json"
+COMMAND_RECORD = "experiment_command.json"  # the clbd fit arguments a run was made with, to reuse it only for those
 
 
 def run_clbd(argv: list[str], tool: bool = False) -> None:
@@ -337,11 +339,14 @@ class Runner:
     def fit(self, name: str, configs: list[str], overrides: list[str]) -> Path:
         """``clbd fit`` into ``seed<S>/<name>`` unless it finished; an interrupted one resumes from last.ckpt."""
         run_dir = self.out / name
+        argv = self.seeded(configs, overrides)
+        same_command_or_error(run_dir, argv)
         if (run_dir / FINISHED).exists():
             self.minutes.setdefault(name, self.earlier.get(name))
             return run_dir
         started = time.time()
-        argv = self.seeded(configs, overrides)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / COMMAND_RECORD).write_text(json.dumps({"clbd_fit": comparable(argv)}, indent=1) + "\n")
         run_clbd(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
         self.minutes[name] = (time.time() - started) / 60
         return run_dir
@@ -357,6 +362,36 @@ class Runner:
             saved.write_text(json.dumps(json.loads(metrics.read_text())[checkpoint.name], indent=1) + "\n")
             metrics.unlink()  # the next test of this checkpoint (another attack) writes its own
         return json.loads(saved.read_text())
+
+
+def comparable(argv: list[str]) -> list[str]:
+    """``argv`` with every existing file named by it (``path`` or ``--key=path``) made absolute, so the same command
+    given with relative or absolute paths (the demo's plan, the test bed's) compares equal."""
+
+    def resolved(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        out.append(f"{key}={resolved(value)}" if sep and arg.startswith("--") else resolved(arg))
+    return out
+
+
+def same_command_or_error(run_dir: Path, argv: list[str]) -> None:
+    """A run made by an earlier call is reused (or resumed) only for the same ``clbd fit`` arguments: a shared
+    ``base.dir``, or an edited plan, would otherwise reuse a model made another way. Runs from before the record
+    existed are reused as they are."""
+    record = run_dir / COMMAND_RECORD
+    if not record.exists():
+        return
+    earlier, now = json.loads(record.read_text()).get("clbd_fit"), comparable(argv)
+    if earlier != now:
+        changed = sorted(set(now).symmetric_difference(earlier or []))
+        raise ValueError(
+            f"{run_dir} was made by another command than this plan's (arguments that differ: {' '.join(changed)}); "
+            "remove that folder to redo it, or use another --out / base.dir"
+        )
 
 
 def describe_budget(budget: dict[str, int]) -> str:
