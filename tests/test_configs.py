@@ -29,6 +29,7 @@ COMBINATIONS = (
         ("smoke/simclr_shapes", "smoke/na_shapes"),
         ("smoke/clip_shapes", "attack/badnet_shapes"),
         ("smoke/clip_shapes", "attack/badclip_shapes"),
+        ("smoke/clip_shapes", "attack/patch_shapes"),
         ("pretrain/clip_cc3m", "smoke/clip_cc3m_cpu"),
         ("defense/cleanclip", "attack/badnet_clip"),
         ("defense/tacleaner", "attack/blended_clip"),
@@ -58,7 +59,7 @@ def test_batch_norm_under_ddp_is_the_authors():
 
 
 def test_every_attack_config_is_covered():
-    shipped = {p.stem for p in (CONFIGS / "attack").glob("*.yaml")} - {"badnet_shapes", "badclip_shapes"}
+    shipped = {p.stem for p in (CONFIGS / "attack").glob("*.yaml")} - {"badnet_shapes", "badclip_shapes", "patch_shapes"}
     assert shipped == set(SIMCLR_ATTACKS + CLIP_ATTACKS)
 
 

@@ -319,7 +319,7 @@ def test_schedule_ends_where_training_stops():
     assert module.total_steps() == 117
 
 
-@pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "image_shapes", "image_cifar10"])
+@pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "clip_testbed_patch", "image_shapes", "image_cifar10"])
 def test_shipped_experiments_load(name):
     from pathlib import Path
 
