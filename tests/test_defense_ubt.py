@@ -230,7 +230,10 @@ def test_ubt_resumes_without_redoing_the_detection(tmp_path, setup):
     [
         ("--model.init_args.weight_decay=0.1", "model.weight_decay=0.1: UBT needs 0"),
         ("--data.init_args.poison_train=false", "data.poison_train: UBT detects and unlearns poisoned pairs"),
-        ("--model.init_args.token_portion=everything", "model.token_portion must join distinct parts of text, vision, patch"),
+        (
+            "--model.init_args.token_portion=everything",
+            "model.token_portion must join distinct parts of text, vision, patch",
+        ),
         ("--model.init_args.weak_fraction=0", "model.weak_fraction must be in (0, 1]"),
         ("--model.init_args.weak_steps=3", "model.weak_steps must be in [0, overfit_steps=2]"),
         ("--model.init_args.suspect_fraction=1", "model.suspect_fraction must be in [0, 1)"),
