@@ -52,7 +52,7 @@ log = logging.getLogger("clbd.defenses")
 
 UBT_DETECTION = "ubt_detection.json"
 SCORES = ("weak_similarity", "gain", "similarity")
-TOKEN_PORTIONS = ("text", "vision", "text+vision")
+TOKEN_PARTS = ("text", "vision", "patch")  # token_portion joins any of them with "+", e.g. "text+vision"
 
 
 def pair_similarity(model: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
@@ -93,6 +93,17 @@ def vision_token_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         f"model.token_portion: the image tower {type(visual).__name__} has no token parameters (class token / "
         "positional embedding); use token_portion: text"
     )
+
+
+def patch_embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The ViT's patch embedding: the layer that turns pixels into the image tokens (it reads a patch trigger)."""
+    conv = getattr(model.visual, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model.visual, "class_embedding"):
+        raise ValueError(
+            f"model.token_portion: 'patch' needs a ViT image tower with a patch embedding (conv1), not "
+            f"{type(model.visual).__name__}"
+        )
+    return {f"visual.conv1.{name}": param for name, param in conv.named_parameters()}
 
 
 def text_token_table(model: nn.Module) -> tuple[str, nn.Parameter]:
@@ -230,7 +241,8 @@ class UBT(DefenseMixin, CLIP):
         forget_batch_size: unlearnt pairs drawn (seeded by step and rank) for each training step.
         forget_weight: weight of the unlearning term against the retain (CLIP) term.
         token_portion: what is updated: ``text`` (token-table rows of the flagged captions' characteristic words),
-            ``vision`` (class token and positional embedding of the image tower) or ``text+vision``.
+            ``vision`` (class token and positional embedding of the image tower), ``patch`` (a ViT's patch
+            embedding, which makes the image tokens), or several joined with ``+`` (default ``text+vision``).
         text_row_lift: a word's token row is updated when its share among the unlearnt captions is at least this
             many times its share among all scored captions (and it is in at least half of them).
         exclude_prompt_tokens: never update the token rows of the target class's eval prompts (its name and the
@@ -310,9 +322,11 @@ class UBT(DefenseMixin, CLIP):
             raise ValueError(f"model.suspect_fraction must be in [0, 1), got {args['suspect_fraction']}")
         if args["max_scored"] is not None and args["max_scored"] < 1:
             raise ValueError(f"model.max_scored must be >= 1 (or null), got {args['max_scored']}")
-        if args["token_portion"] not in TOKEN_PORTIONS:
+        parts = args["token_portion"].split("+")
+        if not parts or any(part not in TOKEN_PARTS for part in parts) or len(set(parts)) != len(parts):
             raise ValueError(
-                f"model.token_portion must be one of {', '.join(TOKEN_PORTIONS)}, got {args['token_portion']!r}"
+                f"model.token_portion must join distinct parts of {', '.join(TOKEN_PARTS)} with '+' "
+                f"(e.g. text+vision), got {args['token_portion']!r}"
             )
         if args["forget_weight"] < 0 or not args["text_row_lift"] > 0:
             raise ValueError("model.forget_weight must be >= 0 and model.text_row_lift > 0")
@@ -324,9 +338,12 @@ class UBT(DefenseMixin, CLIP):
 
     def _token_portion(self, token_portion: str) -> dict[str, nn.Parameter]:
         portion: dict[str, nn.Parameter] = {}
-        if "vision" in token_portion:
+        parts = token_portion.split("+")
+        if "vision" in parts:
             portion.update(vision_token_parameters(self.model))
-        if "text" in token_portion:
+        if "patch" in parts:
+            portion.update(patch_embedding_parameters(self.model))
+        if "text" in parts:
             name, table = text_token_table(self.model)
             portion[name] = table
         return portion

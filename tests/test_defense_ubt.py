@@ -141,6 +141,22 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert "class" in detection["prompt_rows_excluded"] and "photo" in detection["prompt_rows_excluded"]
 
 
+def test_patch_portion_adds_only_the_patch_embedding(tmp_path, setup):
+    """token_portion: vision+patch moves the ViT's patch embedding and token parameters; every other weight stays."""
+    run = tmp_path / "ubt-patch"
+    assert run_ubt(run, setup, ["--model.init_args.token_portion=vision+patch"]) == 0
+    before = torch.load(setup["checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
+    weights = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    portion = {"model.visual.conv1.weight", "model.visual.class_embedding", "model.visual.positional_embedding"}
+    for name in portion:
+        assert not torch.equal(before[name], weights[name]), name
+    for name in set(before) - portion:
+        assert torch.equal(before[name], weights[name]), name
+    updated = json.loads((run / "defense_metrics.json").read_text())["extra"]["updated"]["parameters"]
+    assert updated["visual.conv1.weight"] == before["model.visual.conv1.weight"].numel()
+    assert "token_embedding.weight[rows]" not in updated
+
+
 def batches_of(keys: list[str], size: int) -> list[dict]:
     """A stand-in loader: batches whose image rows hold each pair's index (to check rows travel with their keys)."""
     out = []
@@ -214,7 +230,10 @@ def test_ubt_resumes_without_redoing_the_detection(tmp_path, setup):
     [
         ("--model.init_args.weight_decay=0.1", "model.weight_decay=0.1: UBT needs 0"),
         ("--data.init_args.poison_train=false", "data.poison_train: UBT detects and unlearns poisoned pairs"),
-        ("--model.init_args.token_portion=everything", "model.token_portion must be one of"),
+        (
+            "--model.init_args.token_portion=everything",
+            "model.token_portion must join distinct parts of text, vision, patch",
+        ),
         ("--model.init_args.weak_fraction=0", "model.weak_fraction must be in (0, 1]"),
         ("--model.init_args.weak_steps=3", "model.weak_steps must be in [0, overfit_steps=2]"),
         ("--model.init_args.suspect_fraction=1", "model.suspect_fraction must be in [0, 1)"),

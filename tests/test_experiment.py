@@ -97,6 +97,11 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
     assert experiment_main(["--config", str(tmp_path / "experiment.yaml"), "--out", str(out)]) == 0
     again = json.loads((out / "table.json").read_text())
     assert again["minutes"] == table["minutes"] and marker.stat().st_mtime_ns == before
+    # An edited defense is refused before compute, never answered with the run made by the old one.
+    plan["defenses"]["cleanclip"]["overrides"] = ["--model.init_args.lr=1.0e-3"]
+    (tmp_path / "edited.yaml").write_text(yaml.safe_dump(plan))
+    assert experiment_main(["--config", str(tmp_path / "edited.yaml"), "--out", str(out)]) == 2
+    assert json.loads((out / "table.json").read_text()) == again
 
 
 def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_shards):

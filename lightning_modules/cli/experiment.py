@@ -345,8 +345,7 @@ class Runner:
             self.minutes.setdefault(name, self.earlier.get(name))
             return run_dir
         started = time.time()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / COMMAND_RECORD).write_text(json.dumps({"clbd_fit": comparable(argv)}, indent=1) + "\n")
+        record_command(run_dir, argv)
         run_clbd(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
         self.minutes[name] = (time.time() - started) / 60
         return run_dir
@@ -392,6 +391,11 @@ def same_command_or_error(run_dir: Path, argv: list[str]) -> None:
             f"{run_dir} was made by another command than this plan's (arguments that differ: {' '.join(changed)}); "
             "remove that folder to redo it, or use another --out / base.dir"
         )
+
+
+def record_command(run_dir: Path, argv: list[str]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / COMMAND_RECORD).write_text(json.dumps({"clbd_fit": comparable(argv)}, indent=1) + "\n")
 
 
 def describe_budget(budget: dict[str, int]) -> str:
@@ -455,12 +459,14 @@ def run_defenses(
         if only and name not in only:
             continue
         run_dir = runner.out / name
+        argv = runner.seeded(
+            [*defense["configs"], *attack],
+            [*flatten(defense.get("overrides", [])), *budget_args, f"--model.init_args.checkpoint={checkpoint}"],
+        )
+        same_command_or_error(run_dir, argv)  # an edited defense (budget, lr) is refused, not silently reused
         if not (run_dir / DEFENSE_METRICS).exists():
             started = time.time()
-            argv = runner.seeded(
-                [*defense["configs"], *attack],
-                [*flatten(defense.get("overrides", [])), *budget_args, f"--model.init_args.checkpoint={checkpoint}"],
-            )
+            record_command(run_dir, argv)
             run_clbd(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
             runner.minutes[name] = (time.time() - started) / 60
         report = json.loads((run_dir / DEFENSE_METRICS).read_text())
