@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -101,6 +102,10 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
     plan["defenses"]["cleanclip"]["overrides"] = ["--model.init_args.lr=1.0e-3"]
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(plan))
     assert experiment_main(["--config", str(tmp_path / "edited.yaml"), "--out", str(out)]) == 2
+    assert json.loads((out / "table.json").read_text()) == again
+    # So is an edited config file under the same arguments (another poisoning rate makes another model).
+    Path(attack).write_text(Path(attack).read_text().replace("rate: 0.3", "rate: 0.2"))
+    assert experiment_main(["--config", str(tmp_path / "experiment.yaml"), "--out", str(out)]) == 2
     assert json.loads((out / "table.json").read_text()) == again
 
 
@@ -326,8 +331,6 @@ def test_schedule_ends_where_training_stops():
 
 @pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "clip_testbed_patch", "image_shapes", "image_cifar10"])
 def test_shipped_experiments_load(name):
-    from pathlib import Path
-
     from lightning_modules.cli.experiment import check_before_compute, load_plan
 
     plan = load_plan(Path(f"configs/experiment/{name}.yaml"))

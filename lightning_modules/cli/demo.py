@@ -1,8 +1,9 @@
 """``clbd demo``: the README's main job. Attack -> backdoor -> defense on the built-in shapes, on a CPU.
 
-It is one seed of the CPU test bed (``configs/experiment/clip_testbed.yaml``): a clean tiny CLIP trained once (kept
-in ``--base-dir`` and reused by later demos and the test bed), BadCLIP's patch optimised against it, the poisoned
-fine-tuning and the same fine-tuning without the attack, then CleanCLIP from the poisoned model. One table (CA, ASR,
+It is one seed of the plain-patch CPU test bed (``configs/experiment/clip_testbed_patch.yaml``): a clean tiny CLIP
+trained once (kept in ``--base-dir`` and reused by later demos and the test beds; its BadCLIP step supplies the
+natural captions of the target), the poisoned fine-tuning (a generated patch on 0.5% of the pairs) and the same
+fine-tuning without the attack, then CleanCLIP from the poisoned model. One table (CA, ASR,
 control ASR, attributable ASR, clean->target for the clean, poisoned and defended model), the bars, and a picture of
 poisoned samples. Every step is an ordinary ``clbd`` command, printed as it runs.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTBED = ROOT / "configs" / "experiment" / "clip_testbed.yaml"
+TESTBED = ROOT / "configs" / "experiment" / "clip_testbed_patch.yaml"
+ATTACK = "patch_shapes.yaml"  # the test bed's attack config, copied with the base folder it names
 SHIPPED_BASE = "runs/clip-shapes-base"  # the test bed's base folder, named in its attack config
 DEFENSE = "cleanclip"
 
@@ -29,9 +31,9 @@ def demo_plan(base_dir: Path, out: Path, epochs: int | None) -> tuple[dict, str]
     """The test bed's plan for one seed and one defense, its paths made independent of the working directory and
     its base folder moved to ``base_dir``; ``epochs`` shrinks every step (for tests)."""
     plan = yaml.safe_load(TESTBED.read_text())
-    attack_file = ROOT / "configs" / "attack" / "badclip_shapes.yaml"
+    attack_file = ROOT / "configs" / "attack" / ATTACK
     attack = attack_file.read_text().replace(SHIPPED_BASE, str(base_dir))
-    attack_copy = out / "badclip_shapes.yaml"
+    attack_copy = out / ATTACK
     attack_copy.write_text(attack)
     base = plan["base"]
     base["dir"] = str(base_dir)

@@ -38,6 +38,7 @@ resumes from its ``last.ckpt``; in both cases only for the ``clbd fit`` argument
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shlex
@@ -377,6 +378,16 @@ def comparable(argv: list[str]) -> list[str]:
     return out
 
 
+def config_digests(argv: list[str]) -> dict[str, str]:
+    """SHA-256 of every config file the command names: the same arguments with an edited attack config (another
+    rate, another trigger) make another model."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    return {
+        str(Path(p).resolve()): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths if Path(p).is_file()
+    }
+
+
 def same_command_or_error(run_dir: Path, argv: list[str]) -> None:
     """A run made by an earlier call is reused (or resumed) only for the same ``clbd fit`` arguments: a shared
     ``base.dir``, or an edited plan, would otherwise reuse a model made another way. Runs from before the record
@@ -384,18 +395,29 @@ def same_command_or_error(run_dir: Path, argv: list[str]) -> None:
     record = run_dir / COMMAND_RECORD
     if not record.exists():
         return
-    earlier, now = json.loads(record.read_text()).get("clbd_fit"), comparable(argv)
+    saved = json.loads(record.read_text())
+    earlier, now = saved.get("clbd_fit"), comparable(argv)
     if earlier != now:
         changed = sorted(set(now).symmetric_difference(earlier or []))
         raise ValueError(
             f"{run_dir} was made by another command than this plan's (arguments that differ: {' '.join(changed)}); "
             "remove that folder to redo it, or use another --out / base.dir"
         )
+    if "config_digests" in saved:  # records from before digests were kept compare by arguments only
+        edited = sorted(
+            path for path, digest in config_digests(argv).items() if saved["config_digests"].get(path) != digest
+        )
+        if edited:
+            raise ValueError(
+                f"{run_dir} was made with other contents of {', '.join(edited)} (edited since); remove that folder "
+                "to redo it, or use another --out / base.dir"
+            )
 
 
 def record_command(run_dir: Path, argv: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / COMMAND_RECORD).write_text(json.dumps({"clbd_fit": comparable(argv)}, indent=1) + "\n")
+    record = {"clbd_fit": comparable(argv), "config_digests": config_digests(argv)}
+    (run_dir / COMMAND_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def describe_budget(budget: dict[str, int]) -> str:
