@@ -30,8 +30,8 @@ Image SSL (attack x method, each method with a clean reference)::
 The seed goes to ``seed_everything`` and ``data.seed`` (initialisation, data order, augmentations); the attack's own
 seed (which samples are poisoned, the trigger) stays the config's, so every seed measures the same attack. Runs
 that finished (``fit_finished.json``, ``defense_metrics.json``, a saved evaluation) are reused; an interrupted fit
-resumes from its ``last.ckpt``; in both cases only for the ``clbd fit`` arguments that made the run (recorded in its
-``experiment_command.json``). On a machine without CUDA, or with ``--trainer.accelerator=cpu``, every step runs in
+resumes from its ``last.ckpt``; in both cases only for the ``clbd fit`` arguments and config-file contents that
+made the run (recorded in its ``experiment_command.json``). On a machine without CUDA, or with ``--trainer.accelerator=cpu``, every step runs in
 32-bit (``--trainer.precision=32-true``) unless an override says otherwise, so no row runs bf16 on a CPU.
 """
 
