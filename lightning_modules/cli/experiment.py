@@ -31,8 +31,9 @@ The seed goes to ``seed_everything`` and ``data.seed`` (initialisation, data ord
 seed (which samples are poisoned, the trigger) stays the config's, so every seed measures the same attack. Runs
 that finished (``fit_finished.json``, ``defense_metrics.json``, a saved evaluation) are reused; an interrupted fit
 resumes from its ``last.ckpt``; in both cases only for the ``clbd fit`` arguments and config-file contents that
-made the run (recorded in its ``experiment_command.json``). On a machine without CUDA, or with ``--trainer.accelerator=cpu``, every step runs in
-32-bit (``--trainer.precision=32-true``) unless an override says otherwise, so no row runs bf16 on a CPU.
+made the run (recorded in its ``experiment_command.json``). On a machine without CUDA, or with
+``--trainer.accelerator=cpu``, every step runs in 32-bit (``--trainer.precision=32-true``) unless an override says
+otherwise, so no row runs bf16 on a CPU.
 """
 
 from __future__ import annotations
@@ -389,8 +390,9 @@ def config_digests(argv: list[str]) -> dict[str, str]:
 
 
 def same_command_or_error(run_dir: Path, argv: list[str]) -> None:
-    """A run made by an earlier call is reused (or resumed) only for the same ``clbd fit`` arguments: a shared
-    ``base.dir``, or an edited plan, would otherwise reuse a model made another way. Runs from before the record
+    """A run made by an earlier call is reused (or resumed) only for the same ``clbd fit`` arguments and the same
+    contents of the config files they name: a shared ``base.dir``, an edited plan or an edited attack config would
+    otherwise reuse a model made another way. Runs from before the record
     existed are reused as they are."""
     record = run_dir / COMMAND_RECORD
     if not record.exists():
