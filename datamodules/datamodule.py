@@ -125,7 +125,7 @@ class ShardDataModule(L.LightningDataModule):
             blending and placement, a pattern no poison carries); default: the attack's own seeded control.
         resident: read and decode every shard set once (training, kNN bank, evaluation) and keep the images in
             host memory (``datamodules.resident``): loaders then skip tar reading and JPEG decoding. For
-            CIFAR-scale sets (CIFAR-10: 184 MB, about 10 s at start-up on one core); the stream's order, resume
+            CIFAR-scale sets (CIFAR-10: about 215 MB, 10 s at start-up on one core); the stream's order, resume
             state, poisoning and fault counts stay exactly those of reading the tars.
         cache_eval_batches: the monitors' evaluation batches (kNN bank, validation images with trigger and control:
             the same at every validation) are made by the loaders once, kept in host memory and replayed at each

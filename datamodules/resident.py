@@ -11,7 +11,8 @@ counted. Streams then serve a shard from memory instead of its tar, with nothing
   sample's decoding faults are added again where ``decode_sample`` would have decoded it (so a re-read counts
   nothing, as before).
 
-Memory: about height x width x 3 bytes per image (CIFAR-10's 60k images: 184 MB).
+Memory: about height x width x 3 bytes per image plus ~0.6 kB of bookkeeping (CIFAR-10's 60k images: 176 MB of
+pixels, 215 MB of resident memory measured; decoded in 10 s on one core).
 """
 
 from __future__ import annotations
