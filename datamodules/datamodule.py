@@ -286,15 +286,18 @@ class ShardDataModule(L.LightningDataModule):
                 f"({self.val_shards}) has {list(val)}: evaluate with one class list (or set data.class_names)"
             )
 
-    def resident_shards(self, index: ShardIndex, name: str) -> ResidentShards | None:
+    def resident_shards(self, index: ShardIndex, name: str, build: bool = True) -> ResidentShards | None:
         """``index``'s samples decoded in memory (once per shard set, shared by the streams that read it), or None
-        without ``resident``. Called while building a stream, in the training process: loader workers inherit it."""
+        without ``resident``. Called while building a stream, in the training process: loader workers inherit it.
+        ``build=False`` (a stream read once, e.g. ``clbd test``'s): only a set already in memory is used."""
         if not self.resident:
             return None
         urls = tuple(shard.url for shard in index.shards)
-        if urls not in self._resident_sets:
-            self._resident_sets[urls] = ResidentShards(index, min_size=self.min_image_size, name=name)
-        return self._resident_sets[urls]
+        if urls not in self._resident_sets and build:
+            self._resident_sets[urls] = ResidentShards(
+                index, min_size=self.min_image_size, name=name, processes=self.num_workers
+            )
+        return self._resident_sets.get(urls)
 
     def catalog(self) -> list[KeyEntry]:
         """Keys and labels of the training shards (read once from tar headers)."""
@@ -412,7 +415,7 @@ class ShardDataModule(L.LightningDataModule):
             max_samples=max_samples,
             min_image_size=self.min_image_size,
             name=split,
-            resident=self.resident_shards(self.index(split), split),
+            resident=self.resident_shards(self.index(split), split, build=split != "test"),
         )
 
     def resume_on_other_ranks(self, loader_states: list[dict[str, Any] | None]) -> EpochRemainder | None:
@@ -581,7 +584,7 @@ class SimCLRDataModule(ShardDataModule):
     def bank_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         return {"image": self._eval_transform()(sample["image"]), "label": sample["label"]}
 
-    def bank_stream(self) -> ShardStream:
+    def bank_stream(self, build_resident: bool = True) -> ShardStream:
         index = (
             resolve_shards(resolve_builtin(self.knn_bank_shards), name="data.knn_bank_shards")
             if self.knn_bank_shards
@@ -589,7 +592,7 @@ class SimCLRDataModule(ShardDataModule):
         )
         return ShardStream(
             index,
-            resident=self.resident_shards(index, "knn_bank"),
+            resident=self.resident_shards(index, "knn_bank", build=build_resident),
             batch_size=self.eval_batch_size,
             to_item=self.bank_item,
             collate=default_collate,
@@ -609,7 +612,7 @@ class SimCLRDataModule(ShardDataModule):
 
     def test_dataloader(self):
         """[probe training images (clean train), test images (+ triggered)]: for kNN and the linear probe."""
-        return [self._loader(self.bank_stream()), super().test_dataloader()]
+        return [self._loader(self.bank_stream(build_resident=False)), super().test_dataloader()]
 
 
 class CLIPDataModule(ShardDataModule):

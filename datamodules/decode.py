@@ -91,10 +91,7 @@ class DecodedImage:
 def decode_member(data: bytes, key: str, *, min_size: int) -> DecodedImage:
     recorder = _Recorder()
     image = decode_image(data, recorder, key, min_size=min_size)
-    pixels = None
-    if image is not None:
-        pixels = np.asarray(image, dtype=np.uint8)
-        pixels.setflags(write=False)
+    pixels = None if image is None else np.asarray(image, dtype=np.uint8)
     return DecodedImage(pixels, tuple(recorder.added))
 
 

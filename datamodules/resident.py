@@ -18,41 +18,64 @@ pixels, 215 MB of resident memory measured; decoded in 10 s on one core).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from .decode import IMAGE_EXTENSIONS, decode_member
+from .decode import IMAGE_EXTENSIONS, DecodedImage, decode_member
 from .shards import ShardIndex, ShardRead, read_samples
 
 log = logging.getLogger("clbd.data")
 
 
-class ResidentShards:
-    """Every shard of ``index`` decoded into memory; ``read(url)`` serves a shard as ``read_samples`` would."""
+def read_shard(url: str, min_size: int) -> tuple[ShardRead, list[dict[str, Any]]]:
+    """One shard read to its end, its image members decoded (``DecodedImage``), and how reading it went."""
+    outcome = ShardRead(url)
+    samples = []
+    for raw in read_samples(url, outcome):
+        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        if ext is not None:  # the member decode_sample would decode
+            raw[ext] = decode_member(raw[ext], raw["__key__"], min_size=min_size)
+        samples.append(raw)
+    return outcome, samples
 
-    def __init__(self, index: ShardIndex, *, min_size: int, name: str = "train"):
+
+class ResidentShards:
+    """Every shard of ``index`` decoded into memory; ``read(url)`` serves a shard as ``read_samples`` would.
+
+    ``processes`` > 1 decodes shards in that many forked processes (the loaders' share of the machine).
+    """
+
+    def __init__(self, index: ShardIndex, *, min_size: int, name: str = "train", processes: int = 1):
         self.min_size = min_size
-        self._shards: dict[str, tuple[ShardRead, list[dict[str, Any]]]] = {}
-        started, self.nbytes = time.perf_counter(), 0  # nbytes: the decoded pixels held
-        for shard in index.shards:
-            outcome = ShardRead(shard.url)
-            samples = []
-            for raw in read_samples(shard.url, outcome):
-                for ext in IMAGE_EXTENSIONS:
-                    if ext in raw:
-                        raw[ext] = decode_member(raw[ext], raw["__key__"], min_size=min_size)
-                        self.nbytes += 0 if raw[ext].pixels is None else raw[ext].pixels.nbytes
-                        break
-                samples.append(raw)
-            self._shards[shard.url] = (outcome, samples)
+        started = time.perf_counter()
+        urls = [shard.url for shard in index.shards]
+        processes = max(1, min(processes, len(urls)))
+        if processes == 1:
+            shards = [read_shard(url, min_size) for url in urls]
+        else:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(processes, mp_context=context) as pool:
+                shards = list(pool.map(read_shard, urls, [min_size] * len(urls)))
+        self._shards = dict(zip(urls, shards))
+        self.samples = sum(len(samples) for _, samples in shards)
+        self.nbytes = 0  # the decoded pixels held
+        for _, samples in shards:
+            for raw in samples:
+                for member in raw.values():
+                    if isinstance(member, DecodedImage) and member.pixels is not None:
+                        member.pixels.setflags(write=False)  # served for the whole run: nothing may draw on it
+                        self.nbytes += member.pixels.nbytes
         log.info(
-            "data.resident: %s: %d shards, %d samples decoded into %.0f MB of host memory in %.1f s",
+            "data.resident: %s: %d shards, %d samples decoded into %.0f MB of host memory in %.1f s (%d processes)",
             name,
-            len(self._shards),
-            sum(len(samples) for _, samples in self._shards.values()),
+            len(urls),
+            self.samples,
             self.nbytes / 2**20,
             time.perf_counter() - started,
+            processes,
         )
 
     def read(self, url: str, outcome: ShardRead) -> Iterator[dict[str, Any]]:

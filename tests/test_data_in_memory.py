@@ -1,5 +1,7 @@
-"""Evaluation batches made once and replayed (data.cache_eval_batches): the same batches as the loaders', read once,
-and a fit that validates every epoch logs the same monitors with the cache and the resident shards as without."""
+"""Data held in memory: evaluation batches made once and replayed (data.cache_eval_batches), shard sets decoded once
+(data.resident, only for the streams a run reads more than once), and a fit that validates every epoch logs the same
+monitors and ends on the same weights with both as without. (Resident streams give the tars' batches bit for bit:
+tests/test_poison_stream.py; their fault counts: tests/test_fault_counts.py.)"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections import Counter
 
 import torch
 
+from datamodules.datamodule import SimCLRDataModule
 from datamodules.replay import ReplayLoader
 from datamodules.stream import ShardStream
 from lightning_modules.cli import main
@@ -43,6 +46,23 @@ def test_replay_reads_the_loader_once_and_continues_a_pass_stopped_early():
     assert [b["number"] for b in replay] == [0, 1, 2, 3, 4]
     assert [b["number"] for b in replay] == [0, 1, 2, 3, 4]
     assert loader.produced == produced and len(replay) == 5
+
+
+def test_resident_sets_are_built_for_the_streams_read_every_epoch_only(make_shards):
+    train = make_shards(n=64, per_shard=32)
+    test = make_shards(n=32, per_shard=32, prefix="test")
+    common = dict(train_shards=str(train), val_shards=str(test), batch_size=16, num_workers=0, resident=True)
+    testing = SimCLRDataModule(**common)  # clbd test: the bank and the test images are read once
+    testing.setup("test")
+    assert all(loader.dataset.resident is None for loader in testing.test_dataloader())
+    fitting = SimCLRDataModule(**common)
+    fitting.setup("fit")
+    assert fitting.train_dataloader().dataset.resident is not None
+    bank, val = fitting.val_dataloader()
+    assert bank.dataset.resident is fitting.train_dataloader().dataset.resident  # one copy of the training set
+    assert val.dataset.resident is not None
+    # once in memory (the same shards, e.g. fit then test in one process), a one-pass stream uses it too
+    assert all(loader.dataset.resident is not None for loader in fitting.test_dataloader())
 
 
 def validation_metrics(run) -> list[dict[str, str]]:
