@@ -259,7 +259,9 @@ def _coco_photos(path: Path) -> list[tuple[Image.Image, list[str]]]:
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
 def batch_size_of(batch: dict[str, Any]) -> int:
-    return batch["views"][0].shape[0] if "views" in batch else batch["image"].shape[0]
+    if "views" in batch:
+        return batch["views"][0].shape[0]
+    return batch["image_u8" if "image_u8" in batch else "image"].shape[0]
 
 
 def cpu_seconds() -> float:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from .faults import FaultCounter
@@ -61,6 +63,38 @@ def decode_image(
     return _to_rgb(image, faults)
 
 
+class _Recorder(FaultCounter):
+    """A fault counter that keeps what was added, to be added again on every later use of the sample."""
+
+    def __init__(self) -> None:
+        super().__init__(warner=lambda kind, message: None)
+        self.added: list[tuple[str, str, int]] = []
+
+    def add(self, kind: str, message: str = "", n: int = 1) -> None:
+        self.added.append((kind, message, n))
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image member decoded once: its RGB pixels (None: undecodable or refused) and the faults that counted."""
+
+    pixels: np.ndarray | None
+    faults: tuple[tuple[str, str, int], ...]
+
+    def image(self, faults: FaultCounter) -> Image.Image | None:
+        """A fresh PIL image (poisoners may draw on it; the resident pixels stay as read), faults added again."""
+        for kind, message, n in self.faults:
+            faults.add(kind, message, n)
+        return None if self.pixels is None else Image.fromarray(self.pixels)
+
+
+def decode_member(data: bytes, key: str, *, min_size: int) -> DecodedImage:
+    recorder = _Recorder()
+    image = decode_image(data, recorder, key, min_size=min_size)
+    pixels = None if image is None else np.asarray(image, dtype=np.uint8)
+    return DecodedImage(pixels, tuple(recorder.added))
+
+
 def _caption(raw: dict[str, Any]) -> str | None:
     for ext in CAPTION_EXTENSIONS:
         if ext in raw:
@@ -112,7 +146,10 @@ def decode_sample(
     if data is None:
         faults.add("image_missing", f"{key}: no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return None
-    image = decode_image(data, faults, key, min_size=min_size, max_pixels=max_pixels)
+    if isinstance(data, DecodedImage):  # decoded ahead (data.resident) with the same limits
+        image = data.image(faults)
+    else:
+        image = decode_image(data, faults, key, min_size=min_size, max_pixels=max_pixels)
     if image is None:
         return None
     return {"__key__": key, "image": image, "label": -1 if label is None else label, "text": text}

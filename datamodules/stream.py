@@ -4,6 +4,7 @@ Per (rank, worker) the stream is, top to bottom::
 
     shards for this epoch          shuffled by (seed, epoch), split by rank, then by worker
     -> tar members -> samples      webdataset's key rule; a damaged tar ends its shard, counted once
+                                   (data.resident: the same samples served from memory, decoded once)
     -> drop the attacker's pool    reference images never appear as clean samples
     -> shuffle raw bytes           buffer holds bytes, not pixels; seeded by (seed, epoch, rank, worker)
     -> skip consumed               on resume: raw samples are skipped without decoding
@@ -34,6 +35,7 @@ from poisoning.keyhash import derive_seed
 
 from .decode import decode_sample
 from .faults import FaultCounter, uncounted
+from .resident import ResidentShards
 from .shards import ShardIndex, ShardRead, ShardSpecError, read_samples
 
 SampleFn = Callable[[dict[str, Any], int], dict[str, Any]]
@@ -90,6 +92,7 @@ class ShardStream(IterableDataset):
     ``to_item(sample, epoch)`` turns a decoded (and possibly poisoned) sample into the tensors of one item;
     ``collate(items)`` stacks a batch. ``train=True``: shuffled, equal batches per rank, full batches only.
     ``train=False``: every sample exactly once in shard order, split by sample across ranks and workers.
+    ``resident``: the shards' samples decoded in memory (``datamodules.resident``), served in place of the tars.
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class ShardStream(IterableDataset):
         max_samples: int | None = None,
         min_image_size: int = 8,
         name: str = "train",
+        resident: ResidentShards | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -129,6 +133,11 @@ class ShardStream(IterableDataset):
         self.max_samples = max_samples
         self.min_image_size = min_image_size
         self.name = name
+        if resident is not None and resident.min_size != min_image_size:
+            raise ValueError(
+                f"{name}: shards decoded in memory with min size {resident.min_size}, not {min_image_size}"
+            )
+        self.resident = resident
         self.rank = 0
         self.world_size = 1
         self.num_workers = 0
@@ -273,7 +282,7 @@ class ShardStream(IterableDataset):
         expected = {shard.url: shard.count for shard in self.index.shards}
         for url in urls:
             outcome = ShardRead(url)
-            yield from read_samples(url, outcome)
+            yield from (self.resident.read if self.resident is not None else read_samples)(url, outcome)
             self._judge_shard(outcome, expected.get(url, 0), self._counter(first_pass))
 
     @staticmethod

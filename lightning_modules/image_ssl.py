@@ -34,6 +34,9 @@ class ImageSSLModule(ContrastiveModule):
         probe_batch_size: the probe's mini-batch (see ``fit_linear_probe``).
         probe_min_steps: at least this many probe steps (more epochs on small probe sets; see ``fit_linear_probe``).
         asr_exclude_target: count only triggered images whose true class is not the target.
+        channels_last: the encoder's weights in channels-last (NHWC) memory order, the layout cuDNN's bf16
+            convolutions run natively on a GPU (with ``data.channels_last`` views, every convolution is then NHWC
+            without a per-call weight conversion). Same results to float rounding; on a CPU usually slower.
         **optim: the optimiser and its schedule (``ContrastiveModule``: optimizer, lr, weight_decay, ...).
     """
 
@@ -52,12 +55,15 @@ class ImageSSLModule(ContrastiveModule):
         probe_batch_size: int = 32,
         probe_min_steps: int = 6250,
         asr_exclude_target: bool = True,
+        channels_last: bool = False,
         **optim: Any,
     ):
         super().__init__(**optim)
         if not 0 < probe_label_fraction <= 1:
             raise ValueError(f"model.probe_label_fraction must be in (0, 1], got {probe_label_fraction}")
         encoder, feature_dim = resnet_backbone(backbone, cifar_stem=cifar_stem, width=width)
+        if channels_last:  # before the methods copy it (momentum encoders): the copies keep the layout
+            encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = self.maybe_compile(encoder)
         self.feature_dim = feature_dim
         self._eval: KNNMonitor | None = None

@@ -36,9 +36,13 @@ def epoch_counts(batches: list[dict]) -> dict[str, int]:
     return counts
 
 
-def data_module(modality: str, folder: Path, rank: int = 0, world_size: int = 1, workers: int = 2):
+def data_module(
+    modality: str, folder: Path, rank: int = 0, world_size: int = 1, workers: int = 2, resident: bool = False
+):
     cls = CLIPDataModule if modality == "clip" else SimCLRDataModule
-    dm = cls(train_shards=str(folder), val_shards=None, batch_size=BATCH * world_size, num_workers=workers)
+    dm = cls(
+        train_shards=str(folder), val_shards=None, batch_size=BATCH * world_size, num_workers=workers, resident=resident
+    )
     dm.world = lambda: (rank, world_size)  # a rank of a DDP run, without the processes
     dm.setup("fit")
     return dm
@@ -46,12 +50,14 @@ def data_module(modality: str, folder: Path, rank: int = 0, world_size: int = 1,
 
 @pytest.mark.parametrize("modality", ["simclr", "clip"])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_each_fault_counts_once_per_epoch(corpus, modality, world_size):
+@pytest.mark.parametrize("resident", [False, True], ids=["tars", "resident"])
+def test_each_fault_counts_once_per_epoch(corpus, modality, world_size, resident):
+    """Also with the shards decoded once into memory (data.resident): the same counts, every epoch."""
     folder, expected = corpus
     for epoch in (0, 1):
         batches = []
         for rank in range(world_size):
-            loader = data_module(modality, folder, rank, world_size).train_dataloader()
+            loader = data_module(modality, folder, rank, world_size, resident=resident).train_dataloader()
             loader.dataset.set_epoch(epoch)
             loader._epoch_fn = lambda epoch=epoch: epoch
             batches += list(loader)
@@ -61,9 +67,10 @@ def test_each_fault_counts_once_per_epoch(corpus, modality, world_size):
         assert counts == expected[modality], f"epoch {epoch}"
 
 
-def test_resume_mid_epoch_counts_nothing_twice(corpus):
+@pytest.mark.parametrize("resident", [False, True], ids=["tars", "resident"])
+def test_resume_mid_epoch_counts_nothing_twice(corpus, resident):
     folder, expected = corpus
-    dm = data_module("simclr", folder)
+    dm = data_module("simclr", folder, resident=resident)
     loader = dm.train_dataloader()
     iterator = iter(loader)
     first = [next(iterator) for _ in range(9)]

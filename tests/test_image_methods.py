@@ -97,3 +97,25 @@ def test_simsiam_predictor_keeps_a_fixed_rate():
 def test_bad_settings_name_the_field(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_channels_last_weights_train_like_nchw_and_momentum_copies_keep_the_layout():
+    """model.channels_last: NHWC encoder weights (also in MoCo's key encoder); the same loss and updates as NCHW."""
+    views = [torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(v)) for v in (1, 2)]
+    losses, weights = {}, {}
+    for layout in (False, True):
+        torch.manual_seed(0)
+        model = MoCoV2(width=4, queue_size=16, proj_hidden_dim=16, channels_last=layout)
+        assert model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last) == layout
+        assert model.momentum_encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last) == layout
+        optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+        losses[layout] = []
+        for _ in range(3):
+            loss = model.method_loss(*views)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses[layout].append(loss.item())
+        weights[layout] = model.encoder.conv1.weight.detach()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)

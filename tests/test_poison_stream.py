@@ -52,6 +52,45 @@ def test_same_poisoned_samples_on_any_workers_and_ranks(tmp_path, make_shards):
             assert torch.equal(view, other[key]), key
 
 
+@pytest.mark.parametrize("views_on_device", [False, True], ids=["views", "device_view_params"])
+def test_resident_shards_give_the_batches_of_the_tars(make_shards, views_on_device):
+    """data.resident: the same batches, bit for bit (order, poisoning, views or view parameters, counts), every
+    epoch, with the attacker's references taken out of the stream (NA, references from the training shards)."""
+    folder = make_shards(n=240, per_shard=20)
+
+    def epochs(resident: bool) -> list[dict]:
+        attack = NoisyAlignment(target_class=0, rate=0.2, reference_pool_size=8)
+        dm = SimCLRDataModule(
+            train_shards=str(folder),
+            val_shards=None,
+            batch_size=16,
+            num_workers=2,
+            attack=attack,
+            views_on_device=views_on_device,
+            resident=resident,
+        )
+        dm.setup("fit")
+        batches = []
+        for epoch in (0, 1):
+            loader = dm.train_dataloader()
+            loader._epoch_fn = lambda epoch=epoch: epoch
+            batches += list(loader)
+        return batches
+
+    tars, resident = epochs(False), epochs(True)
+    assert len(tars) == len(resident) == 2 * ((240 - 8) // 16)
+    assert sum(int(b["poisoned"].sum()) for b in tars) > 10
+    for ours, theirs in zip(resident, tars):
+        assert ours.keys() == theirs.keys()
+        for name, value in theirs.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(ours[name], value), name
+            elif isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                assert all(torch.equal(a, b) for a, b in zip(ours[name], value)), name
+            else:
+                assert ours[name] == value, name
+
+
 def fit_args(shards, run, extra=(), budget=("--data.attack.count=25",)):
     return [
         "--model=lightning_modules.SimCLR",

@@ -42,8 +42,9 @@ SIMCLR = (
         "--data.attack.reference_pool_size=10",
     ],
 )
-# The same run with the views made after the transfer (datamodules.device_views): resumes exactly too.
-SIMCLR_DEVICE_VIEWS = (SIMCLR[0], [*SIMCLR[1], "--data.views_on_device=true"], SIMCLR[2])
+# The same run as the GPU config makes it: views made after the transfer (datamodules.device_views) from shards
+# decoded once into memory (datamodules.resident): resumes exactly too.
+SIMCLR_DEVICE_VIEWS = (SIMCLR[0], [*SIMCLR[1], "--data.views_on_device=true", "--data.resident=true"], SIMCLR[2])
 # The other image methods, narrow heads, NA on: their momentum networks, MoCo's queue and pointer, and SimSiam's
 # fixed-rate predictor group must resume exactly too.
 IMAGE_DATA = ["--data=datamodules.SimCLRDataModule", "--data.batch_size=16"]
