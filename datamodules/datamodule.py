@@ -68,6 +68,26 @@ class StreamLoader(StatefulDataLoader):
         return super().__iter__()
 
 
+# What a loader hands over for the training device to make views or images from (views_on_device, images_on_device).
+RAW_DEVICE_FIELDS = ("image_u8", "image_hw", "view_params", "image_params")
+
+
+class MadeOnDevice:
+    """A training loader's batches as training steps get them, for passes outside Lightning's loop (a defense's
+    inversion or detection): the raw fields go to ``device`` and the data module's after-transfer step makes the
+    views or images there; the other fields stay where the loader put them. Iterable more than once, like a loader."""
+
+    def __init__(self, loader: StreamLoader, datamodule: L.LightningDataModule, device: torch.device):
+        self.loader = loader
+        self.datamodule = datamodule
+        self.device = device
+
+    def __iter__(self):
+        for batch in self.loader:
+            raw = {name: batch[name].to(self.device) for name in RAW_DEVICE_FIELDS if name in batch}
+            yield self.datamodule.on_after_batch_transfer({**batch, **raw}, 0)
+
+
 def _worker_positions(state: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The stream positions of a loader state, one per worker (one without workers)."""
     if not state:
@@ -430,6 +450,10 @@ class ShardDataModule(L.LightningDataModule):
         stream = self.train_stream()
         stream.remainder = self._remainder
         return self._loader(stream)
+
+    def train_batches(self, device: torch.device) -> MadeOnDevice:
+        """A fresh training loader whose batches are finished as training steps see them (``MadeOnDevice``)."""
+        return MadeOnDevice(self.train_dataloader(), self, device)
 
     def val_dataloader(self):
         if not self.val_shards:

@@ -201,6 +201,18 @@ def test_datamodule_hands_over_uint8_and_makes_the_image_after_the_transfer(make
         assert same, name
 
 
+def test_batches_read_outside_lightnings_loop_are_made_too(make_shards):
+    """A defense's own passes over the training data (MCLDef's inversion, UBT's detection) get finished images."""
+    shards = make_shards(n=32, per_shard=16, captions=True)
+    common = dict(train_shards=str(shards / "train.index.json"), val_shards=None, batch_size=16, num_workers=0)
+    batches = CLIPDataModule(**common, images_on_device=True).train_batches(torch.device("cpu"))
+    for _ in range(2):  # iterable more than once, as UBT's overfitting passes need
+        images = [batch["image"] for batch in batches]
+        assert len(images) == 2 and images[0].shape == (16, 3, 32, 32) and images[0].dtype == torch.float32
+    plain = next(iter(CLIPDataModule(**common).train_batches(torch.device("cpu"))))
+    assert torch.equal(plain["image"], next(iter(CLIPDataModule(**common).train_dataloader()))["image"])
+
+
 def test_a_clip_fit_runs_with_the_images_made_on_the_device(tmp_path, make_shards):
     shards = make_shards(n=32, per_shard=16, captions=True)
     run = tmp_path / "run"
