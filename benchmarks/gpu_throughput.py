@@ -314,6 +314,8 @@ def main() -> int:
             return CLIP(model_name=model_name)
 
         result = measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats)
+        results.append(result)
+        write_partial(args.json, info, device, precision, quick, results)  # the step's numbers kept whatever follows
         if args.views in ("device", "both"):
             raw = make_batches("clip", index_file, batch, 2, model_name=model_name, images_on_device=True)
             image_rate = device_image_rate([to_device(b, device) for b in raw], device, model_name, args.steps)
@@ -325,9 +327,17 @@ def main() -> int:
             )
         if device.type == "cuda":
             jpegs = [members["jpg"] for _, members in iter_samples(resolve_shards(str(index_file)))]
-            result["jpeg_decode"] = decode_rates(jpegs, device, batch, args.steps)
-            print(f"  JPEG decode: {result['jpeg_decode']}", flush=True)
-        results.append(result)
+            decode = result["jpeg_decode"] = decode_rates(jpegs, device, batch, args.steps)
+            nvjpeg = (
+                f"{decode['nvjpeg_per_s']:.0f} images/s"
+                if "nvjpeg_per_s" in decode
+                else f"failed ({decode['nvjpeg_error']})"
+            )
+            print(
+                f"  JPEG decode: nvjpeg {nvjpeg}, PIL on one core {decode['pil_one_core_per_s']:.0f} images/s; "
+                f"faster: {decode.get('faster', 'n/a')}",
+                flush=True,
+            )
         write_partial(args.json, info, device, precision, quick, results)
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
