@@ -26,8 +26,8 @@ the image before normalisation: max 1.08 and mean 0.25-0.31, the rounding of PIL
 own resampling run in float the difference is float rounding, at most 0.004).
 
 Cost: one [size, H] and one [size, W] matrix per sample and two batched matmuls over the batch padded to its
-largest image, about 2 x 3 x H x W x size multiply-adds per image (~0.3 GFLOP for a 500 px photo at 224 px): cheap
-on a GPU, slower than PIL's sparse resampling on a CPU (``benchmarks/device_views.py`` measures both).
+largest image, 3 x size x (H x W + H x size) multiply-adds per image (~0.25 G for a 500 px photo at 224 px) where PIL
+reads only the filter's taps: cheap on a GPU, ~0.15x PIL's images/s on a CPU (``benchmarks/device_views.py``).
 """
 
 from __future__ import annotations
