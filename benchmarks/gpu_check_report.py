@@ -57,6 +57,23 @@ def throughput_summary(path: Path) -> list[str]:
                 f"    views made on the device: {r['device_views_per_s']:.0f} views/s alone; step + views "
                 f"{r['images_per_s_with_device_views']:.0f} images/s, an epoch {r['epoch_s_with_device_views']:.2f} s"
             )
+        if r.get("device_images_per_s") is not None:
+            lines.append(
+                f"    CLIP images made on the device: {r['device_images_per_s']:.0f} images/s alone; step + images "
+                f"{r['images_per_s_with_device_images']:.0f} images/s"
+            )
+        decode = r.get("jpeg_decode")
+        if decode:
+            nvjpeg = (
+                f"nvjpeg {decode['nvjpeg_per_s']:.0f} images/s (batches of {decode['nvjpeg_batch']})"
+                if "nvjpeg_per_s" in decode
+                else f"nvjpeg failed: {decode.get('nvjpeg_error')}"
+            )
+            faster = f"; faster: {decode['faster']}" if "faster" in decode else ""
+            lines.append(
+                f"    JPEG decode of {decode['jpegs']} photos: {nvjpeg}, PIL on one core "
+                f"{decode['pil_one_core_per_s']:.0f} images/s{faster}"
+            )
     return lines
 
 

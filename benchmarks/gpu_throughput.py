@@ -18,6 +18,14 @@ as uint8 images + view parameters, turned into views by ``datamodules.device_vie
 alone (views/s) and added to the step: the epoch estimate with device views is 100k views / (step + view making).
 The FLOP count is the model's only (the view transform's few MFLOP per image are not counted).
 
+CLIP's training images made on the device (the same ``--views``; ``data.images_on_device``): the real batches as
+uint8 images + resampling spans, resampled by ``datamodules.device_clip.DeviceCLIPImages``, timed alone (images/s)
+and added to the step the same way.
+
+JPEG decode, only where CUDA is available: the same JPEGs (the CLIP run's photos) decoded by nvjpeg
+(``torchvision.io.decode_jpeg(list, device="cuda")``, batches of the CLIP batch size) and by PIL on one CPU core
+(``datamodules.decode.decode_image``, what a loader process does), images/s each: which is faster.
+
 Run on a GPU: ``python benchmarks/gpu_throughput.py``; here: ``python benchmarks/gpu_throughput.py --device cpu --quick``.
 """
 
@@ -41,6 +49,7 @@ from benchmarks.common import (  # noqa: E402
     Series,
     base_parser,
     cifar_like_shards,
+    iter_samples,
     large_image_shards,
     load_at_end,
     machine,
@@ -49,8 +58,12 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
+from datamodules.decode import decode_image  # noqa: E402
+from datamodules.device_clip import DeviceCLIPImagesHook  # noqa: E402
 from datamodules.device_views import DeviceViewsHook  # noqa: E402
-from datamodules.views import SimCLRAugmentation  # noqa: E402
+from datamodules.faults import FaultCounter  # noqa: E402
+from datamodules.shards import resolve_shards  # noqa: E402
+from datamodules.views import CLIPPreprocess, SimCLRAugmentation  # noqa: E402
 from lightning_modules.clip import CLIP  # noqa: E402
 from lightning_modules.simclr import SimCLR  # noqa: E402
 
@@ -126,6 +139,62 @@ def device_view_rate(raw_batches: list[dict[str, Any]], device: torch.device, im
     return 2 * raw_batches[0]["image_u8"].shape[0] / per_batch
 
 
+def device_image_rate(raw_batches: list[dict[str, Any]], device: torch.device, model_name: str, steps: int) -> float:
+    """Training images per second made by DeviceCLIPImages on ``device`` (median of the timed batches)."""
+    hook = DeviceCLIPImagesHook(CLIPPreprocess(model_name, train=True))
+    times = []
+    for i in range(steps + 2):
+        batch = dict(raw_batches[i % len(raw_batches)])
+        _sync(device)
+        start = time.perf_counter()
+        images = hook.images(batch)["image"]
+        _sync(device)
+        if i >= 2:  # two warm-up calls (kernels, allocator)
+            times.append(time.perf_counter() - start)
+        assert images.shape[-1] == hook.transform.size
+    return raw_batches[0]["image_u8"].shape[0] / sorted(times)[len(times) // 2]
+
+
+def decode_rates(jpegs: list[bytes], device: torch.device, batch: int, steps: int) -> dict[str, Any]:
+    """JPEG decode images/s: nvjpeg on ``device`` (lists of ``batch`` JPEGs, median of timed batches after two
+    warm-up ones) and PIL on one CPU core (every JPEG once, as a loader process decodes)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    faults = FaultCounter()
+    start = time.perf_counter()
+    for i, data in enumerate(jpegs):
+        decode_image(data, faults, str(i))
+    result: dict[str, Any] = {"pil_one_core_per_s": len(jpegs) / (time.perf_counter() - start), "jpegs": len(jpegs)}
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    lists = [encoded[s : s + batch] for s in range(0, len(encoded) - batch + 1, batch)] or [encoded]
+    times = []
+    try:
+        for i in range(steps + 2):
+            chunk = lists[i % len(lists)]
+            _sync(device)
+            start = time.perf_counter()
+            decoded = decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
+            _sync(device)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        assert decoded[0].device.type == device.type and decoded[0].shape[0] == 3
+    except RuntimeError as error:  # an nvjpeg failure is a result here, not a reason to lose the other numbers
+        result["nvjpeg_error"] = str(error).splitlines()[0]
+        return result
+    result["nvjpeg_per_s"] = len(lists[0]) / sorted(times)[len(times) // 2]
+    result["nvjpeg_batch"] = len(lists[0])
+    result["faster"] = "nvjpeg" if result["nvjpeg_per_s"] > result["pil_one_core_per_s"] else "PIL (one core)"
+    return result
+
+
+def with_device_transform(result: dict[str, Any], rate: float, name: str) -> None:
+    """The step's images/s with the device transform's time per step added, into ``result``."""
+    images = result["images_per_step"]
+    step_s = images / result["images_per_s_median"]
+    result[f"device_{name}_per_s"] = rate
+    result[f"images_per_s_with_device_{name}"] = images / (step_s + images / rate)
+
+
 def measure(label, build, loss_fn, batches, images_per_step, args, device, precision, repeats) -> dict[str, Any]:
     flops = count_flops(build, loss_fn, batches[0], device, precision)
     accelerator = "cuda" if device.type == "cuda" else "cpu"
@@ -171,7 +240,7 @@ def main() -> int:
         "--views",
         default="both",
         choices=["cpu", "device", "both"],
-        help="SimCLR: also time the views made on the device (device/both; the step itself is the same)",
+        help="also time SimCLR's views / CLIP's images made on the device (device/both; the step itself is the same)",
     )
     args = parser.parse_args()
     if args.threads:
@@ -221,9 +290,7 @@ def main() -> int:
         if args.views in ("device", "both"):
             raw = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2, views_on_device=True)]
             view_rate = device_view_rate(raw, device, 32, args.steps)
-            step_s = 2 * batch / result["images_per_s_median"]
-            result["device_views_per_s"] = view_rate
-            result["images_per_s_with_device_views"] = 2 * batch / (step_s + 2 * batch / view_rate)
+            with_device_transform(result, view_rate, "views")
             result["epoch_s_with_device_views"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_with_device_views"]
             print(
                 f"  device views: {view_rate:.0f} views/s alone; step + views {result['images_per_s_with_device_views']:.0f}"
@@ -246,7 +313,31 @@ def main() -> int:
             torch.manual_seed(0)
             return CLIP(model_name=model_name)
 
-        results.append(measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats))
+        result = measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats)
+        results.append(result)
+        write_partial(args.json, info, device, precision, quick, results)  # the step's numbers kept whatever follows
+        if args.views in ("device", "both"):
+            raw = make_batches("clip", index_file, batch, 2, model_name=model_name, images_on_device=True)
+            image_rate = device_image_rate([to_device(b, device) for b in raw], device, model_name, args.steps)
+            with_device_transform(result, image_rate, "images")
+            print(
+                f"  device images: {image_rate:.0f} images/s alone; step + images "
+                f"{result['images_per_s_with_device_images']:.0f} images/s",
+                flush=True,
+            )
+        if device.type == "cuda":
+            jpegs = [members["jpg"] for _, members in iter_samples(resolve_shards(str(index_file)))]
+            decode = result["jpeg_decode"] = decode_rates(jpegs, device, batch, args.steps)
+            nvjpeg = (
+                f"{decode['nvjpeg_per_s']:.0f} images/s"
+                if "nvjpeg_per_s" in decode
+                else f"failed ({decode['nvjpeg_error']})"
+            )
+            print(
+                f"  JPEG decode: nvjpeg {nvjpeg}, PIL on one core {decode['pil_one_core_per_s']:.0f} images/s; "
+                f"faster: {decode.get('faster', 'n/a')}",
+                flush=True,
+            )
         write_partial(args.json, info, device, precision, quick, results)
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")

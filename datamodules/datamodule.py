@@ -70,6 +70,26 @@ class StreamLoader(StatefulDataLoader):
         return super().__iter__()
 
 
+# What a loader hands over for the training device to make views or images from (views_on_device, images_on_device).
+RAW_DEVICE_FIELDS = ("image_u8", "image_hw", "view_params", "image_params")
+
+
+class MadeOnDevice:
+    """A training loader's batches as training steps get them, for passes outside Lightning's loop (a defense's
+    inversion or detection): the raw fields go to ``device`` and the data module's after-transfer step makes the
+    views or images there; the other fields stay where the loader put them. Iterable more than once, like a loader."""
+
+    def __init__(self, loader: StreamLoader, datamodule: L.LightningDataModule, device: torch.device):
+        self.loader = loader
+        self.datamodule = datamodule
+        self.device = device
+
+    def __iter__(self):
+        for batch in self.loader:
+            raw = {name: batch[name].to(self.device) for name in RAW_DEVICE_FIELDS if name in batch}
+            yield self.datamodule.on_after_batch_transfer({**batch, **raw}, 0)
+
+
 def _worker_positions(state: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The stream positions of a loader state, one per worker (one without workers)."""
     if not state:
@@ -466,6 +486,10 @@ class ShardDataModule(L.LightningDataModule):
         stream.remainder = self._remainder
         return self._loader(stream)
 
+    def train_batches(self, device: torch.device) -> MadeOnDevice:
+        """A fresh training loader whose batches are finished as training steps see them (``MadeOnDevice``)."""
+        return MadeOnDevice(self.train_dataloader(), self, device)
+
     def val_dataloader(self):
         if not self.val_shards:
             return []
@@ -623,17 +647,35 @@ class CLIPDataModule(ShardDataModule):
             ``model.model_name``.
         train_augment: True: open_clip's train transform for the training images (random resized crop); False: its
             eval transform (resize + centre crop), as the CleanCLIP and MCLDef authors fine-tune.
+        images_on_device: the loader decodes and draws the crop (the same as the CPU path's) but makes no training
+            image; the batch's images are resampled (bicubic, as PIL) and normalised on the training device after
+            the transfer (``device_clip``). Same images up to PIL's uint8 rounding (at most ~1 grey level); the
+            loaders' work per image drops to the decode. On a CPU the batched resampling (dense matrices over the
+            batch padded to its largest image) runs in the training process at ~0.15x the images/s of open_clip's
+            per-sample preprocess (224 px photos, ``benchmarks/device_views.py``): for GPUs. Evaluation images and
+            CleanCLIP's ``image_aug`` stay made by the loaders.
     """
 
     modality: ClassVar[str] = "image-text"
 
-    def __init__(self, *args: Any, model_name: str = "clip-tiny-vit", train_augment: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        model_name: str = "clip-tiny-vit",
+        train_augment: bool = True,
+        images_on_device: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.model_name = model_name
         self.train_augment = train_augment
+        self.images_on_device = images_on_device
         self._train_pre: CLIPPreprocess | None = None
         self._eval_pre: CLIPPreprocess | None = None
+        self._device: Any = None
         self._size = CLIPPreprocess(model_name, train=False).image_size  # fails early on an unknown model
+        if images_on_device:
+            self._device_images()  # refuses a transform it cannot reproduce now, before any compute
 
     @property
     def image_size(self) -> int:
@@ -642,20 +684,43 @@ class CLIPDataModule(ShardDataModule):
     def train_stream(self) -> ShardStream:
         # Built here, before the loader forks its workers, so they inherit it: built lazily in each worker it cost
         # ~60 ms (open_clip's tokenizer) per worker per epoch, as workers are not persistent.
-        if self._train_pre is None:
-            self._train_pre = CLIPPreprocess(self.model_name, train=self.train_augment, seed=self.seed)
+        self._train_preprocess()
         return super().train_stream()
 
-    def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+    def _train_preprocess(self) -> CLIPPreprocess:
         if self._train_pre is None:
             self._train_pre = CLIPPreprocess(self.model_name, train=self.train_augment, seed=self.seed)
-        return {
-            "image": self._train_pre.image(sample["image"], sample["__key__"], epoch),
-            "text": self._train_pre.tokens(sample["text"]),
-            "label": sample["label"],
-            "poisoned": bool(sample.get("poisoned", False)),
-            "key": sample["__key__"],
-        }
+        return self._train_pre
+
+    def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
+        preprocess = self._train_preprocess()
+        if self.images_on_device:
+            item = self._device_images().item(sample, epoch)
+        else:
+            item = {"image": preprocess.image(sample["image"], sample["__key__"], epoch)}
+        item.update(
+            text=preprocess.tokens(sample["text"]),
+            label=sample["label"],
+            poisoned=bool(sample.get("poisoned", False)),
+            key=sample["__key__"],
+        )
+        return item
+
+    def _device_images(self):
+        if self._device is None:
+            from .device_clip import DeviceCLIPImagesHook
+
+            self._device = DeviceCLIPImagesHook(self._train_preprocess())
+        return self._device
+
+    def train_collate(self):
+        return self._device_images().collate(default_collate) if self.images_on_device else default_collate
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Images on the device: the training batch (uint8 images + resampling spans) gets the usual ``image``."""
+        if self.images_on_device and isinstance(batch, dict) and "image_params" in batch:
+            batch = self._device_images().images(batch)
+        return batch
 
     def _eval_transform(self):
         if self._eval_pre is None:

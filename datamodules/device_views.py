@@ -150,21 +150,53 @@ def pad_collate(collate):
 
 
 # ---- the device side ---------------------------------------------------------------------------------------------
-def resample_matrix(start: torch.Tensor, length: torch.Tensor, size_in: int, size_out: int) -> torch.Tensor:
-    """[B, size_out, size_in]: row i holds the weights of output pixel i over input pixels, for a crop of ``length``
-    pixels from ``start`` resized to ``size_out`` with antialiased bilinear interpolation (torchvision's resize
-    with ``antialias=True``: the triangle filter, widened by the scale when shrinking, normalised per output pixel,
-    limited to the crop; when enlarging it is plain bilinear with edge replication)."""
-    start = start.to(torch.float32)[:, None, None]
-    length = length.to(torch.float32)[:, None, None]
+def triangle_filter(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bilinear filter (support 1), which torchvision's antialiased tensor resize uses too."""
+    return (1.0 - x.abs()).clamp(min=0.0)
+
+
+def bicubic_filter(x: torch.Tensor) -> torch.Tensor:
+    """PIL's bicubic filter: Keys' cubic convolution with a = -0.5, support 2 (zero from |x| = 2 on)."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+RESAMPLING_FILTERS = {"bilinear": triangle_filter, "bicubic": bicubic_filter}
+
+
+def resample_matrix(
+    start: torch.Tensor,
+    length: torch.Tensor,
+    size_in: int,
+    size_out: int,
+    interpolation: str = "bilinear",
+    window_start: torch.Tensor | None = None,
+    window_length: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, size_out, size_in]: row i holds the weights of output pixel i over input pixels, for the input span of
+    ``length`` pixels from ``start`` (floats allowed) resized to ``size_out`` pixels, as PIL resamples (and
+    torchvision's resize with ``antialias=True``): output pixel i is centred at ``start + (i + 0.5) * scale`` with
+    scale = length / size_out, the filter is widened by the scale when shrinking, the weights are limited to the
+    valid input pixels [window_start, window_start + window_length) and normalised per output pixel.
+
+    The window defaults to the span itself: a crop made first, then resized (a resized crop). A resize of the whole
+    image followed by a centre crop gives the whole image as the window instead: there the filter also reads pixels
+    just outside the part that ends up in the crop."""
+    kernel = RESAMPLING_FILTERS[interpolation]
+    if window_start is None or window_length is None:
+        window_start, window_length = start, length
+    start, length = (v.to(torch.float32)[:, None, None] for v in (start, length))
+    low = window_start.to(torch.float32)[:, None, None]
+    high = low + window_length.to(torch.float32)[:, None, None]
     scale = length / size_out
-    support = scale.clamp(min=1.0)
+    filter_scale = scale.clamp(min=1.0)
     out = torch.arange(size_out, device=start.device, dtype=torch.float32)[None, :, None]
     pixel = torch.arange(size_in, device=start.device, dtype=torch.float32)[None, None, :]
-    centre = scale * (out + 0.5)  # in crop coordinates
-    relative = pixel - start
-    weights = (1.0 - ((relative + 0.5 - centre) / support).abs()).clamp(min=0.0)
-    weights = weights * ((relative >= 0) & (relative < length))
+    centre = start + scale * (out + 0.5)
+    weights = kernel((pixel + 0.5 - centre) / filter_scale) * ((pixel >= low) & (pixel < high))
     return weights / weights.sum(dim=-1, keepdim=True)
 
 

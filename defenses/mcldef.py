@@ -159,7 +159,7 @@ class MCLDefMixin(DefenseMixin):
         target = datamodule.target_index
         # Fixed seeds inside, and the global generator left as it was (the loader's worker seeds draw from it).
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            images, labels, keys = self._collect_clean_set(datamodule.train_dataloader())
+            images, labels, keys = self._collect_clean_set(datamodule.train_batches(self.device))
             was_training = self.training
             self.eval()
             try:

@@ -376,9 +376,9 @@ class UBT(DefenseMixin, CLIP):
             torch.manual_seed(hp.detection_seed)
             weak: frozenset[str] | None = None
             if hp.weak_fraction is not None:  # weak-similarity pairs first: one pass under the poisoned model
-                weak = weakest_keys(self._poisoned_similarity(datamodule.train_dataloader()), hp.weak_fraction)
-            overfit = self._overfit_copy(datamodule.train_dataloader(), weak)
-            scored = self._score_pairs(overfit, datamodule.train_dataloader())
+                weak = weakest_keys(self._poisoned_similarity(datamodule.train_batches(self.device)), hp.weak_fraction)
+            overfit = self._overfit_copy(datamodule.train_batches(self.device), weak)
+            scored = self._score_pairs(overfit, datamodule.train_batches(self.device))
             del overfit
         after, baseline, truth_flags, candidates, df_all, n_all = scored
         if world > 1:

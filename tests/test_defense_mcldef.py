@@ -249,6 +249,19 @@ def test_mcldef_clip_end_to_end(tmp_path, shards, poisoned):
     assert sha256(source) == digest
 
 
+@pytest.mark.parametrize(
+    "method, option",
+    [("simclr", "--data.init_args.views_on_device=true"), ("clip", "--data.init_args.images_on_device=true")],
+)
+def test_mcldef_inverts_on_views_or_images_made_on_the_device(tmp_path, shards, poisoned, method, option):
+    """The inversion reads the training loader itself, outside Lightning's loop: its batches are made there too."""
+    run = tmp_path / "mcldef"
+    launch = run_mcldef_simclr if method == "simclr" else run_mcldef_clip
+    assert launch(run, poisoned[method], shards, [option]) == 0
+    report = json.loads((run / "defense_metrics.json").read_text())
+    assert report["extra"]["inverted_trigger"]["images"] == (48 if method == "simclr" else 32)
+
+
 def test_mcldef_clip_refuses_random_crops(tmp_path, shards, poisoned, capsys):
     """Stage 2 trains on un-augmented images, as the authors' loader: random resized crops are refused."""
     assert run_mcldef_clip(tmp_path / "run", poisoned["clip"], shards, ["--data.init_args.train_augment=true"]) == 2

@@ -141,6 +141,14 @@ def test_ubt_end_to_end(tmp_path, setup):
     assert "class" in detection["prompt_rows_excluded"] and "photo" in detection["prompt_rows_excluded"]
 
 
+def test_ubt_detects_on_images_made_on_the_device(tmp_path, setup):
+    """Detection reads the training loader itself, outside Lightning's loop: its batches are made there too."""
+    run = tmp_path / "ubt"
+    assert run_ubt(run, setup, ["--data.init_args.images_on_device=true"]) == 0
+    detection = json.loads((run / "ubt_detection.json").read_text())
+    assert detection["scored"] == 80 and detection["flagged"] == 24
+
+
 def test_patch_portion_adds_only_the_patch_embedding(tmp_path, setup):
     """token_portion: vision+patch moves the ViT's patch embedding and token parameters; every other weight stays."""
     run = tmp_path / "ubt-patch"

@@ -70,11 +70,14 @@ CLIP = (
     ["--data.attack=poisoning.BadNet", "--data.attack.target_class=banana", "--data.attack.rate=0.2"],
 )
 
+# CLIP with its training images made after the transfer (datamodules.device_clip).
+CLIP_DEVICE_IMAGES = (CLIP[0], [*CLIP[1], "--data.images_on_device=true"], CLIP[2])
+
 
 @pytest.mark.parametrize(
     "method",
-    [SIMCLR, SIMCLR_DEVICE_VIEWS, MOCO_V2, BYOL, SIMSIAM, CLIP],
-    ids=["simclr", "simclr_device_views", "moco_v2", "byol", "simsiam", "clip"],
+    [SIMCLR, SIMCLR_DEVICE_VIEWS, MOCO_V2, BYOL, SIMSIAM, CLIP, CLIP_DEVICE_IMAGES],
+    ids=["simclr", "simclr_device_views", "moco_v2", "byol", "simsiam", "clip", "clip_device_images"],
 )
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path, make_shards, method):
     model, data, attack = method
