@@ -50,6 +50,8 @@ def throughput_summary(path: Path) -> list[str]:
             f"  {r['case']}: {r['images_per_s_median']:.0f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"{r['achieved_tflops_median']:.1f} TFLOP/s, {mfu}"
         )
+        if r.get("setting") == "compiled" and r.get("fit_overhead_s"):
+            lines.append(f"    compilation + Trainer start and end: {max(r['fit_overhead_s']):.0f} s")
         if r.get("epoch_s_median") is not None:
             lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s")
         if r.get("device_views_per_s") is not None:

@@ -13,6 +13,16 @@ loss on the same batch (matmuls, convolutions, attention; elementwise work is no
 MFU = counted FLOPs per step x steps/s / the device's peak dense FLOP/s (a table of known GPUs for bf16, or
 ``--peak-tflops``). Images/s counts both views for SimCLR (2 x batch images per step) and one image per pair for CLIP.
 
+SimCLR's step under three settings (``--simclr-settings``), the same model, batches and FLOPs:
+
+* ``eager``: NCHW views and weights, cuDNN's heuristic algorithm choice (Lightning's default);
+* ``tuned``: what ``configs/pretrain/simclr_cifar10_gpu.yaml`` sets: channels-last views and encoder weights
+  (``data.channels_last``, ``model.channels_last``) and cuDNN autotuning (``trainer.benchmark``);
+* ``compiled``: ``tuned`` plus ``torch.compile`` of the encoder (``model.compile``), one run, its compilation in the
+  warm-up and reported as the run's overhead. Run last: on a GPU it takes a minute or more.
+
+Default: all three on CUDA; ``eager,tuned`` on a CPU.
+
 SimCLR's views made on the device (``--views device`` or ``both``; ``data.views_on_device``): the same real batches
 as uint8 images + view parameters, turned into views by ``datamodules.device_views.DeviceViews`` on the device, timed
 alone (views/s) and added to the step: the epoch estimate with device views is 100k views / (step + view making).
@@ -187,6 +197,14 @@ def decode_rates(jpegs: list[bytes], device: torch.device, batch: int, steps: in
     return result
 
 
+SIMCLR_SETTINGS = ("eager", "tuned", "compiled")
+
+
+def channels_last_views(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch as ``data.channels_last`` hands it to the step: NHWC views."""
+    return {**batch, "views": [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]}
+
+
 def with_device_transform(result: dict[str, Any], rate: float, name: str) -> None:
     """The step's images/s with the device transform's time per step added, into ``result``."""
     images = result["images_per_step"]
@@ -195,11 +213,17 @@ def with_device_transform(result: dict[str, Any], rate: float, name: str) -> Non
     result[f"images_per_s_with_device_{name}"] = images / (step_s + images / rate)
 
 
-def measure(label, build, loss_fn, batches, images_per_step, args, device, precision, repeats) -> dict[str, Any]:
-    flops = count_flops(build, loss_fn, batches[0], device, precision)
+def measure(
+    label, build, loss_fn, batches, images_per_step, args, device, precision, repeats, flops=None, **trainer_options
+) -> dict[str, Any]:
+    """``flops``: the count from another setting of the same model and batch (a compiled model is not counted)."""
+    flops = flops or count_flops(build, loss_fn, batches[0], device, precision)
     accelerator = "cuda" if device.type == "cuda" else "cpu"
+    warmup = args.warmup + (args.compile_warmup if trainer_options.pop("compiled", False) else 0)
     runs = [
-        lightning_run(build, batches, args.warmup, args.steps, accelerator=accelerator, precision=precision)
+        lightning_run(
+            build, batches, warmup, args.steps, accelerator=accelerator, precision=precision, **trainer_options
+        )
         for _ in range(repeats)
     ]
     steps = Series("steps/s", [r["wall"] for r in runs])
@@ -214,6 +238,7 @@ def measure(label, build, loss_fn, batches, images_per_step, args, device, preci
         "achieved_tflops_median": flops * steps.median / 1e12,
         "peak": peak_source,
         "mfu": mfu.values if mfu else None,
+        "fit_overhead_s": [r["fit_overhead_s"] for r in runs],  # Trainer start-up and end (a compilation included)
     }
     result["row"] = [
         label,
@@ -237,6 +262,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["simclr", "clip"])
     parser.add_argument(
+        "--simclr-settings",
+        default=None,
+        help="comma list of eager, tuned, compiled (default: all three on cuda, eager,tuned on cpu)",
+    )
+    parser.add_argument(
+        "--compile-warmup", type=int, default=10, help="extra untimed steps of the compiled run (its compilation)"
+    )
+    parser.add_argument(
         "--views",
         default="both",
         choices=["cpu", "device", "both"],
@@ -250,6 +283,12 @@ def main() -> int:
         print("no CUDA device here: run with --device cpu (and --quick) to check the script on a CPU", file=sys.stderr)
         return 2
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
+    settings = (args.simclr_settings or ("eager,tuned,compiled" if device.type == "cuda" else "eager,tuned")).split(",")
+    if set(settings) - set(SIMCLR_SETTINGS) or not settings:
+        print(
+            f"--simclr-settings: choose among {', '.join(SIMCLR_SETTINGS)}, got {args.simclr_settings}", file=sys.stderr
+        )
+        return 2
     quick = args.quick
     args.steps = args.steps or (2 if quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 10)
@@ -279,27 +318,59 @@ def main() -> int:
         batch, width = (32, 8) if quick else (512, None)
         index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
         batches = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2)]
-        label = f"SimCLR ResNet-18{f' width {width}' if width else ''} CIFAR 32 px, batch {batch}"
-
-        def build_simclr() -> SimCLR:
-            torch.manual_seed(0)
-            return SimCLR(backbone="resnet18", width=width, cifar_stem=True)
-
-        result = measure(label, build_simclr, simclr_loss, batches, 2 * batch, args, device, precision, repeats)
-        result["epoch_s_median"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_median"]
+        name = f"SimCLR ResNet-18{f' width {width}' if width else ''} CIFAR 32 px, batch {batch}"
+        view_rate = None
         if args.views in ("device", "both"):
             raw = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2, views_on_device=True)]
             view_rate = device_view_rate(raw, device, 32, args.steps)
-            with_device_transform(result, view_rate, "views")
-            result["epoch_s_with_device_views"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_with_device_views"]
-            print(
-                f"  device views: {view_rate:.0f} views/s alone; step + views {result['images_per_s_with_device_views']:.0f}"
-                f" images/s, a CIFAR-10 epoch {result['epoch_s_with_device_views']:.2f} s "
-                f"(ready views: {result['epoch_s_median']:.2f} s)",
-                flush=True,
+            print(f"  device views: {view_rate:.0f} views/s alone", flush=True)
+
+        def simclr_case(setting: str, flops: int | None = None) -> dict[str, Any]:
+            tuned = setting != "eager"
+
+            def build_simclr() -> SimCLR:
+                torch.manual_seed(0)
+                return SimCLR(
+                    backbone="resnet18",
+                    width=width,
+                    cifar_stem=True,
+                    channels_last=tuned,
+                    compile=setting == "compiled",
+                )
+
+            views = [channels_last_views(b) for b in batches] if tuned else batches
+            options = {"benchmark": True} if tuned else {}
+            result = measure(
+                f"{name}, {setting}",
+                build_simclr,
+                simclr_loss,
+                views,
+                2 * batch,
+                args,
+                device,
+                precision,
+                1 if setting == "compiled" else repeats,
+                flops=flops,
+                compiled=setting == "compiled",
+                **options,
             )
-        results.append(result)
-        write_partial(args.json, info, device, precision, quick, results)  # kept if a later case is cut short
+            result["setting"] = setting
+            result["epoch_s_median"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_median"]
+            if view_rate is not None:
+                with_device_transform(result, view_rate, "views")
+                result["epoch_s_with_device_views"] = CIFAR10_TRAIN_VIEWS / result["images_per_s_with_device_views"]
+                print(
+                    f"    step + device views {result['images_per_s_with_device_views']:.0f} images/s, a CIFAR-10 "
+                    f"epoch {result['epoch_s_with_device_views']:.2f} s (ready views: {result['epoch_s_median']:.2f} s)",
+                    flush=True,
+                )
+            results.append(result)
+            write_partial(args.json, info, device, precision, quick, results)  # kept if a later case is cut short
+            return result
+
+        flops = None
+        for setting in (s for s in SIMCLR_SETTINGS if s in settings and s != "compiled"):
+            flops = simclr_case(setting, flops)["flops_per_step"]
     if "clip" not in args.skip:
         batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
         if quick:
@@ -339,6 +410,8 @@ def main() -> int:
                 flush=True,
             )
         write_partial(args.json, info, device, precision, quick, results)
+    if "simclr" not in args.skip and "compiled" in settings:
+        simclr_case("compiled", flops)  # last: its compilation takes a minute or more
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
     print_table(["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results])

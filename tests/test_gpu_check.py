@@ -79,3 +79,23 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary
     assert (out / "gpu_check.log").read_text().count("=== [") >= 4
+
+
+def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
+    """The throughput stage's script with --device cpu --quick (eager and tuned SimCLR, device views, CLIP, its device
+    images) on the tiny archive, then the report's reading of its JSON (nvjpeg and the compiled encoder: CUDA only)."""
+    archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
+    results = tmp_path / "gpu_throughput.json"
+    bench = [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--device", "cpu", "--quick"]
+    bench += ["--data", str(archive), "--cache", str(tmp_path / "cache"), "--json", str(results)]
+    run = subprocess.run(bench, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    data = json.loads(results.read_text())
+    assert [r.get("setting") for r in data["results"]] == ["eager", "tuned", None]
+    simclr, clip = data["results"][1], data["results"][2]
+    assert simclr["device_views_per_s"] > 0 and simclr["epoch_s_with_device_views"] > simclr["epoch_s_median"]
+    assert clip["device_images_per_s"] > 0 and simclr["flops_per_step"] == data["results"][0]["flops_per_step"]
+    from benchmarks.gpu_check_report import throughput_summary
+
+    summary = "\n".join(throughput_summary(results))
+    assert "tuned" in summary and "views made on the device" in summary and "CLIP images made on the device" in summary
