@@ -132,37 +132,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_view_rate(raw_batches: list[dict[str, Any]], device: torch.device, image_size: int, steps: int) -> float:
-    """Views per second made by DeviceViews on ``device`` (both views of each batch; median of the timed batches)."""
-    hook = DeviceViewsHook(SimCLRAugmentation(image_size=image_size))
-    times = []
+def device_transform_rate(transform, raw_batches: list[dict[str, Any]], device: torch.device, steps: int) -> float:
+    """Outputs per second of ``transform(batch)`` (which returns how many it made) on ``device``: the median of the
+    timed batches, after two warm-up calls (kernels, allocator)."""
+    times, made = [], 0
     for i in range(steps + 2):
         batch = dict(raw_batches[i % len(raw_batches)])
         _sync(device)
         start = time.perf_counter()
-        views = hook.views(batch)["views"]
+        made = transform(batch)
         _sync(device)
-        if i >= 2:  # two warm-up calls (kernels, allocator)
+        if i >= 2:
             times.append(time.perf_counter() - start)
-        assert views[0].shape[-1] == image_size
-    per_batch = sorted(times)[len(times) // 2]
-    return 2 * raw_batches[0]["image_u8"].shape[0] / per_batch
+    return made / sorted(times)[len(times) // 2]
+
+
+def device_view_rate(raw_batches: list[dict[str, Any]], device: torch.device, image_size: int, steps: int) -> float:
+    """Views per second made by DeviceViews on ``device`` (both views of each batch)."""
+    hook = DeviceViewsHook(SimCLRAugmentation(image_size=image_size))
+
+    def views(batch: dict[str, Any]) -> int:
+        made = hook.views(batch)["views"]
+        assert made[0].shape[-1] == image_size
+        return sum(len(v) for v in made)
+
+    return device_transform_rate(views, raw_batches, device, steps)
 
 
 def device_image_rate(raw_batches: list[dict[str, Any]], device: torch.device, model_name: str, steps: int) -> float:
-    """Training images per second made by DeviceCLIPImages on ``device`` (median of the timed batches)."""
+    """Training images per second made by DeviceCLIPImages on ``device``."""
     hook = DeviceCLIPImagesHook(CLIPPreprocess(model_name, train=True))
-    times = []
-    for i in range(steps + 2):
-        batch = dict(raw_batches[i % len(raw_batches)])
-        _sync(device)
-        start = time.perf_counter()
-        images = hook.images(batch)["image"]
-        _sync(device)
-        if i >= 2:  # two warm-up calls (kernels, allocator)
-            times.append(time.perf_counter() - start)
-        assert images.shape[-1] == hook.transform.size
-    return raw_batches[0]["image_u8"].shape[0] / sorted(times)[len(times) // 2]
+
+    def images(batch: dict[str, Any]) -> int:
+        made = hook.images(batch)["image"]
+        assert made.shape[-1] == hook.transform.size
+        return len(made)
+
+    return device_transform_rate(images, raw_batches, device, steps)
 
 
 def decode_rates(jpegs: list[bytes], device: torch.device, batch: int, steps: int) -> dict[str, Any]:
