@@ -18,7 +18,6 @@ pixels, 215 MB of resident memory measured; decoded in 10 s on one core).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +44,7 @@ def read_shard(url: str, min_size: int) -> tuple[ShardRead, list[dict[str, Any]]
 class ResidentShards:
     """Every shard of ``index`` decoded into memory; ``read(url)`` serves a shard as ``read_samples`` would.
 
-    ``processes`` > 1 decodes shards in that many forked processes (the loaders' share of the machine).
+    ``processes`` > 1 decodes shards in that many processes (the loaders' share of the machine).
     """
 
     def __init__(self, index: ShardIndex, *, min_size: int, name: str = "train", processes: int = 1):
@@ -56,8 +55,8 @@ class ResidentShards:
         if processes == 1:
             shards = [read_shard(url, min_size) for url in urls]
         else:
-            context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            # The platform's start method, as the loaders use it; read_shard is importable for spawn and forkserver.
+            with ProcessPoolExecutor(processes) as pool:
                 shards = list(pool.map(read_shard, urls, [min_size] * len(urls)))
         self._shards = dict(zip(urls, shards))
         self.samples = sum(len(samples) for _, samples in shards)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.shards import ShardSink
@@ -22,6 +23,12 @@ SHARED_DATA_FOLDERS = [Path(os.environ["CLBD_SHARED_DATA"])] if os.environ.get("
 SHARED_DATA_FOLDERS += [REPO.parent / "shared" / "data", REPO.parent.parent / "shared" / "data"]
 
 warnings.filterwarnings("ignore", message=".*set_vital.*")
+
+# One intra-op thread per test process, and in the processes tests start (DDP ranks, the CLI, scripts): pytest-xdist
+# already runs one process per core, and tests add loader workers and ranks of their own. With torch's default of a
+# thread per core, OpenMP barriers wait on threads that have no core, and slow runs stretched many-fold.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
