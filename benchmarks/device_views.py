@@ -149,7 +149,7 @@ def main() -> int:
         hook = DeviceViewsHook(SimCLRAugmentation(image_size=32), seed=0)
         label = f"SimCLR 32 px, {n} CIFAR-10 images, 2 views"
         case, case_rows = compare(
-            label, samples, lambda image, key: views(image, key, 0), hook, hook.views, args.batch, repeats
+            label, samples, lambda image, key: views(image, key, 0), hook, hook.finish, args.batch, repeats
         )
         result["cases"].append(case)
         rows += case_rows
@@ -164,7 +164,7 @@ def main() -> int:
         def clip_per_sample(image, key):
             return preprocess.image(image, key, 0)
 
-        case, case_rows = compare(label, samples, clip_per_sample, hook, hook.images, args.clip_batch, repeats)
+        case, case_rows = compare(label, samples, clip_per_sample, hook, hook.finish, args.clip_batch, repeats)
         result["cases"].append(case)
         rows += case_rows
     print(f"\n1 torch thread, {repeats} interleaved repeats; images/s (every column but the last includes the decode):")

@@ -152,7 +152,7 @@ def device_view_rate(raw_batches: list[dict[str, Any]], device: torch.device, im
     hook = DeviceViewsHook(SimCLRAugmentation(image_size=image_size))
 
     def views(batch: dict[str, Any]) -> int:
-        made = hook.views(batch)["views"]
+        made = hook.finish(batch)["views"]
         assert made[0].shape[-1] == image_size
         return sum(len(v) for v in made)
 
@@ -164,7 +164,7 @@ def device_image_rate(raw_batches: list[dict[str, Any]], device: torch.device, m
     hook = DeviceCLIPImagesHook(CLIPPreprocess(model_name, train=True))
 
     def images(batch: dict[str, Any]) -> int:
-        made = hook.images(batch)["image"]
+        made = hook.finish(batch)["image"]
         assert made.shape[-1] == hook.transform.size
         return len(made)
 

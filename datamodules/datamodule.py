@@ -499,8 +499,21 @@ class ShardDataModule(L.LightningDataModule):
         return self._loader(self.eval_stream("test"))
 
     # ---- per-sample items ---------------------------------------------------------------------------------
+    def device_hook(self) -> Any:
+        """The hook that makes training images on the device (``views_on_device``, ``images_on_device``): its
+        ``item`` runs in the loaders, ``collate`` pads, ``finish`` runs after the transfer. None: loaders make all."""
+        return None
+
     def train_collate(self):
-        return default_collate
+        hook = self.device_hook()
+        return hook.collate(default_collate) if hook is not None else default_collate
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A training batch from the device path (raw uint8 images + parameters) is finished on the device."""
+        hook = self.device_hook()
+        if hook is not None and isinstance(batch, dict) and hook.raw_key in batch:
+            batch = hook.finish(batch)
+        return batch
 
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -572,7 +585,7 @@ class SimCLRDataModule(ShardDataModule):
 
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         if self.views_on_device:
-            return self._device_views().item(sample, epoch)
+            return self.device_hook().item(sample, epoch)
         if self._views is None:
             self._views = SimCLRViews(self.augmentation, seed=self.seed)
         return {
@@ -582,20 +595,18 @@ class SimCLRDataModule(ShardDataModule):
             "key": sample["__key__"],
         }
 
-    def _device_views(self):
+    def device_hook(self):
+        if not self.views_on_device:
+            return None
         if self._device is None:
             from .device_views import DeviceViewsHook
 
             self._device = DeviceViewsHook(self.augmentation, seed=self.seed)
         return self._device
 
-    def train_collate(self):
-        return self._device_views().collate(default_collate) if self.views_on_device else default_collate
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Views on the device: the training batch (uint8 images + view parameters) becomes the usual ``views``."""
-        if self.views_on_device and isinstance(batch, dict) and "view_params" in batch:
-            batch = self._device_views().views(batch)
+        """Views on the device made (the base class), then laid out channels-last when asked."""
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
         if self.channels_last and isinstance(batch, dict) and "views" in batch:
             batch["views"] = [v.contiguous(memory_format=torch.channels_last) for v in batch["views"]]
         return batch
@@ -675,7 +686,7 @@ class CLIPDataModule(ShardDataModule):
         self._device: Any = None
         self._size = CLIPPreprocess(model_name, train=False).image_size  # fails early on an unknown model
         if images_on_device:
-            self._device_images()  # refuses a transform it cannot reproduce now, before any compute
+            self.device_hook()  # refuses a transform it cannot reproduce now, before any compute
 
     @property
     def image_size(self) -> int:
@@ -695,7 +706,7 @@ class CLIPDataModule(ShardDataModule):
     def train_item(self, sample: dict[str, Any], epoch: int) -> dict[str, Any]:
         preprocess = self._train_preprocess()
         if self.images_on_device:
-            item = self._device_images().item(sample, epoch)
+            item = self.device_hook().item(sample, epoch)
         else:
             item = {"image": preprocess.image(sample["image"], sample["__key__"], epoch)}
         item.update(
@@ -706,21 +717,14 @@ class CLIPDataModule(ShardDataModule):
         )
         return item
 
-    def _device_images(self):
+    def device_hook(self):
+        if not self.images_on_device:
+            return None
         if self._device is None:
             from .device_clip import DeviceCLIPImagesHook
 
             self._device = DeviceCLIPImagesHook(self._train_preprocess())
         return self._device
-
-    def train_collate(self):
-        return self._device_images().collate(default_collate) if self.images_on_device else default_collate
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Images on the device: the training batch (uint8 images + resampling spans) gets the usual ``image``."""
-        if self.images_on_device and isinstance(batch, dict) and "image_params" in batch:
-            batch = self._device_images().images(batch)
-        return batch
 
     def _eval_transform(self):
         if self._eval_pre is None:

@@ -63,6 +63,11 @@ def decode_image(
     return _to_rgb(image, faults)
 
 
+def image_member(raw: dict[str, Any]) -> str | None:
+    """The extension of the member a sample's image is decoded from (the first of ``IMAGE_EXTENSIONS`` present)."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+
+
 class _Recorder(FaultCounter):
     """A fault counter that keeps what was added, to be added again on every later use of the sample."""
 
@@ -142,10 +147,11 @@ def decode_sample(
     if need_text and text is None:
         faults.add("caption_missing", f"{key}: no usable caption (.txt or .json 'caption')")
         return None
-    data = next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if data is None:
+    member = image_member(raw)
+    if member is None:
         faults.add("image_missing", f"{key}: no image member (looked for {', '.join(IMAGE_EXTENSIONS)})")
         return None
+    data = raw[member]
     if isinstance(data, DecodedImage):  # decoded ahead (data.resident) with the same limits
         image = data.image(faults)
     else:

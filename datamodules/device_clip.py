@@ -177,5 +177,8 @@ class DeviceCLIPImagesHook:
     def collate(collate):
         return pad_collate(collate)
 
-    def images(self, batch: dict[str, Any]) -> dict[str, Any]:
+    raw_key = "image_params"  # a batch carrying it still has its images to be made
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loaders' batch (uint8 images + resampling spans) -> the usual batch with ``image``."""
         return self.transform.batch(batch)

@@ -368,5 +368,8 @@ class DeviceViewsHook:
     def collate(collate):
         return pad_collate(collate)
 
-    def views(self, batch: dict[str, Any]) -> dict[str, Any]:
+    raw_key = "view_params"  # a batch carrying it still has its views to be made
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The loaders' batch (uint8 images + view parameters) -> the usual batch with ``views``."""
         return self.transform.batch(batch)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from .decode import IMAGE_EXTENSIONS, DecodedImage, decode_member
+from .decode import DecodedImage, decode_member, image_member
 from .shards import ShardIndex, ShardRead, read_samples
 
 log = logging.getLogger("clbd.data")
@@ -34,7 +34,7 @@ def read_shard(url: str, min_size: int) -> tuple[ShardRead, list[dict[str, Any]]
     outcome = ShardRead(url)
     samples = []
     for raw in read_samples(url, outcome):
-        ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+        ext = image_member(raw)
         if ext is not None:  # the member decode_sample would decode
             raw[ext] = decode_member(raw[ext], raw["__key__"], min_size=min_size)
         samples.append(raw)
@@ -59,7 +59,6 @@ class ResidentShards:
             with ProcessPoolExecutor(processes) as pool:
                 shards = list(pool.map(read_shard, urls, [min_size] * len(urls)))
         self._shards = dict(zip(urls, shards))
-        self.samples = sum(len(samples) for _, samples in shards)
         self.nbytes = 0  # the decoded pixels held
         for _, samples in shards:
             for raw in samples:
@@ -71,7 +70,7 @@ class ResidentShards:
             "data.resident: %s: %d shards, %d samples decoded into %.0f MB of host memory in %.1f s (%d processes)",
             name,
             len(urls),
-            self.samples,
+            sum(len(samples) for _, samples in shards),
             self.nbytes / 2**20,
             time.perf_counter() - started,
             processes,

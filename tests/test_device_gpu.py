@@ -33,8 +33,8 @@ def device_views_match_the_cpu(device: str) -> None:
     hook = DeviceViewsHook(SimCLRAugmentation(image_size=32, blur_p=0.5), seed=3)
     items = [hook.item({"image": image, "__key__": key, "label": 0}, 1) for image, key in images_and_keys(64)]
     batch = hook.collate(default_collate)(items)
-    on_cpu = hook.views(dict(batch))["views"]
-    on_device = hook.views(to(batch, device))["views"]  # the sync-free variant on a GPU
+    on_cpu = hook.finish(dict(batch))["views"]
+    on_device = hook.finish(to(batch, device))["views"]  # the sync-free variant on a GPU
     for ours, reference in zip(on_device, on_cpu):
         assert ours.device.type == torch.device(device).type and ours.dtype == torch.float32
         assert (ours.cpu() - reference).abs().max() < 1e-4
@@ -45,8 +45,8 @@ def clip_images_match_the_cpu(device: str) -> None:
         hook = DeviceCLIPImagesHook(CLIPPreprocess(model_name, train=train, seed=5))
         items = [hook.item({"image": image, "__key__": f"k{i}"}, 2) for i, image in enumerate(generated_images())]
         batch = hook.collate(default_collate)(items)
-        on_cpu = hook.images(dict(batch))["image"]
-        on_device = hook.images(to(batch, device))["image"]
+        on_cpu = hook.finish(dict(batch))["image"]
+        on_device = hook.finish(to(batch, device))["image"]
         assert on_device.device.type == torch.device(device).type
         assert (on_device.cpu() - on_cpu).abs().max() < 1e-4, (model_name, train)
 
