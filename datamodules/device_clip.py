@@ -41,7 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from poisoning.keyhash import derive_seed
 
-from .device_views import pad_collate, resample_matrix
+from .device_views import DeviceHook, resample_matrix
 from .views import CLIPPreprocess, seeded
 
 # One row of floats per image: the span of input pixels resampled onto the output, then the window the filter may
@@ -162,9 +162,10 @@ class DeviceCLIPImages:
         return batch
 
 
-class DeviceCLIPImagesHook:
-    """What ``CLIPDataModule`` needs for ``images_on_device``: the worker's image fields, the padding collate, and
-    the device step (no state: loader workers and the training process share it)."""
+class DeviceCLIPImagesHook(DeviceHook):
+    """CLIP's (``images_on_device``): the image fields of an item; ``finish`` makes ``image``."""
+
+    raw_key = "image_params"
 
     def __init__(self, preprocess: CLIPPreprocess):
         self.params = CLIPImageParams(preprocess)
@@ -172,13 +173,3 @@ class DeviceCLIPImagesHook:
 
     def item(self, sample: dict[str, Any], epoch: int) -> dict[str, torch.Tensor]:
         return self.params(sample["image"], sample["__key__"], epoch)
-
-    @staticmethod
-    def collate(collate):
-        return pad_collate(collate)
-
-    raw_key = "image_params"  # a batch carrying it still has its images to be made
-
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The loaders' batch (uint8 images + resampling spans) -> the usual batch with ``image``."""
-        return self.transform.batch(batch)

@@ -351,9 +351,27 @@ class DeviceViews:
         return batch
 
 
-class DeviceViewsHook:
-    """What ``SimCLRDataModule`` needs for ``views_on_device``: the worker's item, the padding collate, and the
-    device step (built once; the transform holds no state, so loader workers and the training process share it)."""
+class DeviceHook:
+    """What a data module needs to make training images on the device: ``item`` (in the loaders: decoded uint8
+    pixels and the random parameters), ``collate`` (padding to the batch's largest image), ``finish`` (after the
+    transfer: ``transform.batch``). Built once; the transform holds no state, so loaders and the training process
+    share it. ``raw_key``: the field of a batch whose images are still to be made."""
+
+    raw_key: str = ""
+    transform: Any
+
+    @staticmethod
+    def collate(collate):
+        return pad_collate(collate)
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.transform.batch(batch)
+
+
+class DeviceViewsHook(DeviceHook):
+    """SimCLR's (``views_on_device``): two views' parameters per image; ``finish`` makes ``views``."""
+
+    raw_key = "view_params"
 
     def __init__(self, augmentation: SimCLRAugmentation, seed: int = 0):
         self.params = ViewParams(augmentation, seed=seed)
@@ -363,13 +381,3 @@ class DeviceViewsHook:
         item = self.params(sample["image"], sample["__key__"], epoch)
         item.update(label=sample["label"], poisoned=bool(sample.get("poisoned", False)), key=sample["__key__"])
         return item
-
-    @staticmethod
-    def collate(collate):
-        return pad_collate(collate)
-
-    raw_key = "view_params"  # a batch carrying it still has its views to be made
-
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The loaders' batch (uint8 images + view parameters) -> the usual batch with ``views``."""
-        return self.transform.batch(batch)
