@@ -4,6 +4,7 @@
 #   tests/slurm/cluster.sh install          apt-get install munge + slurmctld + slurmd + slurm-client (skips what is there)
 #   tests/slurm/cluster.sh start            write slurm.conf, start munged, slurmctld, slurmd; wait until the node is idle
 #   tests/slurm/cluster.sh status           daemons, sinfo, squeue
+#   tests/slurm/cluster.sh conf             print the slurm.conf 'start' would write (no root needed)
 #   tests/slurm/cluster.sh stop             stop the daemons this script starts
 #   tests/slurm/cluster.sh install start    several commands run in order
 #
@@ -91,7 +92,9 @@ node_cpus() {
         [[ $CLBD_SLURM_CPUS =~ ^[1-9][0-9]*$ ]] || die "CLBD_SLURM_CPUS must be a positive integer, got '$CLBD_SLURM_CPUS'"
         echo "$CLBD_SLURM_CPUS"
     else
-        nproc
+        # GNU nproc answers OMP_NUM_THREADS / OMP_THREAD_LIMIT when set (the test suite sets OMP_NUM_THREADS=1),
+        # which would announce one CPU and leave every two-task job pending for ever.
+        env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc
     fi
 }
 
@@ -332,7 +335,7 @@ cmd_stop() {
 }
 
 main() {
-    [[ $# -gt 0 ]] || { sed -n '2,16p' "$0"; exit 2; }
+    [[ $# -gt 0 ]] || { sed -n '2,17p' "$0"; exit 2; }
     # One cluster.sh at a time (pytest-xdist workers may all find the cluster down and start it).
     if [[ $(id -u) -eq 0 ]] && command -v flock >/dev/null; then
         local lock=/run/lock/clbd-slurm-cluster.lock
@@ -346,9 +349,10 @@ main() {
         install) cmd_install ;;
         start) cmd_start ;;
         status) cmd_status ;;
+        conf) render_conf ;;
         stop) cmd_stop ;;
         restart) cmd_stop; cmd_start ;;
-        *) die "unknown command '$cmd' (install, start, status, stop, restart)" ;;
+        *) die "unknown command '$cmd' (install, start, status, conf, stop, restart)" ;;
         esac
     done
 }

@@ -31,6 +31,8 @@ TERMINAL_STATES = frozenset(
 # Held jobs wait for a person: waiting longer would only time out.
 HELD_STATES = frozenset({"REQUEUE_HOLD", "SPECIAL_EXIT"})
 HELD_REASONS = frozenset({"JobHeldUser", "JobHeldAdmin"})
+# Pending for a reason only a new slurm.conf cures (the job asks for more than the partition's nodes have).
+UNRUNNABLE_REASONS = frozenset({"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"})
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_/:.]*)=")
 
 
@@ -178,6 +180,13 @@ class SlurmCluster:
                         exit_code=info.get("ExitCode", "?"),
                         restarts=int(info.get("Restarts", "0") or 0),
                         reason=reason,
+                    )
+                if state == "PENDING" and reason in UNRUNNABLE_REASONS:
+                    self.cancel(job_id)
+                    node = _run(["scontrol", "show", "node", "-o", self.node]).stdout.strip()
+                    raise AssertionError(
+                        f"job {job_id} can never start here (pending: {reason}); cancelled it.\n"
+                        f"job: {info}\nnode: {node}"
                     )
             time.sleep(poll)
         self.cancel(job_id)
