@@ -51,7 +51,7 @@ elapsed() { echo $(($(date +%s) - started)); }
 left() { echo $((budget - $(date +%s) + started)); }
 stage() { echo; echo "=== [$(elapsed) s] $*"; }
 has_stage() { [[ ",$stages," == *",$1,"* ]]; }
-CLBD=("$PY" -c 'import sys; from lightning_modules.cli import main; sys.exit(main())')
+CLBD=("$PY" -c 'import sys; from clbd import main; sys.exit(main())')
 
 rm -rf "$work" && mkdir -p "$work"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
@@ -78,7 +78,7 @@ try:  # only the DeepSpeed tests need it; they skip without it
     print(f"  deepspeed {deepspeed.__version__} from {deepspeed.__file__}")
 except Exception as exc:
     print(f"  deepspeed does not import: {type(exc).__name__}: {exc}")
-import lightning_modules.cli  # noqa: F401  (clbd itself)
+import clbd  # noqa: F401  (clbd itself)
 print(f"  torch {torch.__version__}, cuda {torch.cuda.is_available()}")
 EOF
 {

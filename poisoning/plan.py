@@ -14,14 +14,11 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 from poisoning.keyhash import key_uniform
-
-if TYPE_CHECKING:
-    from poisoning.base import Attack
 
 Box = tuple[int, int, int, int]
 
@@ -107,6 +104,12 @@ def select_keys(
     return sorted(ranked[:count])
 
 
+class Renderer(Protocol):
+    """What a plan needs of its attack (``poisoning.base.Attack``): the poisoned image of one record."""
+
+    def render(self, image: Image.Image, record: PoisonRecord, reference: Image.Image | None) -> Image.Image: ...
+
+
 class PoisonPlan:
     """Which keys are poisoned and how; ``apply`` renders a poisoned sample from a clean one.
 
@@ -122,7 +125,7 @@ class PoisonPlan:
 
     def __init__(
         self,
-        attack: Attack,
+        attack: Renderer,
         poisoned: dict[str, PoisonRecord],
         *,
         excluded_keys: frozenset[str] = frozenset(),

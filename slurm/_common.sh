@@ -126,8 +126,8 @@ clbd_job_banner() {
 clbd_enter_root() {
     CLBD_ROOT=${CLBD_ROOT:-${SLURM_SUBMIT_DIR:-}}
     [[ -n $CLBD_ROOT ]] || clbd_die "neither CLBD_ROOT nor SLURM_SUBMIT_DIR is set: submit with sbatch"
-    [[ -f $CLBD_ROOT/lightning_modules/cli/__init__.py ]] ||
-        clbd_die "CLBD_ROOT=$CLBD_ROOT is not a clbd checkout (no lightning_modules/cli/): run sbatch from the" \
+    [[ -f $CLBD_ROOT/clbd/__init__.py ]] ||
+        clbd_die "CLBD_ROOT=$CLBD_ROOT is not a clbd checkout (no clbd/): run sbatch from the" \
             "repository root or export CLBD_ROOT=/path/to/clbd"
     cd "$CLBD_ROOT" || clbd_die "cannot enter CLBD_ROOT=$CLBD_ROOT"
     CLBD_ROOT=$PWD
@@ -140,7 +140,7 @@ clbd_command() {
     if [[ -n ${CLBD_PYTHON:-} ]]; then
         command -v "$CLBD_PYTHON" >/dev/null || clbd_die "CLBD_PYTHON=$CLBD_PYTHON is not an executable"
         CLBD_PY=$CLBD_PYTHON
-        CLBD_CMD=("$CLBD_PYTHON" -c 'import sys; from lightning_modules.cli import main; sys.exit(main())')
+        CLBD_CMD=("$CLBD_PYTHON" -c 'import sys; from clbd import main; sys.exit(main())')
         return 0
     fi
     local clbd

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.openclip_configs import register_model_configs
-from lightning_modules.badclip import (
+from clbd.badclip_trigger import (
     STATE_FILE,
     PatchRecipe,
     VictimInputs,
@@ -20,7 +19,8 @@ from lightning_modules.badclip import (
     optimize_patch,
     paste_centre,
 )
-from lightning_modules.cli.poison import main as poison_main
+from clbd.poison import main as poison_main
+from datamodules.openclip_configs import register_model_configs
 from poisoning import BadCLIP, CatalogEntry, ImageTrigger
 from poisoning.captions import all_target_captions, mentions
 

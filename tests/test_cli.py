@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
+from clbd import main
 from datamodules.shards import ShardSink
-from lightning_modules.cli import main
 from tests.conftest import png_bytes, solid_class_image
 
 
 def test_help_lists_every_command():
-    done = subprocess.run([sys.executable, "-m", "lightning_modules.cli", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "clbd", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
     for command in ("fit", "validate", "test", "data", "poison", "demo", "experiment"):
         assert f"  {command} " in done.stdout

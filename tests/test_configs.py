@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_modules.cli import main
+from clbd import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SIMCLR_ATTACKS = ["na_cifar10", "sslbkd_cifar10", "corruptencoder_cifar10", "ctrl_cifar10"]
@@ -87,7 +87,7 @@ def test_config_parses(names, capsys, monkeypatch):
 def test_poison_attacks_lists_every_attack_with_its_configs(capsys):
     """`clbd poison attacks` lists each registered attack with its modality, summary and shipped configs."""
     import poisoning
-    from lightning_modules.cli.poison import attack_table
+    from clbd.poison import attack_table
 
     rows = {row["name"]: row for row in attack_table()}
     assert set(rows) == set(poisoning.ATTACKS)

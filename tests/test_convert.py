@@ -21,6 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from clbd import data as data_cli
 from datamodules.converters.cifar10 import convert_cifar10
 from datamodules.converters.coco import convert_coco_captions
 from datamodules.converters.csv_captions import convert_csv
@@ -28,7 +29,6 @@ from datamodules.converters.image_folder import CIFAR10_CLASSES, convert_image_f
 from datamodules.converters.images import ImageLimits, SkipSample, prepare_image
 from datamodules.converters.img2dataset import index_img2dataset
 from datamodules.shards import ShardIndex, resolve_shards
-from lightning_modules.cli import data as data_cli
 from tests.conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,8 +93,10 @@ FAULTY_FILES = {  # name -> (bytes factory, expected outcome)
     "cat/gray16.png": (lambda: encode(Image.fromarray(gray16_array()), "PNG"), "color_converted"),
     "cat/rgb16.png": (lambda: rgb16_png(noise(7).astype(np.uint16) * 257), "color_converted"),
     "cat/truncated.jpg": (lambda: encode(Image.fromarray(noise(8)), "JPEG")[:300], "image_undecodable"),
-    "cat/corrupt.jpg": (lambda: bytes(np.random.default_rng(9).integers(0, 256, 900, dtype=np.uint8)),
-                        "image_undecodable"),
+    "cat/corrupt.jpg": (
+        lambda: bytes(np.random.default_rng(9).integers(0, 256, 900, dtype=np.uint8)),
+        "image_undecodable",
+    ),
     "cat/text.png": (lambda: b"this is not an image\n" * 20, "image_undecodable"),
     "cat/tiny.png": (lambda: encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), "image_too_small"),
     "cat/bomb.png": (bomb_png, "image_too_large"),
@@ -146,8 +148,9 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(folder.iterdir())}
+    return {
+        p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(folder.iterdir())
+    }
 
 
 def shard_bytes(out: Path, prefix: str) -> dict[str, bytes]:
@@ -245,8 +248,17 @@ def test_image_folder_fault_list(tmp_path):
     split = report["splits"]["train"]
     counts = expected_counts()
     assert split["written"] == counts["kept"] + counts["color_converted"] == 12
-    assert split["skipped"] == {k: counts[k] for k in ("image_undecodable", "image_too_small", "image_too_large",
-                                                       "not_image_file", "hidden_file", "not_in_class_folder")}
+    assert split["skipped"] == {
+        k: counts[k]
+        for k in (
+            "image_undecodable",
+            "image_too_small",
+            "image_too_large",
+            "not_image_file",
+            "hidden_file",
+            "not_in_class_folder",
+        )
+    }
     assert split["converted"] == {"color_converted": 6, "key_renamed": 1}
     assert split["per_class"] == {"cat": 8, "dog": 4, "empty_class": 0}
     assert report["skipped"] == split["skipped"] and report["written"] == 12
@@ -258,9 +270,18 @@ def test_image_folder_fault_list(tmp_path):
 
     samples = read_shards(tmp_path / "out", "train")
     assert set(samples) == {
-        "train_cat_good1", "train_cat_good2", "train_cat_gray", "train_cat_rgba", "train_cat_cmyk",
-        "train_cat_palette", "train_cat_gray16", "train_cat_rgb16", "train_dog_good3", "train_dog_sub_nested",
-        "train_dog_x_y", "train_dog_x_y_1",
+        "train_cat_good1",
+        "train_cat_good2",
+        "train_cat_gray",
+        "train_cat_rgba",
+        "train_cat_cmyk",
+        "train_cat_palette",
+        "train_cat_gray16",
+        "train_cat_rgb16",
+        "train_dog_good3",
+        "train_dog_sub_nested",
+        "train_dog_x_y",
+        "train_dog_x_y_1",
     }
     for key, members in samples.items():
         assert int(members["cls"]) == (0 if key.startswith("train_cat") else 1)
@@ -297,7 +318,8 @@ def test_determinism_and_shard_size(tmp_path):
     second = convert_image_folder(tmp_path / "src", tmp_path / "two", maxcount=5, progress=False)
     assert first["splits"]["train"]["shards"] == 3
     assert {k: v for k, v in second["splits"]["train"].items() if k != "index"} == {
-        k: v for k, v in first["splits"]["train"].items() if k != "index"}
+        k: v for k, v in first["splits"]["train"].items() if k != "index"
+    }
     assert shard_bytes(tmp_path / "one", "train") == shard_bytes(tmp_path / "two", "train")
     assert [s.count for s in ShardIndex.load(tmp_path / "one" / "train.index.json").shards] == [5, 5, 2]
     a = json.loads((tmp_path / "one" / "train.index.json").read_text())
@@ -342,8 +364,9 @@ def test_linked_class_folders_are_followed(tmp_path):
 
 def test_image_folder_options_and_errors(tmp_path):
     make_faulty_folder(tmp_path / "src")
-    report = convert_image_folder(tmp_path / "src", tmp_path / "out", prefix="val",
-                                  classes=["dog", "cat", "empty_class", "bird"], progress=False)
+    report = convert_image_folder(
+        tmp_path / "src", tmp_path / "out", prefix="val", classes=["dog", "cat", "empty_class", "bird"], progress=False
+    )
     assert report["splits"]["val"]["per_class"] == {"dog": 4, "cat": 8, "empty_class": 0, "bird": 0}
     with pytest.raises(ValueError, match=r"class folder\(s\) \['empty_class'\] are not in the given classes"):
         convert_image_folder(tmp_path / "src", tmp_path / "o2", classes=["cat", "dog"], progress=False)
@@ -377,7 +400,9 @@ def write_cifar_python(root: Path, per_batch: int = 7, n_test: int = 9) -> dict[
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
         batch = {
-            b"batch_label": (b"testing batch 1 of 1" if name == "test_batch" else f"training batch {name[-1]} of 5".encode()),
+            b"batch_label": (
+                b"testing batch 1 of 1" if name == "test_batch" else f"training batch {name[-1]} of 5".encode()
+            ),
             b"labels": labels,
             b"data": data,
             b"filenames": [f"img_{name}_{j}.png".encode() for j in range(n)],
@@ -534,21 +559,30 @@ def test_coco_captions_first_and_all(tmp_path):
     first = convert_coco_captions(images, annotations, tmp_path / "out", prefix="val", progress=False)
     split = first["splits"]["val"]
     assert split["written"] == 3
-    assert split["skipped"] == {"caption_missing": 1, "file_missing": 1, "annotation_orphan": 1, "caption_empty": 1,
-                                "image_undecodable": 1}
+    assert split["skipped"] == {
+        "caption_missing": 1,
+        "file_missing": 1,
+        "annotation_orphan": 1,
+        "caption_empty": 1,
+        "image_undecodable": 1,
+    }
     samples = read_shards(tmp_path / "out", "val")
     assert list(samples) == ["val_a", "val_b", "val_sub_c"]  # sorted by file name
     assert samples["val_a"]["txt"].decode() == "A cat on a mat."
-    assert json.loads(samples["val_a"]["json"]) == {"image_id": 1, "file_name": "a.jpg",
-                                                    "captions": ["A cat on a mat.", "Another cat"]}
+    assert json.loads(samples["val_a"]["json"]) == {
+        "image_id": 1,
+        "file_name": "a.jpg",
+        "captions": ["A cat on a mat.", "Another cat"],
+    }
     assert samples["val_sub_c"]["txt"].decode() == "Ünïcödé caption"
     assert samples["val_a"]["jpg"] == (images / "a.jpg").read_bytes()
     index = ShardIndex.load(tmp_path / "out" / "val.index.json")
     assert index.classes is None and set(index.fields) == {"jpg", "json", "png", "txt"}
     assert index.source["options"]["captions"] == "first"
 
-    every = convert_coco_captions(images, annotations, tmp_path / "out", prefix="val_all", captions="all",
-                                  progress=False)
+    every = convert_coco_captions(
+        images, annotations, tmp_path / "out", prefix="val_all", captions="all", progress=False
+    )
     samples = read_shards(tmp_path / "out", "val_all")
     assert every["written"] == 4
     assert list(samples) == ["val_all_a_0", "val_all_a_1", "val_all_b_0", "val_all_sub_c_0"]
@@ -559,15 +593,25 @@ def test_coco_captions_first_and_all(tmp_path):
 def test_coco_keys_stay_unique(tmp_path):
     (tmp_path / "img").mkdir()
     for name in ("a.jpg", "a.png"):  # same stem: "all" mode would give both the key val_a_0
-        (tmp_path / "img" / name).write_bytes(encode(Image.fromarray(noise(len(name))), name[-3:].replace("jpg", "JPEG")))
+        (tmp_path / "img" / name).write_bytes(
+            encode(Image.fromarray(noise(len(name))), name[-3:].replace("jpg", "JPEG"))
+        )
     annotations = tmp_path / "c.json"
-    annotations.write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.png"}],
-        "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"},
-                        {"image_id": 2, "caption": "z"}],
-    }))
-    report = convert_coco_captions(tmp_path / "img", annotations, tmp_path / "out", prefix="val", captions="all",
-                                   progress=False)
+    annotations.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.png"}],
+                "annotations": [
+                    {"image_id": 1, "caption": "x"},
+                    {"image_id": 1, "caption": "y"},
+                    {"image_id": 2, "caption": "z"},
+                ],
+            }
+        )
+    )
+    report = convert_coco_captions(
+        tmp_path / "img", annotations, tmp_path / "out", prefix="val", captions="all", progress=False
+    )
     samples = read_shards(tmp_path / "out", "val")
     assert list(samples) == ["val_a_0", "val_a_1", "val_a_0_1"] and report["converted"] == {"key_renamed": 1}
     assert samples["val_a_0_1"]["txt"] == b"z" and "png" in samples["val_a_0_1"]
@@ -603,8 +647,9 @@ def test_coco_mini(tmp_path):
     expected = {"train": 80, "val": 79}
     for split, n in expected.items():
         annotations = root / "annotations" / f"captions_{split}2017.json"
-        report = convert_coco_captions(root / f"{split}2017", annotations, tmp_path / "out", prefix=split,
-                                       progress=False)
+        report = convert_coco_captions(
+            root / f"{split}2017", annotations, tmp_path / "out", prefix=split, progress=False
+        )
         assert report["written"] == n and report["skipped"] == {}
         samples = read_shards(tmp_path / "out", split)
         raw = json.loads(annotations.read_text())
@@ -616,8 +661,9 @@ def test_coco_mini(tmp_path):
             assert members["txt"].decode() == first_caption[meta["image_id"]]
             assert len(meta["captions"]) == 5
             assert decode(members["jpg"]).ndim == 3
-        every = convert_coco_captions(root / f"{split}2017", annotations, tmp_path / "all", prefix=split,
-                                      captions="all", progress=False)
+        every = convert_coco_captions(
+            root / f"{split}2017", annotations, tmp_path / "all", prefix=split, captions="all", progress=False
+        )
         assert every["written"] == 5 * n
     # val2017 also holds 80 images no caption names (one of them grayscale): they are not samples
     assert len(list((root / "val2017").iterdir())) == 159 and report["converted"] == {}
@@ -638,7 +684,7 @@ def test_csv_rows(tmp_path):
     csv_path.parent.mkdir()
     csv_path.write_text(
         "filepath,caption,source\n"
-        "one.jpg,\"A red, round thing\",web\n"
+        'one.jpg,"A red, round thing",web\n'
         "missing.jpg,lost,web\n"
         "deep/two.png,,web\n"
         f"{absolute},an absolute path,disk\n"
@@ -690,8 +736,15 @@ def test_csv_errors(tmp_path):
 # img2dataset output
 
 
-def write_img2dataset_shard(folder: Path, shard: int, n: int, *, drop_caption: int | None = None,
-                            successes: int | None = None, stats: bool = True) -> None:
+def write_img2dataset_shard(
+    folder: Path,
+    shard: int,
+    n: int,
+    *,
+    drop_caption: int | None = None,
+    successes: int | None = None,
+    stats: bool = True,
+) -> None:
     with wds.TarWriter(str(folder / f"{shard:05d}.tar")) as sink:
         for i in range(n):
             key = f"{shard:05d}{i:04d}"
@@ -704,10 +757,19 @@ def write_img2dataset_shard(folder: Path, shard: int, n: int, *, drop_caption: i
                 sample["txt"] = f"caption of {key}"
             sink.write(sample)
     if stats:
-        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({
-            "count": n + 1, "successes": n if successes is None else successes, "failed_to_download": 1,
-            "failed_to_resize": 0, "duration": 1.5, "status_dict": {"success": n, "timeout": 1},
-        }, indent=4))
+        (folder / f"{shard:05d}_stats.json").write_text(
+            json.dumps(
+                {
+                    "count": n + 1,
+                    "successes": n if successes is None else successes,
+                    "failed_to_download": 1,
+                    "failed_to_resize": 0,
+                    "duration": 1.5,
+                    "status_dict": {"success": n, "timeout": 1},
+                },
+                indent=4,
+            )
+        )
     (folder / f"{shard:05d}.parquet").write_bytes(b"PAR1" + b"\x00" * 16 + b"PAR1")  # present, never read
 
 
@@ -759,16 +821,32 @@ def test_index_img2dataset(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lightning_modules.cli.data", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "clbd.data", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_main_converts_and_refuses_overwrite(tmp_path, capsys):
     write_cifar_python(tmp_path / "raw")
     src = str(tmp_path / "raw" / "cifar-10-batches-py")
     out = str(tmp_path / "out")
-    assert data_cli.main(["cifar10", "--src", src, "--out", out, "--quiet", "--maxcount", "20",
-                          "--report", str(tmp_path / "report.json")]) == 0
+    assert (
+        data_cli.main(
+            [
+                "cifar10",
+                "--src",
+                src,
+                "--out",
+                out,
+                "--quiet",
+                "--maxcount",
+                "20",
+                "--report",
+                str(tmp_path / "report.json"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "cifar10: 44 samples" in printed and "train" in printed and "test" in printed
     assert json.loads((tmp_path / "report.json").read_text())["splits"]["train"]["shards"] == 2
@@ -789,20 +867,56 @@ def test_cli_main_converts_and_refuses_overwrite(tmp_path, capsys):
 
 def test_cli_every_subcommand(tmp_path, capsys):
     make_faulty_folder(tmp_path / "folder")
-    assert data_cli.main(["folder", "--src", str(tmp_path / "folder"), "--out", str(tmp_path / "f"),
-                          "--prefix", "train", "--quiet"]) == 0
+    assert (
+        data_cli.main(
+            ["folder", "--src", str(tmp_path / "folder"), "--out", str(tmp_path / "f"), "--prefix", "train", "--quiet"]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     assert "skip:image_undecodable" in table and "color_converted" in table
 
     images, annotations = write_coco(tmp_path / "coco")
-    assert data_cli.main(["coco", "--images", str(images), "--annotations", str(annotations), "--out",
-                          str(tmp_path / "c"), "--prefix", "val", "--captions", "all", "--quiet"]) == 0
+    assert (
+        data_cli.main(
+            [
+                "coco",
+                "--images",
+                str(images),
+                "--annotations",
+                str(annotations),
+                "--out",
+                str(tmp_path / "c"),
+                "--prefix",
+                "val",
+                "--captions",
+                "all",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "coco_captions: 4 samples" in capsys.readouterr().out
 
     csv_path = tmp_path / "coco" / "list.csv"
     csv_path.write_text("filepath,caption\na.jpg,a cat\n")
-    assert data_cli.main(["csv", "--csv", str(csv_path), "--out", str(tmp_path / "s"), "--prefix", "train",
-                          "--root", str(images), "--quiet"]) == 0
+    assert (
+        data_cli.main(
+            [
+                "csv",
+                "--csv",
+                str(csv_path),
+                "--out",
+                str(tmp_path / "s"),
+                "--prefix",
+                "train",
+                "--root",
+                str(images),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "csv: 1 samples" in capsys.readouterr().out
 
     (tmp_path / "i2d").mkdir()
@@ -811,14 +925,33 @@ def test_cli_every_subcommand(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 samples in the tar, 3 in its stats file" in printed
 
-    assert data_cli.main(["synthetic", "--out", str(tmp_path / "syn"), "--n-train", "20", "--n-val", "10",
-                          "--n-test", "0", "--quiet"]) == 0
+    assert (
+        data_cli.main(
+            [
+                "synthetic",
+                "--out",
+                str(tmp_path / "syn"),
+                "--n-train",
+                "20",
+                "--n-val",
+                "10",
+                "--n-test",
+                "0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "synthetic_shapes: 30 samples" in capsys.readouterr().out
 
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    assert data_cli.main(["coco", "--images", str(images), "--annotations", str(broken), "--out",
-                          str(tmp_path / "c2"), "--quiet"]) == 2
+    assert (
+        data_cli.main(
+            ["coco", "--images", str(images), "--annotations", str(broken), "--out", str(tmp_path / "c2"), "--quiet"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(broken) in err
 

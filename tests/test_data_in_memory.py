@@ -10,10 +10,10 @@ from collections import Counter
 
 import torch
 
+from clbd import main
 from datamodules.datamodule import SimCLRDataModule
 from datamodules.replay import ReplayLoader
 from datamodules.stream import ShardStream
-from lightning_modules.cli import main
 from tests.test_resume import SIMCLR
 
 

@@ -18,7 +18,7 @@ def test_ddp_two_ranks_poisoned_simclr(tmp_path, make_shards):
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         "--model=lightning_modules.SimCLR",
         "--model.width=8",
@@ -67,7 +67,7 @@ def ddp_fit(shards, run, *extra):
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         "--model=lightning_modules.SimCLR",
         "--model.width=8",
@@ -131,7 +131,7 @@ def test_ddp_two_ranks_moco_v2_queue_takes_the_global_batch(tmp_path, make_shard
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         "--model=lightning_modules.MoCoV2",
         "--model.width=4",

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clbd import main
 from datamodules.shards import ShardSink
-from lightning_modules.cli import main
 from lightning_modules.safe_checkpoint import load_checkpoint
 from tests.conftest import png_bytes, solid_class_image
 
@@ -79,7 +79,7 @@ def fit(shards: Path, run: Path, model: str, strategy: str, *extra: str) -> subp
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         *MODELS[model],
         *chosen,

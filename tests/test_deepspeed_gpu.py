@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clbd import main
 from defenses.base import load_poisoned_checkpoint
-from lightning_modules.cli import main
 
 pytestmark = pytest.mark.gpu
 

@@ -17,10 +17,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from clbd import main
 from datamodules import CleanCLIPDataModule, TACleanerDataModule
 from datamodules.shards import ShardSink
 from defenses.tacleaner import global_subtext_loss, subtext_alignment_loss
-from lightning_modules.cli import main
 from tests.callbacks import SimulatedPreemption
 from tests.conftest import png_bytes, solid_class_image
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clbd import main
 from datamodules.shards import ShardSink
 from defenses.mcldef import model_contrastive_loss
 from defenses.trigger_inversion import (
@@ -19,7 +20,6 @@ from defenses.trigger_inversion import (
     invert_trigger,
     trigger_success,
 )
-from lightning_modules.cli import main
 from tests.callbacks import SimulatedPreemption
 from tests.conftest import png_bytes, solid_class_image
 

@@ -11,6 +11,7 @@ import open_clip
 import pytest
 import torch
 
+from clbd import main
 from defenses.ubt import (
     caption_token_ids,
     characteristic_rows,
@@ -19,7 +20,6 @@ from defenses.ubt import (
     split_by_score,
     weakest_keys,
 )
-from lightning_modules.cli import main
 from lightning_modules.zero_shot import fill_template, templates_by_name
 from poisoning.plan import records_from_manifest
 from tests.test_defense_mcldef import (
@@ -281,7 +281,7 @@ def test_ubt_on_two_ranks_scores_every_pair_once(tmp_path, setup):
         "--trainer.strategy=ddp",
     ]
     # Lightning starts the second rank by re-running the command line: run the CLI, not pytest, in a subprocess.
-    done = subprocess.run([sys.executable, "-m", "lightning_modules.cli", *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "clbd", *args], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     detection = json.loads((run / "ubt_detection.json").read_text())
     poisons = {r["key"] for r in records_from_manifest(run / "poison_manifest.jsonl")}

@@ -6,7 +6,7 @@ import json
 
 from PIL import Image
 
-from lightning_modules.cli.demo import main as demo_main
+from clbd.demo import main as demo_main
 
 
 def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys):

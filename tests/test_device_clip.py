@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as F
 
+from clbd import main
 from datamodules.datamodule import CLIPDataModule
 from datamodules.device_clip import CLIPImageParams, DeviceCLIPImages, DeviceCLIPImagesHook, P
 from datamodules.device_views import pad_collate
 from datamodules.multimodal import TACleanerDataModule
 from datamodules.stream import default_collate
 from datamodules.views import CLIPPreprocess
-from lightning_modules.cli import main
 from tests.conftest import shared_data
 from tests.test_device_views import photo_like
 

@@ -13,12 +13,12 @@ import json
 import pytest
 import torch
 
+from clbd import main
 from datamodules.device_clip import DeviceCLIPImagesHook
 from datamodules.device_views import DeviceViewsHook
 from datamodules.stream import default_collate
 from datamodules.views import CLIPPreprocess, SimCLRAugmentation
 from lightning_modules import SimCLR
-from lightning_modules.cli import main
 from tests.test_device_clip import generated_images
 from tests.test_device_views import images_and_keys
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from clbd.experiment import METRICS, interval
+from clbd.experiment import main as experiment_main
 from lightning_modules import CLIP
-from lightning_modules.cli.experiment import METRICS, interval
-from lightning_modules.cli.experiment import main as experiment_main
 
 
 def write_attack(path, class_path: str, **init_args) -> str:
@@ -130,7 +130,7 @@ def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_
     assert table["minutes"]["base"]["base"] > 0
 
     # The finished base is reused only by the command that made it: another base seed is refused before compute.
-    from lightning_modules.cli.experiment import fit_base, load_plan
+    from clbd.experiment import fit_base, load_plan
 
     plan["base"]["seed"] = 6
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(plan))
@@ -157,7 +157,7 @@ def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
         "defenses": {},
     }
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))
-    from lightning_modules.cli.experiment import fit_base, load_plan
+    from clbd.experiment import fit_base, load_plan
 
     checkpoint, _ = fit_base(load_plan(tmp_path / "e.yaml"), tmp_path / "out", plan["common"], {})
     model = CLIP(model_name="clip-tiny-vit", pretrained=checkpoint)
@@ -331,7 +331,7 @@ def test_schedule_ends_where_training_stops():
 
 @pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "clip_testbed_patch", "image_shapes", "image_cifar10"])
 def test_shipped_experiments_load(name):
-    from lightning_modules.cli.experiment import check_before_compute, load_plan
+    from clbd.experiment import check_before_compute, load_plan
 
     plan = load_plan(Path(f"configs/experiment/{name}.yaml"))
     assert plan["seeds"] == [0, 1, 2]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from clbd import main
 from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
 from datamodules.faults import FAULT_KINDS
 from datamodules.stream import ShardStream
-from lightning_modules.cli import main
 from tests.fault_corpus import PER_SHARD, readable_samples, write_fault_corpus
 
 BATCH = 4  # per rank
@@ -168,7 +168,7 @@ def test_data_report_of_a_ddp_fit(tmp_path, corpus):
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         *fit_args(folder, run),
         f"--data.batch_size={2 * BATCH}",

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
+from clbd import main
 from lightning_modules import BYOL, MoCoV2, SimSiam
-from lightning_modules.cli import main
 
 # The shipped smoke configs, shortened: 2,000 of the 5,000 training images, batch 32, 2 epochs (124 steps).
 SHORT = [

@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from clbd import main
+from clbd.poison import main as poison_main
 from datamodules.converters.cifar10 import convert_cifar10
 from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
-from lightning_modules.cli import main
-from lightning_modules.cli.poison import main as poison_main
 from poisoning import BadNet, NoisyAlignment
 from tests.conftest import png_bytes, shared_data, solid_class_image
 

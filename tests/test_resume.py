@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.cli import main
-from lightning_modules.cli.run_dir import config_differences
+from clbd import main
+from clbd.run_dir import config_differences
 from tests.callbacks import SimulatedPreemption
 
 
@@ -115,7 +115,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, make_shards):
         [
             sys.executable,
             "-m",
-            "lightning_modules.cli",
+            "clbd",
             "fit",
             *common_args(shards, run, model, data, attack),
             *interrupt,

@@ -32,7 +32,7 @@ def fit(shards: Path, run: Path, ranks: int, keys: Path, *extra: str, stage: int
     command = [
         sys.executable,
         "-m",
-        "lightning_modules.cli",
+        "clbd",
         "fit",
         "--model=lightning_modules.SimCLR",
         "--model.width=8",

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from clbd import main
 from defenses.base import load_poisoned_checkpoint
 from lightning_modules.checkpoints import consolidate
-from lightning_modules.cli import main
 from lightning_modules.safe_checkpoint import UnsafeCheckpointError, load_checkpoint
 
 
@@ -106,7 +106,7 @@ def test_clbd_test_of_a_payload_is_refused(tmp_path, make_shards, capsys):
 
 def test_lightnings_own_load_is_safe_too(tmp_path, make_shards, monkeypatch):
     """Without clbd's check in front, Lightning still unpickles with weights_only=True (the CLI forces it)."""
-    import lightning_modules.cli.runner as cli
+    import clbd.runner as cli
 
     monkeypatch.setattr(cli, "check_checkpoint", lambda path: None)
     shards = make_shards(n=40, per_shard=20)

@@ -28,8 +28,8 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from clbd import data as data_cli
 from datamodules.shards import ShardSink
-from lightning_modules.cli import data as data_cli
 from tests.slurm.fixtures import JobResult, SlurmCluster, job_log
 
 pytestmark = pytest.mark.slurm

@@ -95,8 +95,12 @@ def test_refuses_to_overwrite_and_checks_parameters(tmp_path):
         generate_shapes(tmp_path, n_train=10, n_val=0, n_test=0, progress=False)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()} == before
     assert generate_shapes(tmp_path, n_train=20, n_val=0, n_test=0, overwrite=True, progress=False)["written"] == 20
-    for bad, message in [({"n_train": -1}, "n_train must be"), ({"image_size": 8}, "image_size must be"),
-                         ({"n_train": 0, "n_val": 0, "n_test": 0}, "nothing to generate"), ({"seed": 1.5}, "seed")]:
+    for bad, message in [
+        ({"n_train": -1}, "n_train must be"),
+        ({"image_size": 8}, "image_size must be"),
+        ({"n_train": 0, "n_val": 0, "n_test": 0}, "nothing to generate"),
+        ({"seed": 1.5}, "seed"),
+    ]:
         with pytest.raises(ValueError, match=message):
             generate_shapes(tmp_path / "bad", progress=False, **bad)
 
@@ -139,8 +143,16 @@ def _train_small_cnn(images: np.ndarray, labels: np.ndarray, train: slice, test:
         return [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU()]
 
     net = torch.nn.Sequential(
-        *block(3, 16), torch.nn.MaxPool2d(2), *block(16, 32), torch.nn.MaxPool2d(2), *block(32, 32),
-        torch.nn.MaxPool2d(2), *block(32, 64), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+        *block(3, 16),
+        torch.nn.MaxPool2d(2),
+        *block(16, 32),
+        torch.nn.MaxPool2d(2),
+        *block(32, 32),
+        torch.nn.MaxPool2d(2),
+        *block(32, 64),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
     )
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
     y = torch.from_numpy(labels).long()
@@ -164,8 +176,9 @@ def test_edges_are_antialiased_and_shapes_stay_inside():
             rng = np.random.default_rng([seed, label])
             scale = rng.uniform(0.5, 0.9)
             # the farthest placement render_shape allows: the outline touches, never crosses, the border
-            mask = _shape_mask(label, 32, (scale / 2 + 1 / 64, 1 - scale / 2 - 1 / 64), scale / 2,
-                               rng.uniform(0, 6.3))[..., 0]
+            mask = _shape_mask(label, 32, (scale / 2 + 1 / 64, 1 - scale / 2 - 1 / 64), scale / 2, rng.uniform(0, 6.3))[
+                ..., 0
+            ]
             assert mask[0].max() < 0.5 and mask[:, -1].max() < 0.5, (SHAPE_CLASSES[label], seed)
 
 

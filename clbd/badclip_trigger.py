@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .clip import open_clip_weights
-from .safe_checkpoint import load_checkpoint
+from lightning_modules.clip import open_clip_weights
+from lightning_modules.safe_checkpoint import load_checkpoint
 
 STATE_FILE = "optimize_state.pt"
 TRIGGER_FILE = "trigger.png"

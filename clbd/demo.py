@@ -16,7 +16,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from .experiment import main as experiment
+from .steps import run_step
+
+ROOT = Path(__file__).resolve().parents[1]
 TESTBED = ROOT / "configs" / "experiment" / "clip_testbed_patch.yaml"
 ATTACK = "patch_shapes.yaml"  # the test bed's attack config, copied with the base folder it names
 SHIPPED_BASE = "runs/clip-shapes-base"  # the test bed's base folder, named in its attack config
@@ -73,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     plan_file = out / "demo_experiment.yaml"
     plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
 
-    from .dispatch import main as clbd
-    from .experiment import run_clbd
-
-    code = clbd(["experiment", "--config", str(plan_file), "--out", str(out)])
+    code = experiment(["--config", str(plan_file), "--out", str(out)])
     if code:
         return code
-    run_clbd(
+    run_step(
         [
             "poison",
             "preview",
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "poisoned_samples.png"),
             "--count",
             "8",
-        ],
-        tool=True,
+        ]
     )
     print(
         f"\nWritten: {out / 'table.md'} (the table above), {out / 'table.png'} (its bars), "

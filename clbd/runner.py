@@ -29,10 +29,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from datamodules import ShardDataModule
+from lightning_modules.base import ContrastiveModule
+from lightning_modules.deepspeed_setup import prepare_deepspeed
+from lightning_modules.safe_checkpoint import check_checkpoint
 
-from ..base import ContrastiveModule
-from ..deepspeed_setup import prepare_deepspeed
-from ..safe_checkpoint import check_checkpoint
 from .run_dir import check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 
 

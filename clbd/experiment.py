@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
@@ -52,6 +51,8 @@ from typing import Any
 import yaml
 
 from defenses.base import DEFENSE_METRICS
+
+from .steps import run_step
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30, the normal's 1.96.
 T_975 = tuple(
@@ -74,19 +75,6 @@ LABELS = {
 }
 FINISHED = "fit_finished.json"
 COMMAND_RECORD = "experiment_command.json"  # the clbd fit arguments a run was made with, to reuse it only for those
-
-
-def run_clbd(argv: list[str], tool: bool = False) -> None:
-    """One ``clbd`` command, printed first; ``tool``: any command (``poison ...``), else a trainer command."""
-    from .dispatch import main as any_command
-    from .runner import run as trainer_command
-
-    main = any_command if tool else trainer_command
-
-    print("\n$ clbd " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    code = main(argv)
-    if code:
-        raise SystemExit(f"clbd experiment: the step above failed (exit {code})")
 
 
 def flatten(items: list[Any]) -> list[str]:
@@ -348,7 +336,7 @@ class Runner:
             return run_dir
         started = time.time()
         record_command(run_dir, argv)
-        run_clbd(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
+        run_step(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
         self.minutes[name] = (time.time() - started) / 60
         return run_dir
 
@@ -358,7 +346,7 @@ class Runner:
         if not saved.exists():
             checkpoint = run_dir / "checkpoints" / "last.ckpt"
             argv = self.seeded(configs, overrides)
-            run_clbd(["test", *argv, f"--trainer.default_root_dir={run_dir}", f"--ckpt_path={checkpoint}"])
+            run_step(["test", *argv, f"--trainer.default_root_dir={run_dir}", f"--ckpt_path={checkpoint}"])
             metrics = run_dir / "checkpoints" / "metrics.json"
             saved.write_text(json.dumps(json.loads(metrics.read_text())[checkpoint.name], indent=1) + "\n")
             metrics.unlink()  # the next test of this checkpoint (another attack) writes its own
@@ -446,7 +434,7 @@ def fit_base(plan: dict[str, Any], out: Path, common: list[str], earlier: dict[s
     checkpoint = str(run_dir / "checkpoints" / "last.ckpt")
     for step in base.get("then") or []:  # e.g. BadCLIP's patch, optimised against this clean model
         if not Path(step["creates"]).exists():
-            run_clbd([arg.replace("{base}", checkpoint) for arg in flatten(step["command"])], tool=True)
+            run_step([arg.replace("{base}", checkpoint) for arg in flatten(step["command"])])
             if not Path(step["creates"]).exists():
                 raise ValueError(f"base.then: the command ran but did not write {step['creates']}")
     runner.minutes.setdefault("base", runner.minutes.get(folder.name))
@@ -491,7 +479,7 @@ def run_defenses(
         if not (run_dir / DEFENSE_METRICS).exists():
             started = time.time()
             record_command(run_dir, argv)
-            run_clbd(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
+            run_step(["fit", *argv, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last"])
             runner.minutes[name] = (time.time() - started) / 60
         report = json.loads((run_dir / DEFENSE_METRICS).read_text())
         if poisoned is None:  # every defense measured the same poisoned model first: its "before"

@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from ..checkpoints import consolidate, consolidated_path
-from ..safe_checkpoint import check_checkpoint, load_checkpoint
+from lightning_modules.checkpoints import consolidate, consolidated_path
+from lightning_modules.safe_checkpoint import check_checkpoint, load_checkpoint
 
 FINISHED_MARKER = "fit_finished.json"
 CONFIG_NAME = "config.yaml"

@@ -1,6 +1,6 @@
 """``clbd data ...``: convert datasets to shards, index img2dataset output, generate the synthetic default, inspect.
 
-Run as ``clbd data SUBCOMMAND ...`` or ``python -m lightning_modules.cli.data SUBCOMMAND ...``. Every converting
+Run as ``clbd data SUBCOMMAND ...`` or ``python -m clbd.data SUBCOMMAND ...``. Every converting
 subcommand ends with a summary table (written, skipped per reason, converted); errors a user can fix (missing
 path, existing output without --overwrite, unreadable annotations) print one line naming the path and exit 2.
 """

@@ -22,7 +22,7 @@ from datamodules.catalog import load_raw_samples
 from datamodules.decode import decode_sample
 from datamodules.faults import FaultCounter
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def attack_configs(class_name: str, configs: Path = CONFIGS) -> list[str]:
@@ -195,7 +195,7 @@ continues from OUT/optimize_state.pt. Then poison with configs/attack/badclip.ya
 
 
 def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
-    from lightning_modules.badclip import PatchRecipe
+    from clbd.badclip_trigger import PatchRecipe
 
     recipe = PatchRecipe()
     parser.add_argument("--config", action="append", required=True, help="clbd config file(s) with a CLIP data:")
@@ -224,8 +224,8 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
 def optimize_trigger(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
-    from lightning_modules.badclip import CAPTIONS_FILE, PatchRecipe, gather_inputs, load_victim, model_geometry
-    from lightning_modules.badclip import optimize_patch as run_optimisation
+    from clbd.badclip_trigger import CAPTIONS_FILE, PatchRecipe, gather_inputs, load_victim, model_geometry
+    from clbd.badclip_trigger import optimize_patch as run_optimisation
 
     try:
         recipe = PatchRecipe(

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(rest)
     if command == "consolidate":
-        from ..checkpoints import consolidate
+        from lightning_modules.checkpoints import consolidate
 
         try:
             print(consolidate(rest[0]) if len(rest) == 1 else "usage: clbd consolidate CHECKPOINT")

@@ -1,0 +1,7 @@
+"""``python -m clbd ARGS`` is ``clbd ARGS``."""
+
+import sys
+
+from .dispatch import main
+
+sys.exit(main())
