@@ -14,6 +14,9 @@ from PIL import Image
 
 from clbd.experiment import METRICS, interval
 from clbd.experiment import main as experiment_main
+from clbd.experiment.arms import expand
+from clbd.experiment.plan import check_before_compute, load_plan
+from clbd.experiment.runs import run_arm
 from lightning_modules import CLIP
 
 
@@ -97,7 +100,8 @@ def test_defense_experiment_over_seeds_with_equal_budgets(tmp_path, make_shards)
     before = marker.stat().st_mtime_ns
     assert experiment_main(["--config", str(tmp_path / "experiment.yaml"), "--out", str(out)]) == 0
     again = json.loads((out / "table.json").read_text())
-    assert again["minutes"] == table["minutes"] and marker.stat().st_mtime_ns == before
+    assert [r["minutes"] for r in again["rows"]] == [r["minutes"] for r in table["rows"]]
+    assert marker.stat().st_mtime_ns == before
     # An edited defense is refused before compute, never answered with the run made by the old one.
     plan["defenses"]["cleanclip"]["overrides"] = ["--model.init_args.lr=1.0e-3"]
     (tmp_path / "edited.yaml").write_text(yaml.safe_dump(plan))
@@ -127,15 +131,14 @@ def test_base_model_is_trained_once_and_every_seed_fine_tunes_it(tmp_path, make_
             assert saved["seed_everything"] == seed
     table = json.loads((out / "table.json").read_text())
     assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "finetune"]
-    assert table["minutes"]["base"]["base"] > 0
+    assert json.loads((out / "base" / "provenance.json").read_text())["wall_s"]["fit"] > 0
 
     # The finished base is reused only by the command that made it: another base seed is refused before compute.
-    from clbd.experiment import fit_base, load_plan
-
     plan["base"]["seed"] = 6
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(plan))
+    arms = {arm.id: arm for arm in expand(load_plan(tmp_path / "other.yaml"), out)}
     with pytest.raises(ValueError, match=r"base was made by another command .*--seed_everything=6"):
-        fit_base(load_plan(tmp_path / "other.yaml"), out, plan["common"], {})
+        run_arm(arms["base"], arms, out)
 
 
 def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
@@ -157,9 +160,9 @@ def test_clip_fine_tunes_a_clbd_checkpoint(tmp_path, make_shards):
         "defenses": {},
     }
     (tmp_path / "e.yaml").write_text(yaml.safe_dump(plan))
-    from clbd.experiment import fit_base, load_plan
-
-    checkpoint, _ = fit_base(load_plan(tmp_path / "e.yaml"), tmp_path / "out", plan["common"], {})
+    arms = {arm.id: arm for arm in expand(load_plan(tmp_path / "e.yaml"), tmp_path / "out")}
+    run_arm(arms["base"], arms, tmp_path / "out")
+    checkpoint = arms["base"].model_checkpoint()
     model = CLIP(model_name="clip-tiny-vit", pretrained=checkpoint)
     saved = load_checkpoint(checkpoint)["state_dict"]
     for name, value in model.model.state_dict().items():
@@ -331,8 +334,6 @@ def test_schedule_ends_where_training_stops():
 
 @pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "clip_testbed_patch", "image_shapes", "image_cifar10"])
 def test_shipped_experiments_load(name):
-    from clbd.experiment import check_before_compute, load_plan
-
     plan = load_plan(Path(f"configs/experiment/{name}.yaml"))
     assert plan["seeds"] == [0, 1, 2]
     if "shapes" in name:  # the built-in data is there to check against; CIFAR-10 shards are the user's

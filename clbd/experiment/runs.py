@@ -1,0 +1,251 @@
+"""Running an arm here, and the records that let its results travel: the command that made it (to reuse a run, or
+accept an exported one, only for the plan's own command) and its provenance (code, device, versions, wall time)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..steps import run_step
+from .arms import FINISHED, Arm
+
+COMMAND_RECORD = "experiment_command.json"  # the clbd fit arguments a run was made with, to reuse it only for those
+PROVENANCE = "provenance.json"
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+# ---- the command record -----------------------------------------------------------------------------------------
+def comparable(argv: list[str]) -> list[str]:
+    """``argv`` with every existing file named by it (``path`` or ``--key=path``) made absolute, so the same command
+    given with relative or absolute paths (the demo's plan, the test bed's) compares equal."""
+
+    def resolved(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    return [_map_value(arg, resolved) for arg in argv]
+
+
+def portable(argv: list[str], out: Path) -> list[str]:
+    """``argv`` as it reads on any machine: paths under ``--out`` as ``{out}/...``, paths under the working directory
+    relative to it, so an arm exported from a GPU machine compares with the plan where the table is assembled."""
+    out, here = out.resolve(), Path.cwd().resolve()
+
+    def moved(value: str) -> str:
+        if not value or not (value.startswith("/") or Path(value).exists()):
+            return value
+        path = Path(value).resolve()
+        if path.is_relative_to(out):
+            return "{out}/" + path.relative_to(out).as_posix()
+        return path.relative_to(here).as_posix() if path.is_relative_to(here) else value
+
+    return [_map_value(arg, moved) for arg in argv]
+
+
+def _map_value(arg: str, change) -> str:
+    key, sep, value = arg.partition("=")
+    return f"{key}={change(value)}" if sep and arg.startswith("--") else change(arg)
+
+
+def config_digests(argv: list[str], name=lambda path: str(Path(path).resolve())) -> dict[str, str]:
+    """SHA-256 of every config file the command names: the same arguments with an edited attack config (another
+    rate, another trigger) make another model."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    return {name(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths if Path(p).is_file()}
+
+
+def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "clbd_fit": comparable(argv),
+        "config_digests": config_digests(argv),
+        "portable": portable(argv, out),
+        "portable_digests": config_digests(argv, name=lambda p: portable([p], out)[0]),
+    }
+    (run_dir / COMMAND_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def same_command_or_error(run_dir: Path, argv: list[str], out: Path, exported: bool = False) -> None:
+    """A run is reused, resumed or (``exported``) taken into the table only for the same ``clbd fit`` arguments and
+    the same contents of the config files they name: a shared ``base.dir``, an edited plan or an edited attack config
+    would otherwise stand for a model made another way. Runs from before the record existed are taken as they are;
+    an exported arm compares in its portable form (paths relative to ``--out`` and to the checkout)."""
+    record = run_dir / COMMAND_RECORD
+    if not record.exists():
+        if exported:
+            raise ValueError(f"{run_dir} has no {COMMAND_RECORD}: nothing says which command made it")
+        return
+    saved = json.loads(record.read_text())
+    if exported or "portable" in saved and saved.get("clbd_fit") != comparable(argv):
+        earlier, now = saved.get("portable"), portable(argv, out)
+        digests, current = saved.get("portable_digests"), config_digests(argv, name=lambda p: portable([p], out)[0])
+    else:
+        earlier, now = saved.get("clbd_fit"), comparable(argv)
+        digests, current = saved.get("config_digests"), config_digests(argv)
+    if earlier != now:
+        changed = sorted(set(now).symmetric_difference(earlier or []))
+        raise ValueError(
+            f"{run_dir} was made by another command than this plan's (arguments that differ: {' '.join(changed)}); "
+            "remove that folder to redo it, or use another --out / base.dir"
+        )
+    if digests is not None:  # records from before digests were kept compare by arguments only
+        edited = sorted(path for path, digest in current.items() if digests.get(path) != digest)
+        if edited:
+            raise ValueError(
+                f"{run_dir} was made with other contents of {', '.join(edited)} (edited since); remove that folder "
+                "to redo it, or use another --out / base.dir"
+            )
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+def is_done(arm: Arm, folder: Path) -> bool:
+    return all((folder / name).exists() for name in arm.done_files())
+
+
+def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
+    """Runs what the arm still lacks here (an interrupted fit resumes from its ``last.ckpt``) and writes its
+    provenance; its needs must be done here, since it starts from their checkpoints."""
+    missing = [need for need in arm.needs if not is_done(by_id[need], by_id[need].run_dir)]
+    if missing:
+        raise ValueError(
+            f"arm {arm.id} starts from {', '.join(missing)}, not finished in {out}: run "
+            f"{'that arm' if len(missing) == 1 else 'those arms'} first, here (the checkpoint must be on this machine)"
+        )
+    if arm.fit is not None:
+        same_command_or_error(arm.run_dir, arm.fit, out)
+    if is_done(arm, arm.run_dir) and all(Path(step["creates"]).exists() for step in arm.then):
+        return
+    seconds: dict[str, float] = {}
+    finished_marker = arm.run_dir / (FINISHED if arm.kind != "defense" else arm.done_files()[0])
+    if arm.fit is not None and not finished_marker.exists():
+        record_command(arm.run_dir, arm.fit, out)
+        started = time.time()
+        run_step(["fit", *arm.fit, f"--trainer.default_root_dir={arm.run_dir}", "--ckpt_path=last"])
+        seconds["fit"] = time.time() - started
+    for name, argv in arm.evaluations.items():
+        if not (arm.run_dir / name).exists():
+            started = time.time()
+            evaluate(arm, name, argv)
+            seconds[name] = time.time() - started
+    checkpoint = arm.model_checkpoint()
+    for step in arm.then:  # e.g. BadCLIP's patch, optimised against the clean base
+        if not Path(step["creates"]).exists():
+            run_step([arg.replace("{base}", checkpoint) for arg in flatten_command(step["command"])])
+            if not Path(step["creates"]).exists():
+                raise ValueError(f"base.then: the command ran but did not write {step['creates']}")
+    if seconds:
+        write_provenance(arm, seconds)
+
+
+def flatten_command(items: list[Any]) -> list[str]:
+    return [str(leaf) for item in items for leaf in (flatten_command(item) if isinstance(item, list) else [item])]
+
+
+def evaluate(arm: Arm, name: str, argv: list[str]) -> None:
+    """``clbd test`` of the arm's checkpoint, its results kept as ``run_dir/name``."""
+    checkpoint = arm.model_checkpoint()
+    arm.run_dir.mkdir(parents=True, exist_ok=True)
+    run_step(["test", *argv, f"--trainer.default_root_dir={arm.run_dir}", f"--ckpt_path={checkpoint}"])
+    metrics = arm.run_dir / "checkpoints" / "metrics.json"
+    if arm.checkpoint:  # a given checkpoint: clbd test writes beside it
+        metrics = Path(checkpoint).parent / "metrics.json"
+    results = json.loads(metrics.read_text())[Path(checkpoint).name]
+    (arm.run_dir / name).write_text(json.dumps(results, indent=1) + "\n")
+    metrics.unlink()  # the next evaluation of this checkpoint (another attack) writes its own
+
+
+# ---- provenance ---------------------------------------------------------------------------------------------------
+def write_provenance(arm: Arm, seconds: dict[str, float]) -> None:
+    """Code, device, library versions, precision and wall times of an arm, beside its results (merged with what an
+    earlier call of an interrupted arm wrote)."""
+    path = arm.run_dir / PROVENANCE
+    record = json.loads(path.read_text()) if path.exists() else {}
+    config = yaml.safe_load((arm.run_dir / "config.yaml").read_text()) if (arm.run_dir / "config.yaml").exists() else {}
+    trainer = (config or {}).get("trainer") or {}
+    wall = record.get("wall_s", {})
+    for name, value in seconds.items():
+        wall[name] = wall.get(name, 0.0) + value  # an interrupted fit adds each call's part
+    record.update(
+        {
+            "arm": arm.id,
+            "code": code_version(),
+            "device": device_name(trainer.get("accelerator")),
+            "precision": trainer.get("precision"),
+            "versions": library_versions(),
+            "wall_s": wall,
+            "fit_calls": record.get("fit_calls", 0) + ("fit" in seconds),
+        }
+    )
+    record.update(epoch_times(arm.run_dir, wall.get("fit")))
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def code_version() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=CHECKOUT, capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def device_name(accelerator: str | None) -> str:
+    import torch
+
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import os
+
+    return f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)"
+
+
+def library_versions() -> dict[str, Any]:
+    import lightning
+    import open_clip
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "lightning": lightning.__version__,
+        "open_clip": open_clip.__version__,
+    }
+
+
+def epoch_times(run_dir: Path, fit_seconds: float | None) -> dict[str, Any]:
+    """Per epoch: the median of ``time/train_epoch_s`` and ``time/val_s`` when an epoch timer logged them, else the
+    fit's wall time over its epochs (start-up and evaluations included)."""
+    finished = run_dir / FINISHED
+    epochs = json.loads(finished.read_text()).get("epochs") if finished.exists() else None
+    timed: dict[str, list[float]] = {"time/train_epoch_s": [], "time/val_s": []}
+    if (run_dir / "metrics.csv").exists():
+        with open(run_dir / "metrics.csv", newline="") as handle:
+            for row in csv.DictReader(handle):
+                for key, values in timed.items():
+                    if row.get(key):
+                        values.append(float(row[key]))
+    out: dict[str, Any] = {"epochs": epochs}
+    if timed["time/train_epoch_s"]:
+        out["epoch_s"] = statistics.median(timed["time/train_epoch_s"])
+        out["epoch_s_source"] = "median of time/train_epoch_s (training only)"
+        if timed["time/val_s"]:
+            out["validation_s"] = statistics.median(timed["time/val_s"])
+    elif fit_seconds and epochs:
+        out["epoch_s"] = fit_seconds / epochs
+        out["epoch_s_source"] = "fit wall time / epochs (start-up and validation included)"
+    return out
