@@ -338,3 +338,119 @@ def test_shipped_experiments_load(name):
     assert plan["seeds"] == [0, 1, 2]
     if "shapes" in name:  # the built-in data is there to check against; CIFAR-10 shards are the user's
         check_before_compute(plan)
+
+
+def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shards, capsys):
+    """A budget ladder's arms: listed with their needs, run one by one (a defense only where its poisoned model is),
+    exported without checkpoints, and assembled elsewhere into the same table, number for number; an exported arm
+    made by another command is refused, a missing one named."""
+    shards = make_shards(n=64, per_shard=32, captions=True)
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
+    finetune = {"configs": ["configs/defense/cleanclip.yaml"], "overrides": ["--model.init_args.lambda_unimodal=0.0"]}
+    ladder = [{"steps": 1, "batch_size": 16}, {"steps": 2, "batch_size": 16, "lr": 1.0e-4}]
+    plan = clip_plan(shards, attack, {"finetune": finetune}, defense_budgets=ladder)
+    plan["seeds"] = [0]
+    config = tmp_path / "ladder.yaml"
+    config.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "out"
+    run = ["--config", str(config), "--out", str(out)]
+
+    assert experiment_main([*run, "--list", "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(a["id"], a["stage"], a["state"]) for a in listed] == [
+        ("seed0/clean", 0, "pending"),
+        ("seed0/poisoned", 0, "pending"),
+        ("seed0/finetune@1x16", 1, "pending"),
+        ("seed0/finetune@2x16x0.0001", 1, "pending"),
+    ]
+    assert listed[2]["needs"] == ["seed0/poisoned"]
+    # A defense arm runs only where its poisoned model's checkpoint is.
+    assert experiment_main([*run, "--arm", "seed0/finetune@1x16"]) == 2
+    assert "starts from seed0/poisoned, not finished" in capsys.readouterr().err
+    assert experiment_main([*run, "--arm", "seed0/poisoned"]) == 0
+    assert not (out / "table.json").exists()  # one arm: no table
+    assert experiment_main(run) == 0
+    table = json.loads((out / "table.json").read_text())
+    names = [row["name"] for row in table["rows"]]
+    assert names == [
+        "clean reference",
+        "poisoned (no defense)",
+        "finetune @ 1 steps, batch 16",
+        "finetune @ 2 steps, batch 16, lr 0.0001",
+    ]
+    assert [row.get("steps") for row in table["rows"][2:]] == [[1], [2]]  # each budget, as run
+    saved = yaml.safe_load((out / "seed0" / "finetune@2x16x0.0001" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["lr"] == 1.0e-4 and saved["data"]["init_args"]["batch_size"] == 16
+    assert set(table["smallest_budgets"]) == {"finetune"}
+    assert (out / "budget_curves.png").exists() and (out / "tradeoff.png").exists()
+    provenance = json.loads((out / "seed0" / "poisoned" / "provenance.json").read_text())
+    assert provenance["device"].startswith("cpu") and provenance["precision"] == "32-true"
+    assert provenance["wall_s"]["fit"] > 0 and provenance["wall_s"]["eval.json"] > 0 and provenance["epochs"] == 1
+    assert set(provenance["versions"]) >= {"torch", "cuda", "cudnn", "lightning"}
+
+    exported = tmp_path / "results"
+    assert experiment_main([*run, "--export", str(exported)]) == 0
+    files = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    assert "seed0/poisoned/eval.json" in files and "seed0/finetune@1x16/defense_metrics.json" in files
+    assert not any(f.endswith(".ckpt") for f in files)
+    # Assembled elsewhere from the exported folders alone: the same rows, number for number.
+    other = tmp_path / "assembled"
+    assert experiment_main(["--config", str(config), "--out", str(other), "--assemble", "--from", str(exported)]) == 0
+    again = json.loads((other / "table.json").read_text())
+    assert [(r["name"], r["per_seed"], r["seeds"]) for r in again["rows"]] == [
+        (r["name"], r["per_seed"], r["seeds"]) for r in table["rows"]
+    ]
+    assert (other / "table.md").read_text() == (out / "table.md").read_text()
+    # A missing arm is named; an arm whose record names another command is refused.
+    import shutil
+
+    shutil.rmtree(exported / "seed0" / "clean")
+    assert experiment_main(["--config", str(config), "--out", str(other), "--assemble", "--from", str(exported)]) == 0
+    assert "Still missing (1 arms): seed0/clean" in (other / "table.md").read_text()
+    record = exported / "seed0" / "poisoned" / "experiment_command.json"
+    record.write_text(record.read_text().replace("--seed_everything=0", "--seed_everything=9"))
+    assert experiment_main(["--config", str(config), "--out", str(other), "--assemble", "--from", str(exported)]) == 2
+    assert "seed0/poisoned was made by another command" in capsys.readouterr().err
+
+
+def test_suppression_and_smallest_budget_against_the_control():
+    from clbd.experiment.table import mark_suppression, smallest_budgets
+
+    def row(name, role, defense=None, index=None, asr=0.0, ca=0.5, target=0.6):
+        values = {"attributable_asr": asr, "ca": ca, "target_accuracy": target}
+        summary = {k: {"mean": v} for k, v in values.items()}
+        label = None if index is None else f"budget {index}"
+        return {
+            "name": name,
+            "role": role,
+            "defense": defense,
+            "budget_index": index,
+            "budget_label": label,
+            "group": "" if role == "clean" else "clean reference",
+            "summary": summary,
+            "per_seed": {"0": values},
+        }
+
+    rows = [
+        row("clean reference", "clean", target=0.65),
+        row("poisoned (no defense)", "poisoned", asr=0.66),
+        row("finetune a", "defense", "finetune", 0, asr=0.60),
+        row("finetune b", "defense", "finetune", 1, asr=0.20),
+        row("cleanclip a", "defense", "cleanclip", 0, asr=0.30),
+        row("cleanclip b", "defense", "cleanclip", 1, asr=0.04, ca=0.49, target=0.60),
+        row("tacleaner a", "defense", "tacleaner", 0, asr=0.02, target=0.29),
+        row("tacleaner b", "defense", "tacleaner", 1, asr=0.01, target=0.20),
+    ]
+    mark_suppression(rows)
+    assert [r["suppression"] for r in rows] == [False, False, False, False, False, False, True, True]
+    found = smallest_budgets({"control": "finetune"}, rows)
+    assert found["cleanclip"]["budget"] == "budget 1" and found["cleanclip"]["control_attributable_asr"] == 0.20
+    assert found["cleanclip"]["goal"] == {
+        "control_still_backdoored": False,
+        "ca_kept": True,
+        "target_kept": True,
+        "met": False,
+    }
+    assert found["tacleaner"]["budget"] == "budget 0" and found["tacleaner"]["goal"]["target_kept"] is False
+    assert found["tacleaner"]["goal"]["control_still_backdoored"] is True
+    assert found["finetune"]["budget"] is None and found["finetune"]["best_attributable_asr"] == 0.20
