@@ -2,6 +2,7 @@
 
 from .base import DefenseMixin, load_poisoned_checkpoint
 from .cleanclip import CleanCLIP
+from .finetune import FinetuneSimCLR
 from .mcldef import MCLDefCLIP, MCLDefImage, MCLDefMixin, MCLDefSimCLR
 from .tacleaner import TACleaner
 from .ubt import UBT
@@ -9,6 +10,7 @@ from .ubt import UBT
 __all__ = [
     "CleanCLIP",
     "DefenseMixin",
+    "FinetuneSimCLR",
     "MCLDefCLIP",
     "MCLDefImage",
     "MCLDefMixin",

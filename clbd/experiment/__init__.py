@@ -168,7 +168,8 @@ def list_arms(arms: list[Arm], by_id: dict[str, Arm], args: argparse.Namespace) 
         where = found.get(arm.id)
         state = "done" if where is not None else "pending"
         if args.json:
-            record = {"id": arm.id, "stage": stage(arm, by_id), "needs": list(arm.needs), "state": state}
+            record = {"id": arm.id, "kind": arm.kind, "stage": stage(arm, by_id), "needs": list(arm.needs)}
+            record["state"] = state
             print(json.dumps({**record, "where": str(where or arm.run_dir)}))
         else:
             needs = f" (needs {', '.join(arm.needs)})" if arm.needs else ""

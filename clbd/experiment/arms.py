@@ -148,7 +148,8 @@ def grid_arms(plan: dict[str, Any], out: Path, seed: int, common: list[str]) -> 
             role="clean",
         )
         arms.append(clean)
-        for attack, attack_entry in plan["attacks"].items():
+        for attack in entry.get("attacks") or plan["attacks"]:  # a method may take only some of the attacks
+            attack_entry = plan["attacks"][attack]
             configs = [*model, *attack_entry["configs"]]
             argv = seeded(
                 config_args(configs), common, [*model_overrides, *flatten(attack_entry.get("overrides", []))], seed

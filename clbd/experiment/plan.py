@@ -124,6 +124,10 @@ def load_plan(path: Path) -> dict[str, Any]:
             for name, entry in plan[section].items():
                 if not (entry or {}).get("configs"):
                     raise ValueError(f"{path}: {section}.{name}.configs is empty")
+        for name, entry in plan["methods"].items():
+            unknown = sorted(set(entry.get("attacks") or []) - set(plan["attacks"]))
+            if unknown:
+                raise ValueError(f"{path}: methods.{name}.attacks names {', '.join(unknown)}, not in attacks")
         configs = [c for s in ("methods", "attacks") for e in plan[s].values() for c in e["configs"]]
     else:
         pretrain = plan["pretrain"]
@@ -223,7 +227,8 @@ def check_before_compute(plan: dict[str, Any]) -> None:
     common = flatten(plan.get("common", []))
     if "methods" in plan:
         for method, entry in plan["methods"].items():
-            for attack, attack_entry in plan["attacks"].items():
+            for attack in entry.get("attacks") or plan["attacks"]:
+                attack_entry = plan["attacks"][attack]
                 configs = [*entry["configs"], *attack_entry["configs"]]
                 overrides = [*flatten(entry.get("overrides", [])), *flatten(attack_entry.get("overrides", [])), *common]
                 check_eval_set(f"methods.{method} x attacks.{attack}", configs, overrides)

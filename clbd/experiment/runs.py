@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -36,13 +37,14 @@ def comparable(argv: list[str]) -> list[str]:
 
 def portable(argv: list[str], out: Path) -> list[str]:
     """``argv`` as it reads on any machine: paths under ``--out`` as ``{out}/...``, paths under the working directory
-    relative to it, so an arm exported from a GPU machine compares with the plan where the table is assembled."""
-    out, here = out.resolve(), Path.cwd().resolve()
+    relative to it, so an arm exported from a GPU machine compares with the plan where the table is assembled.
+    Symbolic links are kept (``data/cifar10`` linked to a scratch disk still reads ``data/cifar10``)."""
+    out, here = Path(os.path.abspath(out)), Path(os.path.abspath(Path.cwd()))
 
     def moved(value: str) -> str:
         if not value or not (value.startswith("/") or Path(value).exists()):
             return value
-        path = Path(value).resolve()
+        path = Path(os.path.abspath(value))
         if path.is_relative_to(out):
             return "{out}/" + path.relative_to(out).as_posix()
         return path.relative_to(here).as_posix() if path.is_relative_to(here) else value
@@ -129,7 +131,9 @@ def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
     if arm.fit is not None and not finished_marker.exists():
         record_command(arm.run_dir, arm.fit, out)
         started = time.time()
-        run_step(["fit", *arm.fit, f"--trainer.default_root_dir={arm.run_dir}", "--ckpt_path=last"])
+        run_step(
+            ["fit", *arm.fit, f"--trainer.default_root_dir={arm.run_dir}", f"--ckpt_path={resume_from(arm.run_dir)}"]
+        )
         seconds["fit"] = time.time() - started
     for name, argv in arm.evaluations.items():
         if not (arm.run_dir / name).exists():
@@ -144,6 +148,16 @@ def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
                 raise ValueError(f"base.then: the command ran but did not write {step['creates']}")
     if seconds:
         write_provenance(arm, seconds)
+
+
+def resume_from(run_dir: Path) -> str:
+    """``hpc`` when SLURM's preemption checkpoint (``hpc_ckpt_N.ckpt``) is newer than ``last.ckpt``, else ``last``
+    (nothing to resume from yet: Lightning starts at step 0)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    preempted = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+    if preempted and (not last.exists() or max(p.stat().st_mtime for p in preempted) > last.stat().st_mtime):
+        return "hpc"
+    return "last"
 
 
 def flatten_command(items: list[Any]) -> list[str]:
@@ -207,8 +221,6 @@ def device_name(accelerator: str | None) -> str:
 
     if accelerator != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    import os
-
     return f"cpu ({platform.machine()}, {len(os.sched_getaffinity(0))} cores)"
 
 

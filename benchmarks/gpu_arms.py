@@ -1,0 +1,208 @@
+"""The experiment stage of a GPU call: the highest-priority arms of a plan not yet in ``results/`` that fit the time
+left, each run with ``clbd experiment --arm`` and exported as one small archive (no checkpoint) into the call's output.
+
+    python benchmarks/gpu_arms.py --plan configs/experiment/na_cifar10_gpu.yaml --seconds 420 \
+        --data /tmp/clbd_gpu_check/data/cifar10 --work /tmp/clbd_gpu_check/arms --out OUT
+
+Order: the plan's ``priority`` (shell patterns over arm ids), then the rest in plan order. An arm is skipped when
+its estimate does not fit the seconds left (a smaller one further down may), and a defense arm when the model it
+starts from is neither finished in this call's folder nor run earlier in it (its checkpoint lives on the machine
+that trained it). The estimate, printed before anything starts: epochs x seconds per epoch + monitors + start-up
+for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
+replace the guess. Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
+
+``--shrink`` rehearses the same plan on a CPU with tiny sizes (CI runs it): a narrow ResNet, a few batches, small
+poison budgets, every setting the GPU configs need replaced by its CPU form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLBD = [sys.executable, "-c", "import sys; from clbd import main; sys.exit(main())"]
+# The CPU form of the GPU settings, and tiny sizes: a rehearsal of the call's mechanics, not of its numbers.
+SHRINK_COMMON = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--trainer.benchmark=false",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.num_sanity_val_steps=0",
+    "--model.init_args.width=8",
+    "--model.init_args.proj_hidden_dim=64",
+    "--model.init_args.probe_epochs=2",
+    "--model.init_args.channels_last=false",
+    "--data.init_args.batch_size=32",
+    "--data.init_args.eval_batch_size=64",
+    "--data.init_args.num_workers=2",
+    "--data.init_args.knn_bank_size=256",
+    "--data.init_args.views_on_device=false",
+    "--data.init_args.channels_last=false",
+    "--data.init_args.pin_memory=false",
+    "--data.init_args.resident=false",
+    "--data.init_args.cache_eval_batches=false",
+]
+SHRINK_DEFENSE = ["--model.init_args.inversion_steps=4", "--model.init_args.inversion_check_every=2",
+                  "--model.init_args.inversion_batch_size=16", "--model.init_args.inversion_samples=32"]
+SHRINK_ATTACK = {"count": 16, "reference_pool_size": 8}
+
+
+def shrunk(plan: dict) -> dict:
+    """The plan with tiny sizes on a CPU; each attack's poison budget and reference pool shrunk where it has one."""
+    plan = json.loads(json.dumps(plan))
+    plan["common"] = [*plan.get("common", []), *SHRINK_COMMON]
+    for entry in plan.get("attacks", {}).values():
+        settings = {}
+        for config in entry["configs"]:
+            attack = ((yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}).get("init_args", {})
+            settings.update((attack.get("attack") or {}).get("init_args") or {})
+        shrink = [f"--data.init_args.attack.init_args.{k}={v}" for k, v in SHRINK_ATTACK.items() if k in settings]
+        entry["overrides"] = [*entry.get("overrides", []), *shrink]
+    if plan.get("defense_budget"):
+        plan["defense_budget"] = {"steps": 2, "batch_size": 16}
+    for entry in plan.get("defenses", {}).values():
+        extra = SHRINK_DEFENSE if "mcldef" in " ".join(entry["configs"]) else []
+        entry["overrides"] = [*entry.get("overrides", []), "--data.init_args.train_fraction=0.5", *extra]
+    return plan
+
+
+def clbd_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{path}" if path else str(REPO)}
+
+
+def ordered(arms: list[dict], priority: list[str]) -> list[dict]:
+    def rank(arm: dict) -> int:
+        return next((i for i, pattern in enumerate(priority) if fnmatch.fnmatchcase(arm["id"], pattern)), len(priority))
+
+    return sorted(arms, key=rank)  # stable: the plan's order within a rank
+
+
+def epochs_of(plan: dict) -> int:
+    for arg in reversed(plan.get("common", [])):
+        if str(arg).startswith("--trainer.max_epochs="):
+            return int(str(arg).split("=", 1)[1])
+    raise ValueError("the plan's common overrides must set --trainer.max_epochs (the estimate needs it)")
+
+
+def working_tree(folder: Path, data: Path | None) -> Path:
+    """Where the arms run: the checkout's configs, and the shards as ``data/cifar10``, the relative paths the plan
+    names, so each arm's record reads as the plan's on any machine and nothing is written into the checkout."""
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    links = {folder / "configs": REPO / "configs", folder / "benchmarks": REPO / "benchmarks"}
+    if data is not None:
+        links[folder / "data" / "cifar10"] = data.resolve()
+    for link, target in links.items():
+        if not link.exists():
+            link.symlink_to(target, target_is_directory=True)
+    return folder
+
+
+def list_arms(plan_file: Path, runs: Path, results: Path | None, tree: Path) -> list[dict]:
+    sources = ["--from", str(results.resolve())] if results is not None and results.is_dir() else []
+    done = subprocess.run(
+        [*CLBD, "experiment", "--config", str(plan_file), "--out", str(runs), *sources, "--list", "--json"],
+        capture_output=True, text=True, cwd=tree, env=clbd_env(),
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"gpu_arms: clbd experiment --list failed:\n{done.stderr}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="time this stage may take")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder for the runs (checkpoints stay here)")
+    parser.add_argument("--out", type=Path, required=True, help="the call's output: one archive per finished arm")
+    parser.add_argument("--data", type=Path, help="CIFAR-10 shards, seen as data/cifar10 where the plan reads them")
+    parser.add_argument("--results", type=Path, help="finished arms to skip (default results/<plan name>)")
+    parser.add_argument("--epoch-s", type=float, default=6.1, help="seconds per epoch until one is measured")
+    parser.add_argument("--eval-s", type=float, default=12.4, help="seconds per monitor pass")
+    parser.add_argument("--startup-s", type=float, default=60.0, help="start-up and the final clbd test per model arm")
+    parser.add_argument("--defense-s", type=float, default=90.0, help="seconds per defense arm")
+    parser.add_argument("--max-arms", type=int, default=None, help="run at most this many arms")
+    parser.add_argument("--shrink", action="store_true", help="tiny sizes on a CPU (the rehearsal)")
+    parser.add_argument("--schedule-only", action="store_true", help="print the order and estimates, run nothing")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    plan = yaml.safe_load(args.plan.read_text())
+    results = args.results or REPO / "results" / args.plan.stem
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    plan_file = args.plan.resolve()
+    args.work = args.work.resolve()
+    if args.shrink:
+        plan = shrunk(plan)
+        plan_file = args.work / args.plan.name
+        plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    tree = working_tree(args.work / "tree", args.data)
+    runs = (args.work / "runs").resolve()
+    arms = ordered(list_arms(plan_file, runs, results, tree), plan.get("priority") or [])
+    epochs = epochs_of(plan)
+    every = next((int(str(a).split("=")[1]) for a in plan.get("common", []) if "check_val_every_n_epoch=" in str(a)), 1)
+    epoch_s = args.epoch_s
+
+    def estimate(arm: dict) -> float:
+        if arm["kind"] == "defense":
+            return args.defense_s
+        return epochs * epoch_s + (epochs // every) * args.eval_s + args.startup_s
+
+    pending = [arm for arm in arms if arm["state"] != "done"]
+    print(f"gpu_arms: {len(arms)} arms in {args.plan.name}, {len(arms) - len(pending)} already in {results} or here; "
+          f"{args.seconds:.0f} s for this stage; estimates at {epoch_s} s per epoch, {epochs} epochs:")
+    for arm in pending:
+        print(f"  {arm['id']:<34} ~{estimate(arm):5.0f} s" + (f"  (needs {', '.join(arm['needs'])})" if arm["needs"] else ""))
+    if args.schedule_only:
+        return 0
+    finished_here = {arm["id"] for arm in arms if arm["state"] == "done" and str(runs) in arm["where"]}
+    ran = 0
+    for arm in pending:
+        left = args.seconds - (time.monotonic() - started)
+        if args.max_arms is not None and ran >= args.max_arms:
+            break
+        if any(need not in finished_here for need in arm["needs"]):
+            print(f"gpu_arms: skip {arm['id']}: its model ({', '.join(arm['needs'])}) was not trained on this machine")
+            continue
+        if estimate(arm) > left:
+            print(f"gpu_arms: skip {arm['id']}: ~{estimate(arm):.0f} s does not fit the {left:.0f} s left")
+            continue
+        print(f"\n=== gpu_arms: {arm['id']} (~{estimate(arm):.0f} s, {left:.0f} s left)", flush=True)
+        t0 = time.monotonic()
+        done = subprocess.run(
+            [*CLBD, "experiment", "--config", str(plan_file), "--out", str(runs), "--arm", arm["id"],
+             "--export", str(args.work / "export")],
+            cwd=tree, env=clbd_env(), timeout=max(left, 1),
+        )
+        seconds = time.monotonic() - t0
+        print(f"gpu_arms: {arm['id']} exit {done.returncode} after {seconds:.0f} s", flush=True)
+        if done.returncode != 0:
+            continue
+        ran += 1
+        finished_here.add(arm["id"])
+        folder = args.work / "export" / arm["id"]
+        with tarfile.open(args.out / f"arm-{arm['id'].replace('/', '_')}.tar.gz", "w:gz") as archive:
+            archive.add(folder, arcname=arm["id"])
+        provenance = folder / "provenance.json"
+        if not arm["needs"] and provenance.exists():  # a model arm: its measured epoch time from now on
+            measured = json.loads(provenance.read_text()).get("epoch_s")
+            epoch_s = measured or epoch_s
+    print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
