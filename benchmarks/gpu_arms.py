@@ -41,7 +41,6 @@ SHRINK_COMMON = [
     "--trainer.limit_val_batches=2",
     "--trainer.num_sanity_val_steps=0",
     "--model.init_args.width=8",
-    "--model.init_args.proj_hidden_dim=64",
     "--model.init_args.probe_epochs=2",
     "--model.init_args.channels_last=false",
     "--data.init_args.batch_size=32",
@@ -54,6 +53,7 @@ SHRINK_COMMON = [
     "--data.init_args.resident=false",
     "--data.init_args.cache_eval_batches=false",
 ]
+SHRINK_HEAD = ["--model.init_args.proj_hidden_dim=64"]  # every method, and the SimCLR control (not MCLDef: no head)
 SHRINK_DEFENSE = ["--model.init_args.inversion_steps=4", "--model.init_args.inversion_check_every=2",
                   "--model.init_args.inversion_batch_size=16", "--model.init_args.inversion_samples=32"]
 SHRINK_ATTACK = {"count": 16, "reference_pool_size": 8}
@@ -63,6 +63,8 @@ def shrunk(plan: dict) -> dict:
     """The plan with tiny sizes on a CPU; each attack's poison budget and reference pool shrunk where it has one."""
     plan = json.loads(json.dumps(plan))
     plan["common"] = [*plan.get("common", []), *SHRINK_COMMON]
+    for entry in plan.get("methods", {}).values():
+        entry["overrides"] = [*entry.get("overrides", []), *SHRINK_HEAD]
     for entry in plan.get("attacks", {}).values():
         settings = {}
         for config in entry["configs"]:
@@ -73,7 +75,7 @@ def shrunk(plan: dict) -> dict:
     if plan.get("defense_budget"):
         plan["defense_budget"] = {"steps": 2, "batch_size": 16}
     for entry in plan.get("defenses", {}).values():
-        extra = SHRINK_DEFENSE if "mcldef" in " ".join(entry["configs"]) else []
+        extra = SHRINK_DEFENSE if "mcldef" in " ".join(entry["configs"]) else SHRINK_HEAD
         entry["overrides"] = [*entry.get("overrides", []), "--data.init_args.train_fraction=0.5", *extra]
     return plan
 
