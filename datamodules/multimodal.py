@@ -76,6 +76,9 @@ class TACleanerDataModule(CleanCLIPDataModule):
         n_negative: negative subtexts per chosen sample (at most).
         class_words: True: the data's class names (``class_names``, from the eval index) are the words that carry a
             caption's meaning: negatives swap them first (for another class), positives keep them.
+        class_word_negatives: False: negatives never swap a class word (only the caption's other listed words),
+            while positives still keep it; the variant without the class-word negatives (docs/defenses.md: they
+            push the target's hub caption away from every other class's images, and the target's own images with it).
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class TACleanerDataModule(CleanCLIPDataModule):
         n_positive: int = 2,
         n_negative: int = 2,
         class_words: bool = True,
+        class_word_negatives: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -98,6 +102,7 @@ class TACleanerDataModule(CleanCLIPDataModule):
         self.n_positive = n_positive
         self.n_negative = n_negative
         self.class_words = class_words
+        self.class_word_negatives = class_word_negatives
         self._subtext_classes: tuple[str, ...] | None = None
 
     def subtext_classes(self) -> tuple[str, ...]:
@@ -126,7 +131,11 @@ class TACleanerDataModule(CleanCLIPDataModule):
                 text, derive_seed(self.seed, epoch, key, "positive"), self.n_positive, classes
             )
             negatives = negative_subtexts(
-                text, derive_seed(self.seed, epoch, key, "negative"), self.n_negative, classes
+                text,
+                derive_seed(self.seed, epoch, key, "negative"),
+                self.n_negative,
+                classes,
+                self.class_word_negatives,
             )
             for offset, texts in ((0, positives), (self.n_positive, negatives)):
                 if texts:

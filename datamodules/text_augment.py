@@ -406,12 +406,16 @@ def _is_frame(words: list[str], i: int) -> bool:
     return words[i] in FRAMES and i + 1 < len(words) and words[i + 1] == "of"
 
 
-def negative_subtexts(text: str, seed: int, n: int, class_names: Sequence[str] = ()) -> list[str]:
+def negative_subtexts(
+    text: str, seed: int, n: int, class_names: Sequence[str] = (), swap_class_words: bool = True
+) -> list[str]:
     """Up to ``n`` distinct captions, each with exactly one listed word replaced by a non-synonym of its kind.
 
     With ``class_names`` (the data's classes), the caption's class words are swapped first — for another class name,
     the article in front made to fit — so the first negative of a caption that names its class says another class;
-    further negatives swap the other listed words, then more class names.
+    further negatives swap the other listed words, then more class names. ``swap_class_words=False``: class words
+    are never swapped (they stay class words, so no other word is swapped for a class name either); only the
+    caption's other listed words (colour, size, background, ...) are.
     """
     vocab = vocabulary(tuple(class_names))
     words = vocab.units(normalise(text))
@@ -422,6 +426,9 @@ def negative_subtexts(text: str, seed: int, n: int, class_names: Sequence[str] =
         if vocab.lookup(w) is not None and not _is_frame(words, i)
     }
     class_positions = [i for i, found in options.items() if found and vocab.is_class_word(words[i])]
+    if not swap_class_words:
+        options = {i: found for i, found in options.items() if i not in class_positions}
+        class_positions = []
     other_positions = [i for i, found in options.items() if found and i not in class_positions]
     rng.shuffle(class_positions)
     rng.shuffle(other_positions)

@@ -143,5 +143,6 @@ class TACleaner(CleanCLIP):
                 n_positive=datamodule.n_positive,
                 n_negative=datamodule.n_negative,
                 class_words=list(datamodule.subtext_classes()),
+                class_word_negatives=datamodule.class_word_negatives,
             )
         return report

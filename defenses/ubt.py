@@ -11,22 +11,25 @@ by its similarity under the overfitted copy (``similarity``), and the highest-sc
 stream's ``poisoned`` flags and the run's poison manifest are read only to score this detection (AUROC of every
 score, precision and recall at the flagged count), never to flag.
 
-Stage 2 (the training loop): the most suspicious flagged pairs (a small subset, held in memory) are unlearnt: their
-image and text features are pushed apart (positive cosine similarity penalised) while the batch's pairs of the
-retain set keep the CLIP loss: only pairs ranked below the top ``suspect_fraction`` by the detection score, so
-suspects (flagged or not) are not trained on. Only a "token-based portion" of the model is updated: the vision
-tower's token parameters (class token and positional embedding) and the text token-embedding rows of the words
-that characterise the flagged captions, never the words of the eval prompts of the target class (so ASR, measured
-with those prompts, does not drop because the prompt itself was damaged); every other weight is frozen
-(``requires_grad`` off, not in the optimiser), and the other rows of the token table get a zero gradient, so with
-weight decay 0 they stay bit for bit.
+Stage 2 (the training loop): the most suspicious flagged pairs (a small subset, held in memory) are unlearnt while
+the batch's pairs of the retain set keep the CLIP loss: only pairs ranked below the top ``suspect_fraction`` by the
+detection score, so suspects (flagged or not) are not trained on. The forget objective (``forget_objective``) acts
+on the ranking by default: each unlearnt image's own caption is pushed below the batch's retain captions (a hinge,
+zero once it ranks last among them); ``cosine`` (clbd's first objective) pushes each pair's positive cosine to 0.
+Only a "token-based portion" of the model is updated: the vision tower's token parameters (class token and
+positional embedding) and the text token-embedding rows of the words that characterise the flagged captions, never
+the words of the eval prompts of the target class (so ASR, measured with those prompts, does not drop because the
+prompt itself was damaged); every other weight is frozen (``requires_grad`` off, not in the optimiser), and the
+other rows of the token table get a zero gradient, so with weight decay 0 they stay bit for bit.
+
+Stage 1 lives in ``defenses.ubt_detection``, the portion and the forget objectives in ``defenses.ubt_unlearning``;
+this module runs them on the training stream and the Lightning loop.
 
 Every choice the paper's abstract leaves open is listed in docs/defenses.md.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -35,10 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.datamodule import MANIFEST_NAME
 from lightning_modules.clip import CLIP
@@ -47,176 +47,35 @@ from poisoning.keyhash import derive_seed
 from poisoning.plan import records_from_manifest
 
 from .base import DefenseMixin
+from .ubt_detection import (
+    SCORES,
+    UBT_DETECTION,
+    detection_score,
+    detection_summary,
+    merge_over_ranks,
+    overfit_batches,
+    overfit_copy,
+    pair_similarity,
+    pairwise_clip_loss,
+    ranking_summary,
+    score_auroc,
+    split_by_score,
+    weakest_keys,
+)
+from .ubt_unlearning import (
+    FORGET_OBJECTIVES,
+    TOKEN_PARTS,
+    caption_rank,
+    caption_token_ids,
+    characteristic_rows,
+    document_frequency,
+    forget_loss,
+    patch_embedding_parameters,
+    text_token_table,
+    vision_token_parameters,
+)
 
 log = logging.getLogger("clbd.defenses")
-
-UBT_DETECTION = "ubt_detection.json"
-SCORES = ("weak_similarity", "gain", "similarity")
-TOKEN_PARTS = ("text", "vision", "patch")  # token_portion joins any of them with "+", e.g. "text+vision"
-
-
-def pair_similarity(model: nn.Module, images: Tensor, tokens: Tensor) -> Tensor:
-    """Cosine similarity of each image with its own caption (rows of a batch)."""
-    return (model.encode_image(images, normalize=True) * model.encode_text(tokens, normalize=True)).sum(-1)
-
-
-def detection_score(name: str, overfitted: float, poisoned: float) -> float:
-    """A pair's suspicion (higher = more suspicious) from its image-text cosine under the overfitted copy and under
-    the poisoned model: ``weak_similarity`` = minus the poisoned model's cosine (the pairs it fits worst), ``gain`` =
-    the rise during overfitting, ``similarity`` = the overfitted copy's cosine."""
-    if name == "weak_similarity":
-        return -poisoned
-    if name == "gain":
-        return overfitted - poisoned
-    return overfitted
-
-
-def pairwise_clip_loss(image_features: Tensor, text_features: Tensor, scale: Tensor) -> Tensor:
-    """CLIP's symmetric cross-entropy over this rank's rows (normalised features)."""
-    logits = scale * image_features @ text_features.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def vision_token_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The image tower's token parameters: ViT class token + positional embedding (ResNet: the attention pool's)."""
-    visual = model.visual
-    if hasattr(visual, "class_embedding") and hasattr(visual, "positional_embedding"):
-        return {
-            "visual.class_embedding": visual.class_embedding,
-            "visual.positional_embedding": visual.positional_embedding,
-        }
-    attnpool = getattr(visual, "attnpool", None)
-    if attnpool is not None and hasattr(attnpool, "positional_embedding"):
-        return {"visual.attnpool.positional_embedding": attnpool.positional_embedding}
-    raise ValueError(
-        f"model.token_portion: the image tower {type(visual).__name__} has no token parameters (class token / "
-        "positional embedding); use token_portion: text"
-    )
-
-
-def patch_embedding_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The ViT's patch embedding: the layer that turns pixels into the image tokens (it reads a patch trigger)."""
-    conv = getattr(model.visual, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(model.visual, "class_embedding"):
-        raise ValueError(
-            f"model.token_portion: 'patch' needs a ViT image tower with a patch embedding (conv1), not "
-            f"{type(model.visual).__name__}"
-        )
-    return {f"visual.conv1.{name}": param for name, param in conv.named_parameters()}
-
-
-def text_token_table(model: nn.Module) -> tuple[str, nn.Parameter]:
-    for name in ("token_embedding", "text.token_embedding"):
-        module = model
-        for part in name.split("."):
-            module = getattr(module, part, None)
-        if isinstance(module, nn.Embedding):
-            return f"{name}.weight", module.weight
-    raise ValueError("model.token_portion: this open_clip text tower has no token embedding table; use vision")
-
-
-def caption_token_ids(tokens: Tensor) -> Tensor:
-    """[N, vocab]-free view: the ids each caption uses, without padding (0), start (first) and end (argmax) tokens."""
-    ids = tokens.clone()
-    ids[:, 0] = 0
-    ids.scatter_(1, tokens.argmax(dim=-1, keepdim=True), 0)  # open_clip: the end token has the largest id
-    return ids
-
-
-def document_frequency(tokens: Tensor, vocab: int) -> Tensor:
-    """For each token id, how many captions use it (padding, start and end tokens left out)."""
-    ids = caption_token_ids(tokens.cpu())
-    present = torch.zeros(ids.shape[0], vocab, dtype=torch.bool)
-    present.scatter_(1, ids, True)
-    present[:, 0] = False
-    return present.sum(0)
-
-
-def detection_summary(
-    scores: dict[str, float],
-    flagged: list[str],
-    selected: list[str],
-    truth: set[str],
-    truth_source: str,
-) -> dict[str, Any]:
-    """Precision / recall of the flagged set (and of the unlearnt subset) against the true poisons, and AUROC."""
-    true_scored = truth & set(scores)
-    hits = sum(1 for key in flagged if key in truth)
-    selected_hits = sum(1 for key in selected if key in truth)
-    return {
-        "truth_source": truth_source,
-        "scored": len(scores),
-        "true_poisons": len(true_scored),
-        "flagged": len(flagged),
-        "true_positives": hits,
-        "false_positives": len(flagged) - hits,
-        "false_negatives": len(true_scored) - hits,
-        "precision": hits / len(flagged) if flagged else None,
-        "recall": hits / len(true_scored) if true_scored else None,
-        "auroc": score_auroc(scores, truth),
-        "selected": len(selected),
-        "selected_true_poisons": selected_hits,
-        "selected_precision": selected_hits / len(selected) if selected else None,
-    }
-
-
-def ranking_summary(scores: dict[str, float], count: int, truth: set[str]) -> dict[str, Any]:
-    """AUROC of a score, and precision / recall of its top ``count`` pairs (ties by key), against the true poisons."""
-    top = sorted(scores, key=lambda k: (-scores[k], k))[:count]
-    hits = sum(1 for key in top if key in truth)
-    true_scored = len(truth & set(scores))
-    return {
-        "auroc": score_auroc(scores, truth),
-        "precision": hits / len(top) if top else None,
-        "recall": hits / true_scored if true_scored else None,
-        "true_positives": hits,
-    }
-
-
-def split_by_score(
-    scores: dict[str, float], n_flag: int, suspect_fraction: float
-) -> tuple[list[str], list[str], frozenset[str]]:
-    """(ranked keys, most suspicious first; the flagged top ``n_flag``; the retain set).
-
-    The suspects are the top ``max(n_flag, ceil(suspect_fraction * N))`` pairs; the retain set is every pair ranked
-    below them, so no flagged pair, and no pair scored nearly as high, is trained on by the retain term.
-    """
-    ranked = sorted(scores, key=lambda k: (-scores[k], k))
-    flagged = ranked[: min(n_flag, len(ranked))]
-    n_suspect = max(len(flagged), math.ceil(suspect_fraction * len(ranked)))
-    return ranked, flagged, frozenset(ranked[n_suspect:])
-
-
-def characteristic_rows(
-    forget_tokens: Tensor, df_all: Tensor, n_all: int, lift: float, excluded: Tensor | None = None
-) -> Tensor:
-    """Token ids in at least half of the unlearnt captions whose share there is at least ``lift`` times their share
-    among all scored captions, ``excluded`` ids left out (the eval prompts' words)."""
-    df_selected = document_frequency(forget_tokens, df_all.shape[0]).float()
-    share_selected = df_selected / forget_tokens.shape[0]
-    share_all = df_all.float() / max(n_all, 1)
-    chosen = (share_selected >= 0.5) & (share_selected >= lift * share_all)
-    if excluded is not None:
-        chosen[excluded] = False
-    return torch.nonzero(chosen).flatten()
-
-
-def weakest_keys(similarity: dict[str, float], fraction: float) -> frozenset[str]:
-    """The ``ceil(fraction * N)`` pairs of lowest similarity (ties by key): where stage 1 overfits first."""
-    ranked = sorted(similarity, key=lambda k: (similarity[k], k))
-    return frozenset(ranked[: math.ceil(fraction * len(ranked))])
-
-
-def score_auroc(scores: dict[str, float], truth: set[str]) -> float | None:
-    """Area under the ROC curve of a score (higher = more suspicious) against the true poisons (None: one class)."""
-    keys = sorted(scores)
-    positives = sum(1 for k in keys if k in truth)
-    if positives in (0, len(keys)):
-        return None
-    preds = torch.tensor([scores[k] for k in keys], dtype=torch.float64)
-    target = torch.tensor([k in truth for k in keys], dtype=torch.long)
-    return float(binary_auroc(preds, target))
 
 
 class UBT(DefenseMixin, CLIP):
@@ -240,6 +99,10 @@ class UBT(DefenseMixin, CLIP):
         unlearn_count: the most suspicious flagged pairs kept in memory and unlearnt.
         forget_batch_size: unlearnt pairs drawn (seeded by step and rank) for each training step.
         forget_weight: weight of the unlearning term against the retain (CLIP) term.
+        forget_objective: what the unlearning term does to the unlearnt pairs (``defenses.ubt_unlearning.forget_loss``):
+            ``ranking`` (default) pushes each unlearnt image's own caption below the batch's retain captions (a hinge
+            on its rank, zero once it ranks last); ``cosine`` (clbd's first objective) pushes each pair's cosine down
+            to 0, which can leave the zero-shot ranking as it was.
         token_portion: what is updated: ``text`` (token-table rows of the flagged captions' characteristic words),
             ``vision`` (class token and positional embedding of the image tower), ``patch`` (a ViT's patch
             embedding, which makes the image tokens), or several joined with ``+`` (default ``text+vision``).
@@ -271,6 +134,7 @@ class UBT(DefenseMixin, CLIP):
         unlearn_count: int = 128,
         forget_batch_size: int = 32,
         forget_weight: float = 1.0,
+        forget_objective: str = "ranking",
         token_portion: str = "text+vision",
         text_row_lift: float = 2.0,
         exclude_prompt_tokens: bool = True,
@@ -328,6 +192,10 @@ class UBT(DefenseMixin, CLIP):
                 f"model.token_portion must join distinct parts of {', '.join(TOKEN_PARTS)} with '+' "
                 f"(e.g. text+vision), got {args['token_portion']!r}"
             )
+        if args["forget_objective"] not in FORGET_OBJECTIVES:
+            raise ValueError(
+                f"model.forget_objective must be one of {', '.join(FORGET_OBJECTIVES)}, got {args['forget_objective']!r}"
+            )
         if args["forget_weight"] < 0 or not args["text_row_lift"] > 0:
             raise ValueError("model.forget_weight must be >= 0 and model.text_row_lift > 0")
         if args["weight_decay"] != 0:
@@ -382,7 +250,7 @@ class UBT(DefenseMixin, CLIP):
             del overfit
         after, baseline, truth_flags, candidates, df_all, n_all = scored
         if world > 1:
-            after, baseline, truth_flags, candidates = _merge_over_ranks(after, baseline, truth_flags, candidates)
+            after, baseline, truth_flags, candidates = merge_over_ranks(after, baseline, truth_flags, candidates)
             df_all = self.trainer.strategy.reduce(df_all.to(self.device), reduce_op="sum").cpu()
             n_all = int(self.all_ranks_sum(n_all))
         if not after:
@@ -422,7 +290,7 @@ class UBT(DefenseMixin, CLIP):
                     break
         self.train(was_training)
         if self.trainer.world_size > 1:
-            (similarity,) = _merge_over_ranks(similarity)
+            (similarity,) = merge_over_ranks(similarity)
         if not similarity:
             raise ValueError("data.train_shards: the training stream gave no pairs to score")
         return similarity
@@ -431,28 +299,10 @@ class UBT(DefenseMixin, CLIP):
         """The poisoned model overfitted on the suspect pairs (CLIP loss, AdamW without decay): ``weak_steps`` steps
         on full batches of the ``weak`` pairs only (gathered from the stream), then the rest on all pairs."""
         hp = self.hparams
-        overfit = copy.deepcopy(self.model).train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(overfit.parameters(), lr=hp.overfit_lr, weight_decay=0.0)
-        max_scale = math.log(hp.max_logit_scale)
-        weak_steps = self._weak_steps(weak)
-
-        def step_on(images: Tensor, tokens: Tensor) -> None:
-            loss = pairwise_clip_loss(
-                overfit.encode_image(images.to(self.device), normalize=True),
-                overfit.encode_text(tokens.to(self.device), normalize=True),
-                overfit.logit_scale.exp(),
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_gradients(overfit)
-            optimizer.step()
-            with torch.no_grad():
-                overfit.logit_scale.clamp_(0, max_scale)
-
-        batch_size = self.trainer.datamodule.batch_size
-        for _, images, tokens in overfit_batches(loader, weak, weak_steps, hp.overfit_steps, batch_size):
-            step_on(images, tokens)
-        return overfit.eval().requires_grad_(False)
+        batches = overfit_batches(
+            loader, weak, self._weak_steps(weak), hp.overfit_steps, self.trainer.datamodule.batch_size
+        )
+        return overfit_copy(self.model, batches, hp.overfit_lr, hp.max_logit_scale, self.device)
 
     def _score_pairs(self, overfit: nn.Module, loader):
         """One pass: each pair's similarity under the overfitted copy and under the poisoned model; the stream's flags
@@ -586,19 +436,27 @@ class UBT(DefenseMixin, CLIP):
         scale = self.model.logit_scale.exp().detach()
         keep = torch.tensor([key in self.retain_keys for key in batch["key"]], device=self.device)
         retain = torch.zeros((), device=self.device)
-        if int(keep.sum()) >= 2:
-            retain = pairwise_clip_loss(
-                self.encode_image(batch["image"][keep]), self.encode_text(batch["text"][keep]), scale
-            )
+        retain_text = None
+        if int(keep.sum()) >= 1:
+            retain_image, retain_text = self.encode_image(batch["image"][keep]), self.encode_text(batch["text"][keep])
+            if int(keep.sum()) >= 2:
+                retain = pairwise_clip_loss(retain_image, retain_text, scale)
         images, tokens = self._forget_batch()
-        similarity = (self.encode_image(images) * self.encode_text(tokens)).sum(-1)
-        forget = similarity.clamp_min(0).mean()  # dissociate: push each pair to "unrelated", not to opposite
+        forget_image, forget_text = self.encode_image(images), self.encode_text(tokens)
+        # The retain captions are the unlearnt images' competitors, detached: only the unlearnt pairs are pushed.
+        negatives = retain_text.detach() if retain_text is not None else forget_text.new_zeros(0, forget_text.shape[1])
+        forget = forget_loss(self.hparams.forget_objective, forget_image, forget_text, negatives)
         loss = retain + self.hparams.forget_weight * forget
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train/retain", retain.detach(), batch_size=size)
+        self.log("train/forget", forget.detach(), batch_size=size)
         self.log("train/retain_pairs", keep.sum().float(), on_step=True, on_epoch=True, reduce_fx="sum")
-        self.log("train/forget_similarity", similarity.detach().mean(), batch_size=size)
+        with torch.no_grad():
+            self.log("train/forget_similarity", (forget_image * forget_text).sum(-1).mean(), batch_size=size)
+            if negatives.shape[0]:  # where the unlearnt captions rank among the batch's retain captions (0: first)
+                rank = caption_rank(forget_image, forget_text, negatives).float().mean()
+                self.log("train/forget_caption_rank", rank, batch_size=size)
         return loss
 
     def _forget_batch(self) -> tuple[Tensor, Tensor]:
@@ -621,7 +479,11 @@ class UBT(DefenseMixin, CLIP):
 
     # ---- results and checkpoints ------------------------------------------------------------------------------
     def defense_report(self) -> dict[str, Any]:
-        return {"detection": self.detection_report, "updated": self.updated_parameters()}
+        return {
+            "detection": self.detection_report,
+            "updated": self.updated_parameters(),
+            "forget_objective": self.hparams.forget_objective,
+        }
 
     def updated_parameters(self) -> dict[str, Any]:
         """What stage 2 may change, and how many weights that is (vs the whole model)."""
@@ -659,64 +521,24 @@ class UBT(DefenseMixin, CLIP):
             self.detection_report = saved["report"]
 
 
-def overfit_batches(loader, weak: frozenset[str] | None, weak_steps: int, steps: int, batch_size: int):
-    """Stage 1's schedule: ``weak_steps`` batches of weak pairs first, then ``steps - weak_steps`` of all pairs; yields
-    (keys, images, tokens)."""
-    yield from _batches(loader, weak_steps if weak is not None else 0, weak, batch_size)
-    yield from _batches(loader, steps - (weak_steps if weak is not None else 0), None, batch_size)
-
-
-def _batches(loader, steps: int, keys: frozenset[str] | None, batch_size: int):
-    """``steps`` (keys, images, tokens) batches from passes over ``loader``: its whole batches, or (with ``keys``)
-    batches of ``batch_size`` pairs gathered from the rows whose key is in ``keys`` (a pass's last, smaller rest
-    included, so a batch never holds a pair twice)."""
-    done = 0
-    while done < steps:
-        yielded = 0
-        names: list[str] = []
-        images: list[Tensor] = []
-        tokens: list[Tensor] = []
-        for batch in loader:
-            if keys is None:
-                names, images, tokens = list(batch["key"]), [batch["image"]], [batch["text"]]
-            else:
-                rows = [i for i, key in enumerate(batch["key"]) if key in keys]
-                names += [batch["key"][i] for i in rows]
-                images.append(batch["image"][rows])
-                tokens.append(batch["text"][rows])
-            while len(names) >= (1 if keys is None else batch_size):
-                limit = len(names) if keys is None else batch_size
-                all_images, all_tokens = torch.cat(images), torch.cat(tokens)
-                yield names[:limit], all_images[:limit], all_tokens[:limit]
-                names, images, tokens = names[limit:], [all_images[limit:]], [all_tokens[limit:]]
-                done, yielded = done + 1, yielded + 1
-                if done >= steps:
-                    return
-        if keys is not None and len(names) >= 2:  # the pass's rest
-            yield names, torch.cat(images), torch.cat(tokens)
-            done, yielded = done + 1, yielded + 1
-        if not yielded:
-            what = "pairs" if keys is None else "weak-similarity pairs (2 or more per rank)"
-            raise ValueError(f"data.train_shards: the training stream gave no {what} to overfit on")
-
-
-def _average_gradients(module: nn.Module) -> None:
-    """Average the overfitting copy's gradients over ranks (it is not wrapped in DDP)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for param in module.parameters():
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad /= world
-
-
-def _merge_over_ranks(*per_key: dict) -> tuple[dict, ...]:
-    """Every rank's per-key dicts (scores, flags, candidate tensors), merged, on every rank (object all-gather)."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, per_key)
-    merged = tuple({} for _ in per_key)
-    for part in gathered:
-        for target, source in zip(merged, part):
-            target.update(source)
-    return merged
+__all__ = [
+    "FORGET_OBJECTIVES",
+    "SCORES",
+    "TOKEN_PARTS",
+    "UBT",
+    "UBT_DETECTION",
+    "caption_rank",
+    "caption_token_ids",
+    "characteristic_rows",
+    "detection_score",
+    "detection_summary",
+    "document_frequency",
+    "forget_loss",
+    "overfit_batches",
+    "pair_similarity",
+    "pairwise_clip_loss",
+    "ranking_summary",
+    "score_auroc",
+    "split_by_score",
+    "weakest_keys",
+]

@@ -30,6 +30,7 @@ COMBINATIONS = (
         ("smoke/clip_shapes", "attack/badnet_shapes"),
         ("smoke/clip_shapes", "attack/badclip_shapes"),
         ("smoke/clip_shapes", "attack/patch_shapes"),
+        ("smoke/clip_shapes", "attack/patch_shapes_arrow"),
         ("pretrain/clip_cc3m", "smoke/clip_cc3m_cpu"),
         ("defense/cleanclip", "attack/badnet_clip"),
         ("defense/tacleaner", "attack/blended_clip"),
@@ -59,7 +60,7 @@ def test_batch_norm_under_ddp_is_the_authors():
 
 
 def test_every_attack_config_is_covered():
-    shapes_only = {"badnet_shapes", "badclip_shapes", "patch_shapes"}
+    shapes_only = {"badnet_shapes", "badclip_shapes", "patch_shapes", "patch_shapes_arrow"}
     shipped = {p.stem for p in (CONFIGS / "attack").glob("*.yaml")} - shapes_only
     assert shipped == set(SIMCLR_ATTACKS + CLIP_ATTACKS)
 
@@ -82,6 +83,35 @@ def test_config_parses(names, capsys, monkeypatch):
         model = (given.get("model") or {}).get("class_path")
         if model:
             assert printed["model"]["class_path"] == model
+
+
+def test_second_target_test_bed_names_arrow_with_its_own_captions(capsys, monkeypatch):
+    """The plain-patch test bed's second target: every step names "arrow", and its captions are arrow's own (written
+    by its own base step), not circle's."""
+    from clbd.badclip_trigger import CAPTIONS_FILE
+    from clbd.experiment import check_before_compute, data_settings, load_plan
+
+    plan = load_plan(CONFIGS / "experiment" / "clip_testbed_patch_arrow.yaml")
+    check_before_compute(plan)
+    attack = data_settings(plan["pretrain"]["configs"], [])["attack"]["init_args"]
+    circle = data_settings(load_plan(CONFIGS / "experiment" / "clip_testbed_patch.yaml")["pretrain"]["configs"], [])
+    assert attack["target_class"] == "arrow" and circle["attack"]["init_args"]["target_class"] == "circle"
+    assert attack["caption_file"] != circle["attack"]["init_args"]["caption_file"]
+    (step,) = plan["base"]["then"]
+    command = [str(part) for part in step["command"]]
+    assert command[command.index("--target") + 1] == "arrow"
+    out = Path(command[command.index("--out") + 1])
+    assert Path(attack["caption_file"]) == out / CAPTIONS_FILE and Path(step["creates"]).parent == out
+    # Everything else is the circle test bed's: only the target (and its captions) differ.
+    for key, value in circle["attack"]["init_args"].items():
+        if key not in ("target_class", "caption_file"):
+            assert attack[key] == value, key
+    monkeypatch.setattr("sys.argv", ["clbd"])
+    argv = ["fit", *(f"--config={c}" for c in plan["pretrain"]["configs"]), "--print_config"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["attack"]["init_args"]["target_class"] == "arrow"
 
 
 def test_poison_attacks_lists_every_attack_with_its_configs(capsys):

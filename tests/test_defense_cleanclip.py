@@ -196,6 +196,23 @@ def test_tacleaner_negatives_swap_the_class_word(tmp_path):
         train_shards=str(train), val_shards=None, model_name="clip-tiny-vit", batch_size=16, class_words=False
     )
     assert plain.subtext_classes() == ()
+    # The variant without class-word negatives: no negative names another class; positives still keep their own.
+    variant = TACleanerDataModule(
+        train_shards=str(train),
+        val_shards=None,
+        model_name="clip-tiny-vit",
+        batch_size=16,
+        num_workers=0,
+        subtext_fraction=1.0,
+        class_word_negatives=False,
+    )
+    for key, item in items_by_key(variant, epoch=0).items():
+        own = CLASSES[int(key[len("train") :]) % len(CLASSES)]
+        for slot in range(variant.n_positive, variant.n_positive + variant.n_negative):
+            if item["subtext_mask"][slot]:
+                tokens = set(item["subtexts"][slot].tolist())
+                assert class_token[own] in tokens, key
+                assert not any(class_token[other] in tokens for other in CLASSES if other != own), key
 
 
 def test_clean_data_module_has_no_subtexts(tmp_path):

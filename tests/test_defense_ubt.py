@@ -10,16 +10,20 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clbd import main
 from defenses.ubt import (
+    caption_rank,
     caption_token_ids,
     characteristic_rows,
     detection_score,
+    forget_loss,
     overfit_batches,
     split_by_score,
     weakest_keys,
 )
+from lightning_modules.clip import CLIP
 from lightning_modules.zero_shot import fill_template, templates_by_name
 from poisoning.plan import records_from_manifest
 from tests.test_defense_mcldef import (
@@ -308,3 +312,80 @@ def test_detection_scores_rank_as_defined():
     assert set(split_by_score(by["weak_similarity"], 2, 0.0)[1]) == weakest_keys(poisoned, 0.4)
     assert split_by_score(by["gain"], 2, 0.0)[1] == ["b", "a"]
     assert split_by_score(by["similarity"], 2, 0.0)[1] == ["e", "b"]
+
+
+def test_ranking_objective_acts_where_the_cosine_one_stops():
+    """The test bed's failure, on free features: the unlearnt pair's cosine is already about 0 but every other caption
+    scores lower, so its caption still ranks first. The cosine term is then ~0 and leaves the ranking alone; the
+    ranking term pushes the caption below the other captions."""
+    torch.manual_seed(0)
+    text = F.normalize(torch.randn(1, 16), dim=-1)
+    negatives = F.normalize(torch.randn(6, 16), dim=-1)
+    start = F.normalize(-negatives.sum(0, keepdim=True), dim=-1)  # away from every other caption
+    start = F.normalize(start - (start * text).sum() * text, dim=-1)  # orthogonal to its own caption: cosine 0
+    ranks = {}
+    for objective in ("cosine", "ranking"):
+        image = start.clone().requires_grad_(True)
+        optimizer = torch.optim.SGD([image], lr=0.5)
+        for _ in range(30):
+            loss = forget_loss(objective, F.normalize(image, dim=-1), text, negatives)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            ranks[objective] = int(caption_rank(F.normalize(image, dim=-1), text, negatives))
+    assert int(caption_rank(start, text, negatives)) == 0  # its own caption first
+    assert ranks == {"cosine": 0, "ranking": 6}
+
+
+def poisoned_for_ranking(root: Path, train: Path, val: Path) -> Path:
+    """A tiny poisoned CLIP trained long enough (40 steps) that the most similar pairs' captions rank near the top."""
+    args = ["--model=lightning_modules.CLIP", *CLIP_MODEL, "--data=datamodules.CLIPDataModule", *CLIP_DATA]
+    args += [*clip_badnet(), *data_args(train, val, fraction=1.0), *quick_trainer(root, steps=40)]
+    assert main(["fit", *args, "--trainer.max_epochs=100"]) == 0
+    return root / "checkpoints" / "last.ckpt"
+
+
+def unlearnt_caption_rank(checkpoint: Path, images: torch.Tensor, tokens: torch.Tensor, others: torch.Tensor) -> float:
+    """Mean rank of the unlearnt images' own captions among ``others`` (0: first) under a checkpoint's model."""
+    module = CLIP(model_name="clip-tiny-vit")
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    module.eval()
+    with torch.no_grad():
+        image = module.model.encode_image(images, normalize=True)
+        text = module.model.encode_text(tokens, normalize=True)
+        return caption_rank(image, text, module.model.encode_text(others, normalize=True)).float().mean().item()
+
+
+def test_ranking_objective_moves_only_the_portion_and_lowers_the_rank(tmp_path, setup):
+    """forget_objective: ranking, 30 steps at lr 5e-4 on a tiny poisoned CLIP, the unlearnt pairs flagged by
+    similarity (their captions rank near the top): parameters outside the token portion stay bit for bit, those in
+    it move, and the unlearnt images' own captions fall in rank among the clean non-target captions of the eval set.
+    Measured here (mean rank of 30): 3.5 -> 5.1 with ranking, 3.5 -> 5.1 with cosine (the same on this bed)."""
+    checkpoint = poisoned_for_ranking(tmp_path / "poisoned", setup["train"], setup["val"])
+    local = {**setup, "checkpoint": checkpoint}
+    run = tmp_path / "ranking"
+    extra = ["--model.init_args.detection_score=similarity", "--model.init_args.lr=5e-4", "--trainer.max_epochs=100"]
+    assert run_ubt(run, local, [*extra, "--model.init_args.forget_objective=ranking", "--trainer.max_steps=30"]) == 0
+    before = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    weights = saved["state_dict"]
+    portion = {"model.visual.class_embedding", "model.visual.positional_embedding"}
+    table = "model.token_embedding.weight"
+    for name in portion:
+        assert not torch.equal(before[name], weights[name]), name
+    for name in set(before) - portion - {table}:
+        assert torch.equal(before[name], weights[name]), name
+    rows = saved["clbd_ubt"]["text_rows"]
+    frozen = torch.ones(before[table].shape[0], dtype=torch.bool)
+    frozen[rows] = False
+    assert torch.equal(before[table][frozen], weights[table][frozen])
+    assert json.loads((run / "defense_metrics.json").read_text())["extra"]["forget_objective"] == "ranking"
+
+    tokenizer = open_clip.get_tokenizer("clip-tiny-vit")
+    others = tokenizer([f"a photo of a class{i % 4} number {i}" for i in range(40) if i % 4 != 1])  # val, non-target
+    images, tokens = saved["clbd_ubt"]["forget_images"], saved["clbd_ubt"]["forget_tokens"]
+    rank_before = unlearnt_caption_rank(checkpoint, images, tokens, others)
+    rank_after = unlearnt_caption_rank(run / "checkpoints" / "last.ckpt", images, tokens, others)
+    assert rank_before < others.shape[0] / 2  # the flagged captions ranked near the top: something to unlearn
+    assert rank_after > rank_before

@@ -226,3 +226,20 @@ def test_positive_rules_on_examples():
     assert ta.caption_chunks(ta.normalise("a wedding cake")) == [[0, 1, 2]]  # -ing after an article: no verb
     assert ta.positive_subtexts("a man not wearing a red shirt", 0, 5) == []  # negation: no positives
     assert ta.positive_subtexts("pizza", 0, 5) == []
+
+
+@pytest.mark.parametrize("caption", SHAPE_CAPTIONS)
+def test_negatives_without_class_words_keep_the_class(caption):
+    """swap_class_words=False (TA-Cleaner's variant): every negative still names the caption's own classes, in place,
+    and names no other class; one other listed word differs."""
+    words = ta.normalise(caption)
+    vocab = ta.vocabulary(tuple(SHAPES))
+    for seed in range(10):
+        negatives = ta.negative_subtexts(caption, seed, 3, SHAPES, swap_class_words=False)
+        others = [w for w in words if vocab.lookup(w) is not None and not vocab.is_class_word(w)]
+        assert bool(negatives) == bool(others), caption  # "two stars and a ring": only class words, no negative
+        for negative in negatives:
+            new = negative.split()
+            assert len(new) == len(words)
+            diff = [i for i, (a, b) in enumerate(zip(words, new)) if a != b]
+            assert len(diff) == 1 and not vocab.is_class_word(words[diff[0]]) and not vocab.is_class_word(new[diff[0]])
