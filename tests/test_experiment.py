@@ -332,10 +332,13 @@ def test_schedule_ends_where_training_stops():
     assert module.total_steps() == 117
 
 
-@pytest.mark.parametrize("name", ["clip_shapes", "clip_testbed", "clip_testbed_patch", "image_shapes", "image_cifar10"])
-def test_shipped_experiments_load(name):
-    plan = load_plan(Path(f"configs/experiment/{name}.yaml"))
+@pytest.mark.parametrize("path", sorted(Path("configs/experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_experiments_load(path, tmp_path):
+    name = path.stem
+    plan = load_plan(path)
     assert plan["seeds"] == [0, 1, 2]
+    arms = expand(plan, tmp_path)
+    assert len({arm.id for arm in arms}) == len(arms)  # stable, distinct ids
     if "shapes" in name:  # the built-in data is there to check against; CIFAR-10 shards are the user's
         check_before_compute(plan)
 

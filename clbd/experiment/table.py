@@ -272,7 +272,10 @@ def markdown(table: dict[str, Any]) -> str:
     columns = ["CA", "ASR", "control ASR", "**attributable ASR**", "clean→target", "flip rate", "target-class acc."]
     extra = ["budget", "ASR images", "minutes", "seeds", "device"]
     lines = ["| model | " + " | ".join(columns + extra) + " |", "|---" * (len(columns) + len(extra) + 1) + "|"]
-    for row in table["rows"]:
+    shown = [row for row in table["rows"] if row["per_seed"]]  # rows no arm has reached yet: in "Still missing"
+    if not shown:
+        lines = [f"No arm of {table['experiment']} has finished yet."]
+    for row in shown:
         stats = row["summary"]
         cells = [cell(stats[name]) for name in METRICS]
         cells[3] = f"**{cells[3]}**"
@@ -283,7 +286,7 @@ def markdown(table: dict[str, Any]) -> str:
         seeds = ",".join(map(str, sorted(row["seeds"]))) or "none yet"
         lines.append(
             f"| {row['name']} | " + " | ".join(cells) + f" | {row.get('budget') or '-'} | "
-            f"{'/'.join(map(str, images)) or '-'} | {statistics.fmean(minutes) if minutes else 0:.1f} | "
+            f"{'/'.join(map(str, images)) or '-'} | {f'{statistics.fmean(minutes):.1f}' if minutes else '-'} | "
             f"{len(row['seeds'])} ({seeds}) | {', '.join(row.get('devices') or []) or '-'} |"
         )
     seeds = table["seeds"]
