@@ -208,7 +208,7 @@ def stage_breakdown(index_file: Path, kind: str, model_name: str, n: int, batch:
         bare_item, bare_collate = BareCLIPItem(model_name), bare_clip_collate
     stream = module.train_stream()
     urls = resolve_shards(str(index_file)).urls
-    raw = list(itertools.islice(stream._raw_samples(urls), n))
+    raw = list(itertools.islice(stream.raw_samples(urls), n))
     faults = FaultCounter()
     need_text = kind == "clip"
 
@@ -239,7 +239,7 @@ def stage_breakdown(index_file: Path, kind: str, model_name: str, n: int, batch:
         return list(itertools.islice(itertools.chain.from_iterable(map(tar_samples, urls)), n))
 
     stages = [
-        ("read tar members", count(lambda: list(itertools.islice(stream._raw_samples(urls), n))), count(read_bare)),
+        ("read tar members", count(lambda: list(itertools.islice(stream.raw_samples(urls), n))), count(read_bare)),
         ("shuffle buffer (raw bytes)", count(lambda: list(stream._shuffled(iter(raw), random.Random(0)))), None),
         ("decode", count(decoded_clbd), count(decoded_bare)),
         ("poison stage (clean run)", count(lambda: [stream.poison(dict(s)) for s in samples]), None),
@@ -350,23 +350,16 @@ def run_throughput(args, cases, workers_list, repeats) -> list[dict[str, Any]]:
 def raw_reads_per_pass(index_file: Path, batch: int) -> dict[str, int]:
     """Raw samples one clbd training stream (one process) reads from the tars in a pass, against what it delivers.
 
-    Reads are counted by wrapping the stream's tar reader on this instance; items are trivial so that the count is
-    cheap. A bare loop reads each sample once."""
+    Reads are the stream's own count (``ShardStream.raw_reads``); items are trivial so that a pass is cheap. A bare
+    loop reads each sample once."""
     module = SimCLRDataModule(train_shards=str(index_file), val_shards=None, batch_size=batch, num_workers=0)
     stream = module.train_stream()
     stream.configure(rank=0, world_size=1, num_workers=0)
-    reader, reads = stream._raw_samples, [0]
-
-    def counted(urls):
-        for raw in reader(urls):
-            reads[0] += 1
-            yield raw
-
-    stream._raw_samples = counted
     stream.to_item = lambda sample, epoch: {"one": 1}
+    before = stream.raw_reads
     delivered = sum(len(b["one"]) for b in stream)
     return {
-        "read": reads[0],
+        "read": stream.raw_reads - before,
         "delivered": delivered,
         "in_shards": resolve_shards(str(index_file)).total,
         "shuffle_buffer": stream.shuffle_buffer,

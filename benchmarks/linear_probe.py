@@ -68,7 +68,9 @@ def main() -> None:
     data_args["num_workers"] = 0
     datamodule = SimCLRDataModule(**data_args)
     datamodule.setup("test")
-    model = SimCLR.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    # weights_only: a crafted file is refused; Lightning (>= 2.6) builds only an already imported SimCLR subclass
+    # from the checkpoint's hyper_parameters and refuses an instantiator outside its allow-list.
+    model = SimCLR.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True).eval()
     bank_loader, test_loader = datamodule.test_dataloader()
     bank, bank_labels = features(model, bank_loader)
     test, test_labels = features(model, test_loader)

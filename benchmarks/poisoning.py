@@ -146,7 +146,7 @@ def per_sample_costs(label: str, modules: dict[str, Any], n: int, repeats: int) 
         modules[name].setup("fit")
         streams[name] = modules[name].train_stream()
     urls = [shard.url for shard in modules["clean"].index("train").shards]
-    raw = list(itertools.islice(streams["clean"]._raw_samples(urls), n))
+    raw = list(itertools.islice(streams["clean"].raw_samples(urls), n))
     need_text = isinstance(modules["clean"], CLIPDataModule)
     faults = FaultCounter()
 

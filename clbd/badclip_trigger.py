@@ -279,7 +279,7 @@ def optimize_patch(
     history: list[float] = []
     start_epoch = 0
     if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(state_path)  # weights_only: an --out folder from elsewhere cannot run code
         if state["settings"] != json.loads(json.dumps(described)):
             raise ValueError(
                 f"out: {out} holds an optimisation with other settings ({STATE_FILE}); use another --out or remove it"

@@ -3,9 +3,9 @@ and consolidate tools."""
 
 from __future__ import annotations
 
-import logging
 import sys
 
+from .logs import configure_logging, take_verbose_flag
 from .run_dir import FINISHED_MARKER
 
 TOOLS = {
@@ -23,7 +23,11 @@ TRAINER_COMMANDS = {
 
 
 def _top_level_help() -> str:
-    lines = ["usage: clbd COMMAND [options]", "", "Training and evaluation (LightningCLI; clbd COMMAND --help):"]
+    lines = [
+        "usage: clbd [--verbose] COMMAND [options]",
+        "",
+        "Training and evaluation (LightningCLI; clbd COMMAND --help):",
+    ]
     lines += [f"  {name:<12}{text}" for name, text in TRAINER_COMMANDS.items()]
     lines += ["", "Tools:"]
     lines += [f"  {name:<12}{text}" for name, text in TOOLS.items()]
@@ -34,13 +38,19 @@ def _top_level_help() -> str:
         "  clbd fit --config configs/pretrain/simclr_cifar10.yaml --config configs/attack/na_cifar10.yaml",
         "  clbd test --config runs/x/config.yaml --ckpt_path runs/x/checkpoints/last.ckpt",
         f"Run directories hold config.yaml, checkpoints/, metrics.csv and {FINISHED_MARKER} once fit ends.",
+        "clbd logs its own messages at INFO and other libraries' at WARNING; --verbose (or CLBD_LOG_LEVEL=INFO or",
+        "DEBUG) shows the libraries' INFO lines too.",
     ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = take_verbose_flag(list(sys.argv[1:] if argv is None else argv))
+    try:
+        configure_logging()
+    except ValueError as exc:
+        print(f"clbd: error: {exc}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_level_help())
         return 0

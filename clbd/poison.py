@@ -96,16 +96,25 @@ def write_manifest(datamodule: ShardDataModule, out: Path, overwrite: bool) -> d
     return plan.summary()
 
 
-def preview(datamodule: ShardDataModule, out: Path, count: int, overwrite: bool) -> int:
-    """A grid: original, poisoned, and what the model sees (SimCLR's two views / CLIP's image and caption)."""
-    from poisoning.preview import render_grid
+def configured_attack(config_files: list[str], overrides: list[str]) -> tuple[str, str]:
+    """What a user calls the attack and where it was set: the stem of the last config file that sets ``data``'s
+    attack (``patch_shapes`` for configs/attack/patch_shapes.yaml; a run's ``config.yaml`` by its run folder), or the
+    command-line option that replaced it. The class's own short name (``badclip``) can stand for several attacks."""
+    for index in range(len(overrides) - 1, -1, -1):
+        option, _, value = overrides[index].partition("=")
+        if option in ("--data.attack", "--data.init_args.attack"):
+            value = value or (overrides[index + 1] if index + 1 < len(overrides) else "")
+            return value.rsplit(".", 1)[-1], option
+    for path in reversed(config_files):
+        data = (yaml.safe_load(Path(path).read_text()) or {}).get("data") or {}
+        if "attack" in data or "attack" in (data.get("init_args") or {}):
+            path = Path(path)
+            return (f"{path.parent.name}/{path.stem}" if path.stem == "config" else path.stem), str(path)
+    return "", ""
 
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    plan = datamodule.build_plan()
-    keys = [record.key for record in plan.records()[:count]]
-    if not keys:
-        raise ValueError("the attack poisons no sample of these shards (rate/count too small?)")
+
+def preview_rows(datamodule: ShardDataModule, keys: list[str], plan) -> list[dict]:
+    """One row per poisoned sample: original and poisoned (their captions in full for CLIP), then SimCLR's two views."""
     raw = load_raw_samples(datamodule.index("train"), keys)
     faults = FaultCounter()
     rows = []
@@ -126,12 +135,42 @@ def preview(datamodule: ShardDataModule, out: Path, count: int, overwrite: bool)
                 pixels = (view * view.new_tensor(std)[:, None, None] + view.new_tensor(mean)[:, None, None]).clamp(0, 1)
                 images.append(to_pil_image(pixels))
                 labels.append(f"view {i + 1}")
-            title = f"{key}  {record.attack}  {record.arrangement or ''}".strip()
         else:
-            title = f"{key}  {record.attack}: '{sample['text']}' -> '{poisoned['text']}'"
-        rows.append({"title": title, "images": images, "labels": labels})
+            labels = [f"original: {sample['text']}", f"poisoned: {poisoned['text']}"]
+        rows.append({"title": f"{key}  {record.arrangement or ''}".strip(), "images": images, "labels": labels})
+    return rows
+
+
+def preview_heading(datamodule: ShardDataModule, name: str, source: str) -> str:
+    attack = datamodule.attack
+    shown = ", view 1, view 2 (what SimCLR sees)" if datamodule.modality == "image" else " (with their captions)"
+    where = f" from {source}" if source else ""
+    trigger = getattr(attack, "trigger", None)
+    described = dict(trigger.describe()) if trigger is not None else {}
+    trigger_text = " ".join([f", trigger {described.pop('class')}", *(f"{k}={v}" for k, v in described.items())])
+    return (
+        f"Attack as configured: {name or attack.name}{where} ({type(attack).__module__.split('.')[0]}."
+        f"{type(attack).__name__}, target {attack.target_class!r}{trigger_text if trigger else ''}). Each row is "
+        f"one poisoned sample: original, poisoned{shown}."
+    )
+
+
+def preview(
+    datamodule: ShardDataModule, out: Path, count: int, overwrite: bool, name: str = "", source: str = ""
+) -> int:
+    """A grid: original, poisoned, and what the model sees (SimCLR's two views / CLIP's image and caption), under a
+    heading that names the attack as configured (``configured_attack``)."""
+    from poisoning.preview import render_grid
+
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    plan = datamodule.build_plan()
+    keys = [record.key for record in plan.records()[:count]]
+    if not keys:
+        raise ValueError("the attack poisons no sample of these shards (rate/count too small?)")
+    rows = preview_rows(datamodule, keys, plan)
     out.parent.mkdir(parents=True, exist_ok=True)
-    render_grid(rows, str(out))
+    render_grid(rows, str(out), heading=preview_heading(datamodule, name, source))
     return len(rows)
 
 
@@ -174,7 +213,8 @@ def main(argv: list[str]) -> int:
             summary = write_manifest(datamodule, args.out, args.overwrite)
             print(f"wrote {args.out}: {summary}")
         else:
-            shown = preview(datamodule, args.out, args.count, args.overwrite)
+            name, source = configured_attack(args.config, extra)
+            shown = preview(datamodule, args.out, args.count, args.overwrite, name, source)
             print(f"wrote {args.out}: {shown} poisoned samples")
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"clbd poison {args.command}: error: {exc}", file=sys.stderr)

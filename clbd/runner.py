@@ -14,7 +14,6 @@ import csv
 import importlib.util
 import inspect
 import json
-import logging
 import os
 import sys
 import warnings
@@ -33,6 +32,7 @@ from lightning_modules.base import ContrastiveModule
 from lightning_modules.deepspeed_setup import prepare_deepspeed
 from lightning_modules.safe_checkpoint import check_checkpoint
 
+from .logs import configure_logging
 from .run_dir import check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
 
 
@@ -205,7 +205,7 @@ def deepspeed_logs_to_stderr() -> None:
 def run(argv: list[str]) -> int:
     """One LightningCLI command (``fit``, ``validate``, ``test``, ``predict`` and its options); 0 on success, 2 on a
     configuration error (one clear line; CLBD_DEBUG=1 shows the traceback)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if any(arg.startswith("--print_config") for arg in argv):
         deepspeed_logs_to_stderr()
     command = argv[0] if argv else ""

@@ -148,6 +148,9 @@ class ShardStream(IterableDataset):
         self._uncounted = uncounted()
         self._replaying = False
         self.remainder: EpochRemainder | None = None
+        # Samples (tar members grouped by key) this instance has read from its shards, every pass and resume
+        # replay included; per process (each loader worker counts its own copy). A pass reads each sample once.
+        self.raw_reads = 0
 
     # ---- layout -------------------------------------------------------------------------------------------
     def configure(self, *, rank: int, world_size: int, num_workers: int) -> None:
@@ -277,12 +280,18 @@ class ShardStream(IterableDataset):
         extra pass over its shards, a resume's replay of what the checkpoint already counted)."""
         return self._faults if first_pass and not self._replaying else self._uncounted
 
+    def raw_samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
+        """The undecoded samples of ``urls`` in order, read (and counted in ``raw_reads``) as training reads them."""
+        return self._raw_samples(urls)
+
     def _raw_samples(self, urls: list[str], first_pass: bool = True) -> Iterator[dict[str, Any]]:
         """Samples of each shard in turn; each shard is judged once, when it has been read to its end."""
         expected = {shard.url: shard.count for shard in self.index.shards}
         for url in urls:
             outcome = ShardRead(url)
-            yield from (self.resident.read if self.resident is not None else read_samples)(url, outcome)
+            for raw in (self.resident.read if self.resident is not None else read_samples)(url, outcome):
+                self.raw_reads += 1
+                yield raw
             self._judge_shard(outcome, expected.get(url, 0), self._counter(first_pass))
 
     @staticmethod

@@ -9,7 +9,6 @@ attack's test-time trigger), at fit end the defended one, with the same code as 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_modules.checkpoints import consolidate
 from lightning_modules.safe_checkpoint import load_checkpoint
+
+from .recorded_classes import recorded_class
 
 DEFENSE_METRICS = "defense_metrics.json"
 
@@ -34,24 +35,20 @@ def load_poisoned_checkpoint(path: str, expected: tuple[str, ...]) -> dict[str, 
     if not isinstance(state, dict):
         raise ValueError(f"model.checkpoint: {checkpoint} is not a Lightning checkpoint (no dict at its top)")
     config = state.get("clbd_run_config") or {}
-    class_path = (config.get("model") or {}).get("class_path", "")
-    kind = class_path.rsplit(".", 1)[-1]
-    if not set(expected) & class_names(class_path):
+    class_path = (config.get("model") or {}).get("class_path")
+    if not class_path:
         raise ValueError(
-            f"model.checkpoint: {checkpoint} holds a {kind or 'non-clbd'} model; this defense repairs "
+            f"model.checkpoint: {checkpoint} holds a non-clbd model (no recorded model.class_path); this defense "
+            f"repairs {' or '.join(expected)} models"
+        )
+    # Looked up among clbd's own classes, never imported by name: the file does not choose what clbd imports.
+    cls = recorded_class(class_path, checkpoint, "model.checkpoint")
+    if not set(expected) & {base.__name__ for base in cls.__mro__}:
+        raise ValueError(
+            f"model.checkpoint: {checkpoint} holds a {cls.__name__} model; this defense repairs "
             f"{' or '.join(expected)} models"
         )
     return state
-
-
-def class_names(class_path: str) -> set[str]:
-    """The names of a class and of its bases (only its own name when it cannot be imported)."""
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return {name}
-    return {base.__name__ for base in cls.__mro__}
 
 
 class DefenseMixin:
@@ -111,7 +108,7 @@ class DefenseMixin:
         recorded = source.get("attack")
         if not isinstance(recorded, dict) or "class_path" not in recorded:
             return
-        name = recorded["class_path"].rsplit(".", 1)[-1]
+        name = recorded_class(recorded["class_path"], self.source_checkpoint, "model.checkpoint").__name__
         target = (recorded.get("init_args") or {}).get("target_class")
         same_target = target is None or target == attack.target_class or _same_class(target, attack, class_names)
         if name != type(attack).__name__ or not same_target:

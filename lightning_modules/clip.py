@@ -17,6 +17,7 @@ from .base import ContrastiveModule, nan_if_none
 from .checkpoints import consolidate
 from .losses import clip_loss
 from .metrics import AttackSuccessRate, BackdoorPredictions, asr_definition, backdoor_headlines
+from .pretrained_weights import cache_dir, ensure_cached, hub_offline, is_tag, offline
 from .safe_checkpoint import load_checkpoint
 from .zero_shot import build_zero_shot_classifier, templates_by_name
 
@@ -46,9 +47,11 @@ class CLIP(ContrastiveModule):
     Args:
         model_name: an open_clip model (``RN50``, ``ViT-B-32``, ...) or clbd's tiny ``clip-tiny-vit`` /
             ``clip-tiny-rn`` for CPU runs and tests.
-        pretrained: a LOCAL checkpoint file to start from (nothing is downloaded): open_clip's format, or a clbd
-            CLIP run's checkpoint (its ``last.ckpt``, or a DeepSpeed folder through its consolidated copy) to
-            fine-tune a model clbd trained; None trains from scratch.
+        pretrained: where to start from: an open_clip pretrained tag of ``model_name`` (``openai``,
+            ``laion2b_s34b_b79k``, ...; open_clip's download and cache, the cache alone under ``HF_HUB_OFFLINE=1``:
+            ``pretrained_weights``), a local open_clip weights file, or a clbd CLIP run's checkpoint (its
+            ``last.ckpt``, or a DeepSpeed folder through its consolidated copy) to fine-tune a model clbd trained;
+            None trains from scratch.
         grad_checkpointing: recompute activations in backward (less memory, ~30% more compute).
         local_loss: each rank scores its own rows against the gathered batch (open_clip's ``--local-loss``).
         gather_with_grad: gather features across ranks keeping the gradient (exact global-batch gradient).
@@ -91,13 +94,20 @@ class CLIP(ContrastiveModule):
         )
         open_clip_config(model_name)  # a clear error for an unknown name, before anything is built
         templates_by_name(zero_shot_templates)
-        if pretrained is not None and not Path(pretrained).exists():
+        tag = pretrained is not None and is_tag(model_name, pretrained)
+        if tag:
+            ensure_cached(model_name, pretrained)  # downloaded (online) or found in the cache, or a clear error
+        elif pretrained is not None and not Path(pretrained).exists():
             raise FileNotFoundError(
-                f"model.pretrained: no checkpoint file at {pretrained} (clbd downloads nothing; give a local file)"
+                f"model.pretrained: no checkpoint file at {pretrained} (a local file, or an open_clip pretrained tag "
+                f"of {model_name} such as 'openai')"
             )
         self.save_hyperparameters()
-        clbd_weights = clbd_clip_weights(pretrained) if pretrained is not None else None
-        model = open_clip.create_model(model_name, pretrained=None if clbd_weights is not None else pretrained)
+        clbd_weights = clbd_clip_weights(pretrained) if pretrained is not None and not tag else None
+        with hub_offline(offline()):  # a tag: open_clip finds it in the cache just filled (its own checks included)
+            model = open_clip.create_model(
+                model_name, pretrained=None if clbd_weights is not None else pretrained, cache_dir=cache_dir()
+            )
         if clbd_weights is not None:
             try:
                 model.load_state_dict(clbd_weights)

@@ -8,7 +8,6 @@ factor with NEAREST, so the pixels of a 32 px image (and its 8 px trigger) stay 
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,13 +45,37 @@ def _text_height(draw: ImageDraw.ImageDraw, text: str, font) -> int:
     return bottom - top
 
 
-def _wrap(text: str, width_px: int, char_px: int = 7) -> str:
-    columns = max(8, width_px // char_px)
-    return "\n".join(textwrap.wrap(text, columns)) if text else ""
+def wrap_text(text: str, width_px: int, font=None) -> str:
+    """``text`` broken into lines no wider than ``width_px`` in ``font`` (measured, not guessed from a character
+    count): at spaces, and inside a word only when the word alone is wider than a line. Nothing is cut off."""
+    font = font or _font()
+    lines: list[str] = []
+    for paragraph in str(text).splitlines() or [""]:
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width_px:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            line = ""
+            for char in word:  # a word wider than the line: broken where it must be
+                if line and font.getlength(line + char) > width_px:
+                    lines.append(line)
+                    line = ""
+                line += char
+        lines.append(line)
+    return "\n".join(lines).strip("\n")
 
 
-def render_grid(rows: list[dict], out_path: str) -> None:
-    """Draw ``rows`` (title; images with a label under each) into one PNG at ``out_path``."""
+MIN_WIDTH = 480  # the narrowest picture: room for a heading of a few words per line
+
+
+def render_grid(rows: list[dict], out_path: str, heading: str = "") -> None:
+    """Draw ``rows`` (title; images with a label under each) into one PNG at ``out_path``, under ``heading``.
+
+    Every text is wrapped, never cut: labels to their cell's width, titles and the heading to the picture's."""
     if not rows:
         raise ValueError("rows: nothing to render (give at least one row)")
     for index, row in enumerate(rows):
@@ -64,34 +87,49 @@ def render_grid(rows: list[dict], out_path: str) -> None:
     font = _font()
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    laid_out = []  # (title, [(cell image, wrapped label)], row height)
+    laid_out = []  # (title, [(cell image, wrapped label, cell width)])
     for row in rows:
         cells = []
         labels = list(row.get("labels") or [""] * len(row["images"]))
         for image, label in zip(row["images"], labels):
             cell = enlarge(image)
-            cells.append((cell, _wrap(str(label), max(cell.width, 120))))
-        title = str(row.get("title", ""))
-        label_height = max(_text_height(scratch, text, font) for _, text in cells)
-        height = (
-            _text_height(scratch, title, font) + PADDING + max(c.height for c, _ in cells) + label_height + 2 * PADDING
-        )
-        laid_out.append((title, cells, height))
+            slot = max(cell.width, 120)
+            cells.append((cell, wrap_text(str(label), slot, font), slot))
+        laid_out.append((str(row.get("title", "")), cells))
 
-    width = PADDING + max(sum(max(c.width, 120) + PADDING for c, _ in cells) for _, cells, _ in laid_out)
-    height = PADDING + sum(h for _, _, h in laid_out)
+    width = max(MIN_WIDTH, PADDING + max(sum(slot + PADDING for _, _, slot in cells) for _, cells in laid_out))
+    text_width = width - 2 * PADDING
+    heading = wrap_text(heading, text_width, font) if heading else ""
+    heading_height = _text_height(scratch, heading, font) + 2 * PADDING if heading else 0
+    heights = []
+    for index, (title, cells) in enumerate(laid_out):
+        title = wrap_text(title, text_width, font)
+        laid_out[index] = (title, cells)
+        label_height = max(_text_height(scratch, text, font) for _, text, _ in cells)
+        heights.append(
+            _text_height(scratch, title, font)
+            + PADDING
+            + max(c.height for c, _, _ in cells)
+            + label_height
+            + 2 * PADDING
+        )
+    height = PADDING + heading_height + sum(heights)
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     y = PADDING
-    for title, cells, row_height in laid_out:
-        draw.text((PADDING, y), title, fill=INK, font=font)
+    if heading:
+        draw.multiline_text((PADDING, y), heading, fill=INK, font=font, spacing=2)
+        y += heading_height
+        draw.line((PADDING, y - PADDING, width - PADDING, y - PADDING), fill=INK)
+    for (title, cells), row_height in zip(laid_out, heights):
+        draw.multiline_text((PADDING, y), title, fill=INK, font=font, spacing=2)
         top = y + _text_height(draw, title, font) + PADDING
         x = PADDING
-        cell_height = max(c.height for c, _ in cells)
-        for cell, label in cells:
+        cell_height = max(c.height for c, _, _ in cells)
+        for cell, label, slot in cells:
             canvas.paste(cell, (x, top))
             draw.multiline_text((x, top + cell_height + 2), label, fill=INK, font=font, spacing=2)
-            x += max(cell.width, 120) + PADDING
+            x += slot + PADDING
         y += row_height
     out = Path(out_path)
     if out.parent and not out.parent.exists():

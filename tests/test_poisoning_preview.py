@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules.catalog import load_raw_samples
 from poisoning import CatalogEntry, NoisyAlignmentCLIP
 from poisoning.preview import CELL_HEIGHT, attack_rows, enlarge, render_grid
 
@@ -69,3 +70,50 @@ def test_attack_rows_show_the_new_caption(tmp_path):
     assert rows[0]["labels"][1] == plan.records()[0].caption
     render_grid(rows, str(tmp_path / "clip.png"))
     assert (tmp_path / "clip.png").stat().st_size > 0
+
+
+def test_wrapped_text_keeps_every_character_within_the_width():
+    from poisoning.preview import _font, wrap_text
+
+    caption = "a photo of a circle shape drawn on a plain background, centred in the frame " + "x" * 60
+    wrapped = wrap_text(caption, 150)
+    assert wrapped.replace("\n", "").replace(" ", "") == caption.replace(" ", "")
+    assert len(wrapped.splitlines()) > 3 and all(_font().getlength(line) <= 150 for line in wrapped.splitlines())
+
+
+def test_clbd_preview_names_the_attack_as_configured_and_shows_whole_captions(tmp_path, make_shards):
+    """The heading names the config file the attack came from (not the class's short name); captions are whole."""
+    from clbd.poison import configured_attack, load_datamodule, preview, preview_heading, preview_rows
+
+    shards = make_shards(n=40, per_shard=20, captions=True)
+    base = tmp_path / "clip_base.yaml"
+    base.write_text(
+        "data:\n  class_path: datamodules.CLIPDataModule\n  init_args:\n"
+        f"    train_shards: {shards}\n    val_shards: null\n    model_name: clip-tiny-vit\n    batch_size: 8\n"
+    )
+    attack = tmp_path / "corner_patch.yaml"
+    attack.write_text(
+        "data:\n  init_args:\n    attack:\n      class_path: poisoning.BadNet\n"
+        "      init_args: {target_class: class1, rate: 0.2, seed: 0}\n"
+    )
+    configs = [str(base), str(attack)]
+    assert configured_attack(configs, []) == ("corner_patch", str(attack))
+    assert configured_attack(configs, ["--data.attack=poisoning.Blended"]) == ("Blended", "--data.attack")
+    run_config = tmp_path / "run-7" / "config.yaml"
+    run_config.parent.mkdir()
+    run_config.write_text(attack.read_text())
+    assert configured_attack([str(base), str(run_config)], []) == ("run-7/config", str(run_config))
+
+    datamodule = load_datamodule(configs, [])
+    heading = preview_heading(datamodule, *configured_attack(configs, []))
+    assert heading.startswith(f"Attack as configured: corner_patch from {attack} (poisoning.BadNet, target 'class1'")
+    plan = datamodule.build_plan()
+    keys = [record.key for record in plan.records()[:3]]
+    rows = preview_rows(datamodule, keys, plan)
+    texts = {key: raw["txt"].decode() for key, raw in load_raw_samples(datamodule.index("train"), keys).items()}
+    for key, row in zip(keys, rows):
+        assert row["title"].startswith(key)
+        assert row["labels"] == [f"original: {texts[key]}", f"poisoned: {plan.poisoned[key].caption}"]
+    out = tmp_path / "grid.png"
+    assert preview(datamodule, out, 3, overwrite=False, name="corner_patch", source=str(attack)) == 3
+    assert Image.open(out).width >= 480

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from clbd import main
-from defenses.base import load_poisoned_checkpoint
+from defenses.base import DefenseMixin, load_poisoned_checkpoint
+from defenses.recorded_classes import UnknownRecordedClassError, clbd_classes
 from lightning_modules.checkpoints import consolidate
 from lightning_modules.safe_checkpoint import UnsafeCheckpointError, load_checkpoint
+from poisoning import BadNet
 
 
 class Payload:
@@ -137,3 +141,53 @@ def test_a_deepspeed_folder_with_a_payload_is_not_consolidated(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         consolidate(folder)
     assert not marker.exists() and not (tmp_path / "run" / "consolidated").exists()
+
+
+def planted_module(folder: Path, marker: Path) -> str:
+    """A module on sys.path whose import writes ``marker``: proof that a recorded class path was imported."""
+    name = f"planted_{folder.name.replace('-', '_')}"
+    (folder / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nclass Anything: pass\n")
+    return name
+
+
+def recording_checkpoint(path: Path, model: str, attack: str = "poisoning.BadNet") -> Path:
+    run_config = {
+        "model": {"class_path": model},
+        "data": {"init_args": {"attack": {"class_path": attack, "init_args": {"target_class": 0}}}},
+    }
+    torch.save({"state_dict": {"w": torch.ones(1)}, "clbd_run_config": run_config}, path)
+    return path
+
+
+def test_a_recorded_model_class_outside_clbd_is_never_imported(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = planted_module(tmp_path, marker)
+    bad = recording_checkpoint(tmp_path / "elsewhere.ckpt", f"{module}.Anything")
+    with pytest.raises(UnknownRecordedClassError) as refused:
+        load_poisoned_checkpoint(str(bad), ("CLIP",))
+    message = str(refused.value)
+    assert message.startswith("model.checkpoint: ") and str(bad) in message and f"'{module}.Anything'" in message
+    assert "lightning_modules.CLIP" in message  # the error lists what a checkpoint may name
+    assert not marker.exists() and module not in sys.modules
+
+
+def test_a_recorded_attack_class_outside_clbd_is_never_imported(tmp_path, monkeypatch):
+    """The defense's check that it composes the poisoned run's attack resolves that recorded name the same way."""
+    marker = tmp_path / "imported"
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = planted_module(tmp_path, marker)
+    path = recording_checkpoint(tmp_path / "run.ckpt", "lightning_modules.clip.CLIP", attack=f"{module}.BadNet")
+    state = load_poisoned_checkpoint(str(path), ("CLIP",))  # the model's own path resolves too
+    defense = SimpleNamespace(source_run_config=state["clbd_run_config"], source_checkpoint=str(path))
+    attack = BadNet(target_class=0, rate=0.1)
+    with pytest.raises(UnknownRecordedClassError, match=f"{path}.*'{module}.BadNet'"):
+        DefenseMixin.check_attack_matches_source(defense, attack, ["cat", "dog"])
+    assert not marker.exists() and module not in sys.modules
+
+
+def test_the_allow_list_holds_every_kind_a_run_config_records():
+    classes = clbd_classes()
+    for class_path in ("lightning_modules.SimCLR", "defenses.UBT", "datamodules.CLIPDataModule", "poisoning.BadCLIP"):
+        assert classes[class_path].__name__ == class_path.rsplit(".", 1)[-1]
+    assert classes["poisoning.GeneratedTrigger"] is classes["poisoning.triggers.GeneratedTrigger"]

@@ -230,3 +230,18 @@ def test_global_batch_must_divide_by_ranks(make_shards):
     dm.world = lambda: (0, 3)
     with pytest.raises(ValueError, match=r"batch_size=10 \(global\) does not divide by the 3 ranks"):
         dm.per_rank_batch_size()
+
+
+def test_raw_reads_counts_the_samples_a_stream_reads(make_shards):
+    """The public read count: a training pass over shards that fit its quota reads each sample once; raw_samples
+    reads (and counts) in shard order."""
+    shards = make_shards(n=48, per_shard=16)
+    stream = SimCLRDataModule(train_shards=str(shards), val_shards=None, batch_size=16, num_workers=0).train_stream()
+    stream.configure(rank=0, world_size=1, num_workers=0)
+    stream.to_item = lambda sample, epoch: {"one": 1}  # cheap items: only the reads matter here
+    assert stream.raw_reads == 0
+    delivered = sum(len(batch["one"]) for batch in stream)
+    assert stream.raw_reads == delivered == 48
+    urls = resolve_shards(str(shards)).urls
+    keys = [raw["__key__"] for raw in stream.raw_samples(urls[:1])]
+    assert len(keys) == 16 and stream.raw_reads == 64
