@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.slurm.fixtures import SlurmCluster, job_log
+from tests.test_experiment import clip_overrides, write_attack
 
 pytestmark = pytest.mark.slurm
 
@@ -23,39 +24,12 @@ SBATCH = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
 
 
 def smoke_plan(tmp_path: Path, shards: Path) -> Path:
-    attack = tmp_path / "attack.yaml"
-    attack.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "init_args": {
-                        "attack": {
-                            "class_path": "poisoning.BadNet",
-                            "init_args": {"target_class": "class1", "rate": 0.3, "trigger_size": 6},
-                        }
-                    }
-                }
-            }
-        )
-    )
-    common = [
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--model.init_args.model_name=clip-tiny-vit",
-        "--model.init_args.zero_shot_templates=photo",
-        "--data.init_args.model_name=clip-tiny-vit",
-        f"--data.init_args.train_shards={shards}",
-        f"--data.init_args.val_shards={shards}",
-        f"--data.init_args.test_shards={shards}",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batch_size=32",
-        "--data.init_args.eval_batch_size=64",
-        "--trainer.max_epochs=1",
-    ]
+    attack = write_attack(tmp_path / "attack.yaml", "poisoning.BadNet", target_class="class1", rate=0.3, trigger_size=6)
+    common = clip_overrides(shards)
     plan = {
         "seeds": [0],
         "common": common,
-        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", str(attack)]},
+        "pretrain": {"configs": ["configs/smoke/clip_shapes.yaml", attack]},
         "clean_reference": True,
         "defense_budget": {"steps": 1, "batch_size": 16},
         "defenses": {
