@@ -10,10 +10,13 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
@@ -22,6 +25,8 @@ from lightning_modules.base import ContrastiveModule
 from lightning_modules.batchnorm_fp32 import batchnorm_fp32_count, keep_batchnorm_fp32
 from lightning_modules.optim import LARS, build_optimizer, param_groups_no_decay
 from lightning_modules.simclr import SimCLR
+
+GPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "simclr_cifar10_gpu.yaml"
 
 
 def small_net() -> nn.Module:
@@ -266,9 +271,15 @@ def test_training_step_makes_no_host_synchronising_call_between_log_steps(monkey
         monkeypatch.setattr(torch.Tensor, name, counting)
     module = SimCLR(width=4, proj_hidden_dim=16, proj_output_dim=8, optimizer="lars", optimizer_impl="foreach")
     logger = CSVLogger(tmp_path)  # a logger as a run has one: it reads the logged values every 50 steps
-    fit_tiny(module, 6, callbacks=[counter], logger=logger, log_every_n_steps=50)
+    # the GPU config's progress bar (Lightning's default one reads the loss at every step: one sync per step)
+    bar = yaml.safe_load(GPU_CONFIG.read_text())["trainer"]["callbacks"][0]
+    assert bar["class_path"].endswith("TQDMProgressBar") and bar["init_args"]["refresh_rate"] >= 50
+    progress = TQDMProgressBar(refresh_rate=bar["init_args"]["refresh_rate"])
+    # the counter last: its end-of-batch hook runs after the progress bar's
+    fit_tiny(module, 6, callbacks=[progress, counter], logger=logger, log_every_n_steps=50, enable_progress_bar=True)
     assert sorted(counts) == list(range(6))
-    assert all(count == 0 for step, count in counts.items() if step > 0), counts
+    # the last step refreshes the bar at the epoch's end
+    assert all(count == 0 for step, count in counts.items() if 0 < step < 5), counts
 
 
 def test_mid_epoch_resume_is_bitwise_exact_with_the_speed_settings(tmp_path, make_shards):
@@ -298,3 +309,47 @@ def test_mid_epoch_resume_is_bitwise_exact_with_the_speed_settings(tmp_path, mak
         assert torch.equal(tensor, b["state_dict"][name]), name
     for state_a, state_b in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
         assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+def test_training_step_on_a_gpu_makes_no_synchronising_cuda_call():
+    """The CPU test above sees Python-level reads only; CUDA's own sync detector sees every synchronising call
+    (``.item()``, device-to-host copies, ``nonzero``...) inside steps 1-4 of a bf16 SimCLR fit with the GPU
+    config's settings that are on (fused SGD, channels-last, the progress bar refreshing every 50 steps)."""
+    import warnings
+
+    syncs: list[str] = []
+
+    class SyncDetector(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if 1 <= batch_idx <= 4:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            torch.cuda.set_sync_debug_mode("default")
+
+    torch.manual_seed(0)
+    module = SimCLR(width=16, proj_hidden_dim=64, optimizer="sgd", optimizer_impl="fused", channels_last=True)
+    batches = [
+        {"views": [v.cuda().contiguous(memory_format=torch.channels_last) for v in tiny_batch(i, 32, 64)["views"]]}
+        for i in range(6)
+    ]
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=[TQDMProgressBar(refresh_rate=50), SyncDetector()],
+    )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, train_dataloaders=Batches(batches))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    assert not syncs, syncs
