@@ -101,6 +101,18 @@ def throughput_summary(path: Path) -> list[str]:
     return lines
 
 
+def write_profiles(path: Path, target: Path) -> None:
+    """The throughput run's profiles ("where the time goes") as markdown, for docs/benchmarks.md."""
+    from benchmarks.step_profile import markdown  # needs torch; the summary itself does not
+
+    if not path.exists():
+        raise SystemExit(f"--profile-md: no {path}")
+    data = json.loads(path.read_text())
+    profiled = [r for r in data["results"] if r.get("profile")]
+    header = f"# Where the time goes ({data['machine'].get('gpu', data['device'])}, {data['precision']})\n\n"
+    target.write_text(header + "\n".join(markdown(r["case"], r["profile"]) for r in profiled))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -165,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--profile-md", type=Path, default=None, help="write the throughput JSON's profiles here as markdown"
+    )
     args = parser.parse_args(argv)
+    if args.profile_md:
+        write_profiles(args.out / "gpu_throughput.json", args.profile_md)
     lines = ["==== gpu_check summary ===="]
     lines += pytest_summary(args.out / "pytest_gpu.xml")
     lines += throughput_summary(args.out / "gpu_throughput.json")
