@@ -3,7 +3,7 @@
 # repository root. Everything it measures lands as files in OUT as each stage ends, so a late failure loses nothing:
 #
 #   gpu_check.log        everything printed             env.txt          GPU, driver, python, package versions
-#   pytest_gpu.xml       the gpu-marked tests (JUnit)   gpu_throughput.json   images/s, FLOPs, MFU (SimCLR, CLIP)
+#   pytest_gpu.xml       the gpu-marked tests (JUnit)   gpu_throughput.json   SimCLR's speed settings vs eager, profile, CLIP
 #   na_epochs.jsonl      NA run: one line per epoch     na_metrics.csv   NA run: Lightning's metrics.csv
 #   na_run.tar.gz        NA run: config, poison summary, test metrics.json      summary.txt   the table printed last
 #
@@ -15,14 +15,19 @@
 #
 # Stages, each time-boxed (seconds from the start of the whole check, CLBD_GPU_CHECK_BUDGET_S in all, default 500):
 #   install (wheels, DeepSpeed's among them: pure Python, its ops JIT-built if used) -> convert (clbd data cifar10)
-#   -> pytest -m gpu -> benchmarks/gpu_throughput.py -> NA on CIFAR-10 SimCLR for the epochs that fit -> clbd test
+#   -> pytest -m gpu -> benchmarks/gpu_throughput.py (every speed setting against eager; picks the fastest)
+#   -> [the experiment arms: not here yet, see "3. the experiment arms"] -> NA on CIFAR-10 SimCLR with the fastest
+#   setting for the epochs that fit -> clbd test
 #
 # Settings (environment): CLBD_PYTHON (python3), CLBD_GPU_CHECK_WORK (scratch folder, /tmp/clbd_gpu_check),
 # CLBD_GPU_CHECK_STAGES (comma list of pytest,throughput,na; default all three), CLBD_GPU_CHECK_SKIP_INSTALL=1 (the
 # packages are already importable), CLBD_GPU_NA_EPOCH_S (expected seconds per NA epoch incl. monitors, sets the
 # epoch count; default 5 with device views, else 9), CLBD_GPU_NA_WORKERS (16), CLBD_GPU_NA_DEVICE_VIEWS (1, the default: views made on the GPU; 0: in the loaders; the run falls back to 0,
 # and to the first check's plain settings, by itself when the GPU config fails before its first epoch ends),
-# CLBD_GPU_NA_ARGS (extra clbd fit arguments, last: they override), CLBD_GPU_CHECK_MAXCOUNT (samples per shard, 625).
+# CLBD_GPU_NA_ARGS (extra clbd fit arguments, last: they override), CLBD_GPU_CHECK_MAXCOUNT (samples per shard, 625),
+# CLBD_GPU_THROUGHPUT_S (the throughput stage's limit, 240), CLBD_GPU_THROUGHPUT_SETTINGS (its --simclr-settings;
+# default: all but compile_max_autotune, whose tuning alone can take minutes), CLBD_GPU_NA_FASTEST (1: the NA run
+# takes the fastest setting the throughput stage measured; 0: the GPU config as it is).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
 set -uo pipefail
@@ -117,15 +122,35 @@ fi
 # ---- 2. throughput ---------------------------------------------------------------------------------------------
 if has_stage throughput; then
     stage "benchmarks/gpu_throughput.py"
-    # 180 s: SimCLR eager / tuned, CLIP, nvjpeg, then SimCLR compiled (its compilation ~1 minute) last.
-    limit=$(( $(left) < 180 ? $(left) : 180 ))
+    # SimCLR: eager, then each setting alone (channels-last, cuDNN autotuning, BatchNorm in fp32, fp16 + scaler, fused
+    # optimiser; ~10 s each), CLIP and nvjpeg (~30 s), then the compiled ones (all together first, then compile alone
+    # and with CUDA graphs; about a minute of compilation each). The JSON is rewritten after each: a cut keeps the rest.
+    throughput_limit=${CLBD_GPU_THROUGHPUT_S:-240}
+    limit=$(( $(left) < throughput_limit ? $(left) : throughput_limit ))
     bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json")
-    [[ $dry == 1 ]] && bench+=(--device cpu --quick) || bench+=(--repeats 2)
+    if [[ $dry == 1 ]]; then
+        bench+=(--device cpu --quick)
+    else
+        bench+=(--repeats 2 --simclr-settings "${CLBD_GPU_THROUGHPUT_SETTINGS:-eager,channels_last,cudnn_benchmark,batchnorm_fp32,fp16,optimizer,all,compile,compile_cudagraphs}")
+    fi
     timeout -k 10 "$limit" "$PY" benchmarks/gpu_throughput.py "${bench[@]}"
     echo "throughput exit $?"
 fi
 
-# ---- 3. NA on CIFAR-10 SimCLR, then clbd test --------------------------------------------------------------------
+# The fastest SimCLR setting the throughput stage measured, as clbd fit arguments (none: the GPU config as it is).
+fastest_args=()
+if [[ ${CLBD_GPU_NA_FASTEST:-1} == 1 && -f $out/gpu_throughput.json ]]; then
+    mapfile -t fastest_args < <("$PY" -c 'import json, sys
+best = json.load(open(sys.argv[1])).get("fastest_simclr_setting")
+print("\n".join(best["fit_args"]) if best else "")' "$out/gpu_throughput.json" | sed '/^$/d')
+    echo "fastest SimCLR setting's arguments: ${fastest_args[*]:-none}"
+fi
+
+# ---- 3. the experiment arms ----------------------------------------------------------------------------------------
+# The lead's script that runs the CIFAR-10 comparison's arms goes here, before the NA run below; it should train with
+# "${fastest_args[@]}" appended to its clbd fit arguments (the setting the throughput stage found fastest).
+
+# ---- 4. NA on CIFAR-10 SimCLR, then clbd test --------------------------------------------------------------------
 if has_stage na; then
     stage "NA on CIFAR-10 SimCLR"
     run=$work/runs/na_cifar10
@@ -147,7 +172,8 @@ if has_stage na; then
             --trainer.enable_progress_bar=false --trainer.log_every_n_steps=20
             --checkpoint.every_n_train_steps=0 --checkpoint.every_n_epochs=5 --checkpoint.save_top_k=1
             --trainer.callbacks+=benchmarks.epoch_timer.EpochTimer --trainer.callbacks.path="$out/na_epochs.jsonl"
-            --data.init_args.train_shards="$data/train.index.json" --data.init_args.val_shards="$data/test.index.json")
+            --data.init_args.train_shards="$data/train.index.json" --data.init_args.val_shards="$data/test.index.json"
+            "${fastest_args[@]}")
         if [[ $dry == 1 ]]; then
             fit+=(--trainer.accelerator=cpu --trainer.precision=32-true --data.init_args.pin_memory=false
                 --trainer.limit_train_batches=2
@@ -174,7 +200,7 @@ if has_stage na; then
         echo "fit exit $status after $(($(date +%s) - t0)) s"
         if (( status != 0 )) && [[ $device_views == 1 && ! -s $out/na_epochs.jsonl ]]; then
             # The GPU settings failed before an epoch ended: the same run as the first GPU check made it (views in the
-            # loaders, NCHW, no cuDNN autotuning, no data in memory), which is known to work.
+            # loaders, NCHW, no cuDNN autotuning, no data in memory, bf16, no compilation), which is known to work.
             fit_seconds=$(( $(left) - test_reserve - 30 ))
             train_seconds=$((fit_seconds - 40))
             epochs=$(( train_seconds / (2 * epoch_guess) ))
@@ -184,6 +210,8 @@ if has_stage na; then
                 fit+=(--data.init_args.views_on_device=false --data.init_args.resident=false
                     --data.init_args.cache_eval_batches=false --data.init_args.channels_last=false
                     --model.init_args.channels_last=false --trainer.benchmark=false --trainer.max_epochs="$epochs"
+                    --model.init_args.batchnorm_fp32=false --model.init_args.optimizer_impl=auto
+                    --model.init_args.compile=false --trainer.precision=bf16-mixed
                     --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))")
                 timeout -k 15 $((fit_seconds + 30)) "${CLBD[@]}" "${fit[@]}"
                 echo "fit exit $? after $(($(date +%s) - t0)) s"

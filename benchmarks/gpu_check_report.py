@@ -45,15 +45,34 @@ def throughput_summary(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     lines = [f"throughput on {data['machine'].get('gpu', data['device'])}, precision {data['precision']}:"]
     for r in data["results"]:
+        if "error" in r:
+            lines.append(f"  {r['case']}: FAILED {r['error']}")
+            continue
         mfu = f"MFU {statistics.median(r['mfu']):.1%}" if r.get("mfu") else "MFU n/a"
         lines.append(
             f"  {r['case']}: {r['images_per_s_median']:.0f} images/s, {r['flops_per_step'] / 1e9:.1f} GFLOP/step, "
             f"{r['achieved_tflops_median']:.1f} TFLOP/s, {mfu}"
         )
-        if r.get("setting") == "compiled" and r.get("fit_overhead_s"):
+        if r.get("knobs", {}).get("compile_mode") and r.get("fit_overhead_s"):
             lines.append(f"    compilation + Trainer start and end: {max(r['fit_overhead_s']):.0f} s")
         if r.get("epoch_s_median") is not None:
-            lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s")
+            ratio = f" (x{r['ratio_vs_eager']:.2f} eager)" if r.get("ratio_vs_eager") is not None else ""
+            lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s{ratio}")
+        if r.get("eval_s_estimate") is not None:
+            lines.append(
+                f"    evaluation (80k forward passes + kNN vote) ~{r['eval_s_estimate']:.2f} s: forward "
+                f"{r['eval_forward_images_per_s']:.0f} images/s, vote {r['knn_vote_s']:.2f} s"
+            )
+        profile = r.get("profile")
+        if profile:
+            shares = ", ".join(f"{kind} {share:.0%}" for kind, share in profile["shares"].items() if share >= 0.01)
+            busy = f", busy {profile['busy_share']:.0%}" if profile.get("busy_share") is not None else ""
+            lines.append(
+                f"    profile ({profile['clock']} time{busy}; {profile['between_steps_ms_per_step']:.2f} ms/step "
+                f"between steps): {shares}"
+            )
+            top = profile["top"][:3]
+            lines.append("    top: " + "; ".join(f"{t['name'][:60]} {t['share']:.0%}" for t in top))
         if r.get("device_views_per_s") is not None:
             lines.append(
                 f"    views made on the device: {r['device_views_per_s']:.0f} views/s alone; step + views "
@@ -76,7 +95,22 @@ def throughput_summary(path: Path) -> list[str]:
                 f"    JPEG decode of {decode['jpegs']} photos: {nvjpeg}, PIL on one core "
                 f"{decode['pil_one_core_per_s']:.0f} images/s{faster}"
             )
+    fastest = data.get("fastest_simclr_setting")
+    if fastest:
+        lines.append(f"  fastest SimCLR setting: {fastest['setting']} ({' '.join(fastest['fit_args'])})")
     return lines
+
+
+def write_profiles(path: Path, target: Path) -> None:
+    """The throughput run's profiles ("where the time goes") as markdown, for docs/benchmarks.md."""
+    from benchmarks.step_profile import markdown  # needs torch; the summary itself does not
+
+    if not path.exists():
+        raise SystemExit(f"--profile-md: no {path}")
+    data = json.loads(path.read_text())
+    profiled = [r for r in data["results"] if r.get("profile")]
+    header = f"# Where the time goes ({data['machine'].get('gpu', data['device'])}, {data['precision']})\n\n"
+    target.write_text(header + "\n".join(markdown(r["case"], r["profile"]) for r in profiled))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -143,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument(
+        "--profile-md", type=Path, default=None, help="write the throughput JSON's profiles here as markdown"
+    )
     args = parser.parse_args(argv)
+    if args.profile_md:
+        write_profiles(args.out / "gpu_throughput.json", args.profile_md)
     lines = ["==== gpu_check summary ===="]
     lines += pytest_summary(args.out / "pytest_gpu.xml")
     lines += throughput_summary(args.out / "gpu_throughput.json")

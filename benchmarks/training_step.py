@@ -50,7 +50,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from datamodules import CLIPDataModule, SimCLRDataModule  # noqa: E402
 from lightning_modules.clip import CLIP  # noqa: E402
-from lightning_modules.optim import LARS, param_groups_no_decay, warmup_cosine  # noqa: E402
+from lightning_modules.optim import build_optimizer, param_groups_no_decay, warmup_cosine  # noqa: E402
 from lightning_modules.simclr import SimCLR  # noqa: E402
 
 GOAL = 0.95
@@ -97,12 +97,9 @@ def optimizer_and_schedule(module, total: int):
     """What ``ContrastiveModule.configure_optimizers`` builds, from the same clbd pieces, without a trainer."""
     hp = module.hparams
     groups = param_groups_no_decay(module, hp.weight_decay)
-    if hp.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-    elif hp.optimizer == "lars":
-        optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+    optimizer = build_optimizer(
+        hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum, betas=tuple(hp.betas), eps=hp.eps, impl=hp.optimizer_impl
+    )
     warmup = hp.warmup_steps or int(hp.warmup_fraction * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup, total, base=1.0, final=hp.min_lr_ratio)
@@ -147,13 +144,17 @@ def plain_run(kind: str, build, batches: list, warmup: int, steps: int) -> dict[
     return {**rates(start, clock(), steps), "threads": torch.get_num_threads()}
 
 
-def lightning_run(build, batches: list, warmup: int, steps: int, **trainer_options: Any) -> dict[str, float]:
-    """``trainer_options`` override the CPU defaults (e.g. ``accelerator="cuda", precision="bf16-mixed"``)."""
+def lightning_run(
+    build, batches: list, warmup: int, steps: int, callbacks: tuple = (), extra_steps: int = 0, **trainer_options: Any
+) -> dict[str, Any]:
+    """``trainer_options`` override the CPU defaults (e.g. ``accelerator="cuda", precision="bf16-mixed"``);
+    ``callbacks`` join the run (a profiler), ``extra_steps`` run after the timed ones (for it). The trained module
+    comes back as ``module``."""
     module = build()
     options: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
-        max_steps=warmup + steps + 1,
+        max_steps=warmup + steps + extra_steps + 1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -161,14 +162,19 @@ def lightning_run(build, batches: list, warmup: int, steps: int, **trainer_optio
     )
     options.update(trainer_options)
     timer = StepClock(warmup, warmup + steps, sync=options["accelerator"] in ("cuda", "gpu"))
-    trainer = L.Trainer(callbacks=[timer], **options)
-    feed = InMemoryBatches([batches[i % len(batches)] for i in range(warmup + steps + 1)])
+    trainer = L.Trainer(callbacks=[timer, *callbacks], **options)
+    feed = InMemoryBatches([batches[i % len(batches)] for i in range(warmup + steps + extra_steps + 1)])
     fit_start = time.perf_counter()
     trainer.fit(module, train_dataloaders=feed)
     fit_seconds = time.perf_counter() - fit_start
     result = rates(timer.readings[warmup], timer.readings[warmup + steps], steps)
     timed = steps / result["wall"]
-    return {**result, "threads": timer.threads, "fit_overhead_s": fit_seconds - timed}
+    return {**result, "threads": timer.threads, "fit_overhead_s": fit_seconds - timed, "module": module}
+
+
+def numbers_only(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's readings without its trained module (for tables and JSON)."""
+    return {k: v for k, v in run.items() if k != "module"}
 
 
 class InMemoryBatches:
@@ -203,7 +209,7 @@ def make_batches(
 def compare(label: str, kind: str, build, batches: list, warmup: int, steps: int, repeats: int) -> dict[str, Any]:
     runs = interleaved(
         {
-            "lightning": lambda: lightning_run(build, batches, warmup, steps),
+            "lightning": lambda: numbers_only(lightning_run(build, batches, warmup, steps)),
             "plain": lambda: plain_run(kind, build, batches, warmup, steps),
         },
         repeats,

@@ -18,10 +18,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from .optim import LARS, param_groups_no_decay, warmup_cosine
+from .optim import OPTIMIZER_IMPLS, build_optimizer, param_groups_no_decay, warmup_cosine
 from .stream_bookkeeping import StreamBookkeeping
 
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
+# torch.compile's modes (None: its default). "reduce-overhead" adds CUDA graphs, "max-autotune" both CUDA graphs and
+# Triton's tuning of matmuls and convolutions, "max-autotune-no-cudagraphs" the tuning alone.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ContrastiveModule(L.LightningModule):
@@ -37,7 +40,13 @@ class ContrastiveModule(L.LightningModule):
         warmup_steps: linear warm-up length in optimiser steps (``warmup_fraction`` when 0).
         warmup_fraction: warm-up as a fraction of all steps, used when ``warmup_steps`` is 0.
         min_lr_ratio: the cosine schedule ends at ``lr * min_lr_ratio``.
-        compile: wrap the network in ``torch.compile``.
+        optimizer_impl: how the optimiser's update runs, the same update to float rounding: ``auto`` (torch's rule:
+            vectorised over the parameters on a GPU, one parameter at a time on a CPU), ``for-loop``, ``foreach``
+            (``torch._foreach_*``; LARS's own vectorised step) or ``fused`` (one kernel; SGD, Adam, AdamW only).
+        compile: ``torch.compile`` the network (in place: parameter names and checkpoints stay the same). The
+            first steps compile it: about a minute on a GPU for a ResNet-18; it needs a C++ compiler on a CPU.
+        compile_mode: ``torch.compile``'s mode: ``default``, ``reduce-overhead`` (CUDA graphs: needs the static
+            shapes clbd's training batches have), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
 
     A subclass takes these through ``**kwargs`` (jsonargparse follows them here, so ``--print_config`` lists them
     with their defaults). A subclass with other defaults (SimCLR, CLIP, CleanCLIP) names only those settings in its
@@ -55,13 +64,21 @@ class ContrastiveModule(L.LightningModule):
         warmup_steps: int = 0,
         warmup_fraction: float = 0.0,
         min_lr_ratio: float = 0.0,
+        optimizer_impl: str = "auto",
         compile: bool = False,
+        compile_mode: str = "default",
     ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"model.optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"model.optimizer_impl: {optimizer_impl!r} is not one of {', '.join(OPTIMIZER_IMPLS)}")
+        if optimizer_impl == "fused" and optimizer == "lars":
+            raise ValueError("model.optimizer_impl: 'fused' has no LARS implementation; use 'foreach' for LARS")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode: {compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
         self.run_config: dict[str, Any] | None = None  # set by the CLI; stored in checkpoints
@@ -94,14 +111,15 @@ class ContrastiveModule(L.LightningModule):
         groups = split_fixed_lr(
             param_groups_no_decay(self.optimized_module(), hp.weight_decay), self.fixed_lr_parameters()
         )
-        if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        elif hp.optimizer == "adam":
-            optimizer = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
-        elif hp.optimizer == "lars":
-            optimizer = LARS(groups, lr=hp.lr, momentum=hp.momentum)
-        else:
-            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum)
+        optimizer = build_optimizer(
+            hp.optimizer,
+            groups,
+            lr=hp.lr,
+            momentum=hp.momentum,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+            impl=hp.get("optimizer_impl", "auto"),  # absent from checkpoints made before the option
+        )
         total = self.total_steps()
         warmup = hp.warmup_steps or int(hp.warmup_fraction * total)
         if warmup > total:
@@ -137,7 +155,8 @@ class ContrastiveModule(L.LightningModule):
     def maybe_compile(self, module: torch.nn.Module) -> torch.nn.Module:
         """``torch.compile`` in place (``Module.compile``): parameter names, so checkpoints, stay the same."""
         if self.hparams.compile:
-            module.compile()
+            mode = self.hparams.get("compile_mode", "default")
+            module.compile(mode=None if mode == "default" else mode)
         return module
 
     # ---- stream bookkeeping (a callback) and checkpoints ---------------------------------------------------

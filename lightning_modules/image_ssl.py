@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import move_data_to_device
 
 from .backbones import resnet_backbone
 from .base import ContrastiveModule, nan_if_none
+from .batchnorm_fp32 import keep_batchnorm_fp32
 from .metrics import AttackSuccessRate, KNNMonitor, asr_definition, backdoor_headlines, backdoor_metrics
 from .probes import fit_linear_probe, label_fraction_subset, probe_epochs_run
 
@@ -37,6 +38,10 @@ class ImageSSLModule(ContrastiveModule):
         channels_last: the encoder's weights in channels-last (NHWC) memory order, the layout cuDNN's bf16
             convolutions run natively on a GPU (with ``data.channels_last`` views, every convolution is then NHWC
             without a per-call weight conversion). Same results to float rounding; on a CPU usually slower.
+        batchnorm_fp32: every BatchNorm (encoder and heads) takes its input in float32 under a bf16 autocast and
+            hands back the input's dtype (``batchnorm_fp32.py``): cuDNN's BatchNorm kernels take float32 and float16
+            but not bf16. Costs a cast before and after each BatchNorm; no effect in ``32-true``, where it is
+            exactly the plain module (tested), nor under ``16-mixed`` beyond the casts.
         **optim: the optimiser and its schedule (``ContrastiveModule``: optimizer, lr, weight_decay, ...).
     """
 
@@ -56,6 +61,7 @@ class ImageSSLModule(ContrastiveModule):
         probe_min_steps: int = 6250,
         asr_exclude_target: bool = True,
         channels_last: bool = False,
+        batchnorm_fp32: bool = False,
         **optim: Any,
     ):
         super().__init__(**optim)
@@ -64,9 +70,17 @@ class ImageSSLModule(ContrastiveModule):
         encoder, feature_dim = resnet_backbone(backbone, cifar_stem=cifar_stem, width=width)
         if channels_last:  # before the methods copy it (momentum encoders): the copies keep the layout
             encoder = encoder.to(memory_format=torch.channels_last)
+        if batchnorm_fp32:  # the same: momentum copies keep it; the heads follow in on_fit_start
+            keep_batchnorm_fp32(encoder)
         self.encoder = self.maybe_compile(encoder)
         self.feature_dim = feature_dim
         self._eval: KNNMonitor | None = None
+
+    def on_fit_start(self) -> None:
+        """The methods' heads, built after this class's ``__init__``, and any BatchNorm a strategy replaced
+        (``SyncBatchNorm``): float32 too, when asked."""
+        if self.hparams.batchnorm_fp32:
+            keep_batchnorm_fp32(self)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encoder features (what evaluation and defenses use)."""

@@ -332,13 +332,19 @@ class KNNMonitor(Metric):
                 f"KNNMonitor.update ({kind}): features must be [N, D] and labels [N], got "
                 f"{tuple(features.shape)} and {tuple(labels.shape)}"
             )
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"KNNMonitor.update ({kind}): labels must lie in [0, {self.num_classes})")
+        # Reading a GPU tensor's value waits for the device at every batch: there the range is checked once, in
+        # compute(); CPU labels are checked here, where the error points at the offending call.
+        if labels.device.type == "cpu":
+            self._check_label_range(labels, f"update ({kind})")
         # both stores in the metric's float dtype: that is the dtype torchmetrics gives the empty placeholder of a
         # rank that saw no data, and all ranks must gather the same dtype (labels < 2**24 stay exact)
         features = F.normalize(features.detach().float(), dim=1).to(self.dtype)
         getattr(self, f"{kind}_features").append(features.flatten())
         getattr(self, f"{kind}_labels").append(labels.detach().to(self.dtype))
+
+    def _check_label_range(self, labels: Tensor, where: str) -> None:
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"KNNMonitor.{where}: labels must lie in [0, {self.num_classes})")
 
     def store(self, kind: str, feature_dim: int | None = None) -> tuple[Tensor, Tensor]:
         """The ``[n, D]`` features and ``[n]`` labels of a store (a list before sync, one tensor after).
@@ -366,6 +372,8 @@ class KNNMonitor(Metric):
             raise ValueError("KNNMonitor: no query features; call update_query() with validation features first")
         triggered, triggered_labels = self.store("triggered", dim)
         control, control_labels = self.store("control", dim)
+        for kind, labels in (("bank", bank_labels), ("clean", clean_labels), ("triggered", triggered_labels)):
+            self._check_label_range(labels, f"compute ({kind} labels)")
 
         def predict(queries: Tensor) -> Tensor:
             scores = weighted_knn_scores(queries, bank, bank_labels, self.num_classes, self.k, self.temperature)

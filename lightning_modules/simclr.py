@@ -36,7 +36,8 @@ class SimCLR(ImageSSLModule):
         **kwargs: Any,
     ):
         super().__init__(optimizer=optimizer, lr=lr, warmup_fraction=warmup_fraction, **kwargs)
-        self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_output_dim)
+        # compiled with the encoder when asked: the step's other half (Linear - BatchNorm1d - ReLU - Linear)
+        self.projector = self.maybe_compile(projection_head(self.feature_dim, proj_hidden_dim, proj_output_dim))
         self.loss = NTXentLoss(temperature=temperature, gather=True)
 
     def method_loss(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:

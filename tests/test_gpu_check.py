@@ -44,6 +44,23 @@ def _tiny_cifar_archive(path: Path, train_per_class: int = 10, test_per_class: i
 def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
     out = tmp_path / "out"
+    # What the throughput stage leaves for the NA run: the fastest setting's fit arguments (here "all" but its
+    # compilation, which takes a minute on this CPU): the NA run must accept them and train with them.
+    from benchmarks.gpu_throughput import fit_arguments, knobs
+
+    fastest = {**knobs("all", "sgd", "32-true"), "compile_mode": None}
+    out.mkdir()
+    (out / "gpu_throughput.json").write_text(
+        json.dumps(
+            {
+                "machine": {},
+                "device": "cpu",
+                "precision": "32-true",
+                "results": [],
+                "fastest_simclr_setting": {"setting": "all", "fit_args": fit_arguments(fastest)},
+            }
+        )
+    )
     env = dict(
         os.environ,
         CLBD_PYTHON=sys.executable,
@@ -75,6 +92,8 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
         names = tar.getnames()
         assert "./poison_summary.json" in names and not any(n.endswith(".ckpt") for n in names)
         metrics = json.loads(tar.extractfile("./checkpoints/metrics.json").read())
+        config = tar.extractfile("./config.yaml").read().decode()
+    assert "optimizer_impl: fused" in config and "batchnorm_fp32: true" in config  # the fastest setting's
     assert metrics["last.ckpt"]["attack"]["target_name"] == "airplane"
     summary = (out / "summary.txt").read_text()
     assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary
@@ -82,20 +101,37 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
 
 
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
-    """The throughput stage's script with --device cpu --quick (eager and tuned SimCLR, device views, CLIP, its device
-    images) on the tiny archive, then the report's reading of its JSON (nvjpeg and the compiled encoder: CUDA only)."""
+    """The throughput stage's script with --device cpu --quick (SimCLR eager and the CPU-runnable speed settings, each
+    against eager, with device views and an evaluation estimate; eager profiled; CLIP and its device images) on the
+    tiny archive, then the report's reading of its JSON (nvjpeg, fp16 and the compiled settings: CUDA only)."""
     archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
     results = tmp_path / "gpu_throughput.json"
+    profile_md = tmp_path / "gpu_profile.md"
     bench = [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--device", "cpu", "--quick"]
     bench += ["--data", str(archive), "--cache", str(tmp_path / "cache"), "--json", str(results)]
+    bench += ["--profile-md", str(profile_md)]
     run = subprocess.run(bench, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     data = json.loads(results.read_text())
-    assert [r.get("setting") for r in data["results"]] == ["eager", "tuned", None]
-    simclr, clip = data["results"][1], data["results"][2]
-    assert simclr["device_views_per_s"] > 0 and simclr["epoch_s_with_device_views"] > simclr["epoch_s_median"]
-    assert clip["device_images_per_s"] > 0 and simclr["flops_per_step"] == data["results"][0]["flops_per_step"]
+    settings = [r.get("setting") for r in data["results"]]
+    assert settings == ["eager", "channels_last", "batchnorm_fp32", "optimizer", None]
+    eager, optimizer, clip = data["results"][0], data["results"][3], data["results"][4]
+    assert eager["ratio_vs_eager"] == 1.0 and optimizer["ratio_vs_eager"] > 0
+    assert "--model.init_args.optimizer_impl=fused" in optimizer["fit_args"]  # the GPU config's SGD
+    assert "--model.init_args.optimizer_impl=for-loop" in eager["fit_args"]
+    assert optimizer["device_views_per_s"] > 0 and optimizer["epoch_s_with_device_views"] > optimizer["epoch_s_median"]
+    assert optimizer["eval_s_estimate"] > optimizer["knn_vote_s"] > 0
+    assert clip["device_images_per_s"] > 0 and optimizer["flops_per_step"] == eager["flops_per_step"]
+    shares = eager["profile"]["shares"]
+    assert abs(sum(shares.values()) - 1) < 1e-6 and shares["convolution"] > 0.1  # a ResNet's step is mostly convs
+    assert "profile" not in optimizer and "| kind | share |" in profile_md.read_text()
+    assert data["fastest_simclr_setting"]["setting"] in settings
     from benchmarks.gpu_check_report import throughput_summary
 
     summary = "\n".join(throughput_summary(results))
-    assert "tuned" in summary and "views made on the device" in summary and "CLIP images made on the device" in summary
+    assert (
+        "x1.00 eager" in summary
+        and "views made on the device" in summary
+        and "CLIP images made on the device" in summary
+    )
+    assert "profile (CPU op (self) time" in summary and "fastest SimCLR setting" in summary
