@@ -404,6 +404,15 @@ def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shard
         (r["name"], r["per_seed"], r["seeds"]) for r in table["rows"]
     ]
     assert (other / "table.md").read_text() == (out / "table.md").read_text()
+    # Speed settings, comments and layout change no arm: a plan and config files that differ only there still take it.
+    plan["common"] = [*plan["common"], "--data.init_args.num_workers=2", "--trainer.enable_progress_bar=true"]
+    faster = tmp_path / "faster.yaml"
+    faster.write_text(yaml.safe_dump(plan))
+    Path(attack).write_text("# the same attack\n" + Path(attack).read_text())
+    assert experiment_main(["--config", str(faster), "--out", str(other), "--assemble", "--from", str(exported)]) == 0
+    assert [r["per_seed"] for r in json.loads((other / "table.json").read_text())["rows"]] == [
+        r["per_seed"] for r in table["rows"]
+    ]
     # A missing arm is named; an arm whose record names another command is refused.
     import shutil
 

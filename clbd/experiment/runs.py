@@ -57,12 +57,54 @@ def _map_value(arg: str, change) -> str:
     return f"{key}={change(value)}" if sep and arg.startswith("--") else change(arg)
 
 
-def config_digests(argv: list[str], name=lambda path: str(Path(path).resolve())) -> dict[str, str]:
+# Settings that change how fast a run goes, not what it computes (the samples, their order and views, the updates up
+# to float rounding): an arm made with other values of these is the same arm, so a GPU config that gains a speed
+# setting keeps the arms made before it, and an arm may run with the fastest setting a GPU call measured.
+SPEED_SETTINGS = frozenset(
+    {
+        "benchmark",
+        "channels_last",
+        "num_workers",
+        "pin_memory",
+        "resident",
+        "cache_eval_batches",
+        "views_on_device",
+        "images_on_device",
+        "optimizer_impl",
+        "compile",
+        "compile_mode",
+        "batchnorm_fp32",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "log_every_n_steps",
+        "eval_batch_size",
+    }
+)
+
+
+def without_speed_settings(argv: list[str]) -> list[str]:
+    return [arg for arg in argv if arg.partition("=")[0].rsplit(".", 1)[-1] not in SPEED_SETTINGS]
+
+
+def config_digests(argv: list[str], name=lambda path: str(Path(path).resolve()), content=None) -> dict[str, str]:
     """SHA-256 of every config file the command names: the same arguments with an edited attack config (another
-    rate, another trigger) make another model."""
+    rate, another trigger) make another model. ``content``: what of a file is hashed (default its bytes)."""
+    content = content or (lambda path: Path(path).read_bytes())
     paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
     paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-    return {name(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths if Path(p).is_file()}
+    return {name(p): hashlib.sha256(content(p)).hexdigest() for p in paths if Path(p).is_file()}
+
+
+def what_it_computes(path: str) -> bytes:
+    """A config file's settings without its speed settings and its comments or layout, as canonical bytes."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in SPEED_SETTINGS}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    loaded = yaml.safe_load(Path(path).read_text())
+    return json.dumps(strip(loaded), sort_keys=True, default=str).encode()
 
 
 def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
@@ -72,6 +114,10 @@ def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
         "config_digests": config_digests(argv),
         "portable": portable(argv, out),
         "portable_digests": config_digests(argv, name=lambda p: portable([p], out)[0]),
+        "semantic_digests": config_digests(argv, content=what_it_computes),
+        "portable_semantic_digests": config_digests(
+            argv, name=lambda p: portable([p], out)[0], content=what_it_computes
+        ),
     }
     (run_dir / COMMAND_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -87,12 +133,18 @@ def same_command_or_error(run_dir: Path, argv: list[str], out: Path, exported: b
             raise ValueError(f"{run_dir} has no {COMMAND_RECORD}: nothing says which command made it")
         return
     saved = json.loads(record.read_text())
-    if exported or "portable" in saved and saved.get("clbd_fit") != comparable(argv):
+    semantic = "semantic_digests" in saved  # records from before compare every byte of the config files
+    content = what_it_computes if semantic else None
+    same_args = without_speed_settings(saved.get("clbd_fit") or []) == without_speed_settings(comparable(argv))
+    if exported or "portable" in saved and not same_args:
         earlier, now = saved.get("portable"), portable(argv, out)
-        digests, current = saved.get("portable_digests"), config_digests(argv, name=lambda p: portable([p], out)[0])
+        digests = saved.get("portable_semantic_digests" if semantic else "portable_digests")
+        current = config_digests(argv, name=lambda p: portable([p], out)[0], content=content)
     else:
         earlier, now = saved.get("clbd_fit"), comparable(argv)
-        digests, current = saved.get("config_digests"), config_digests(argv)
+        digests = saved.get("semantic_digests" if semantic else "config_digests")
+        current = config_digests(argv, content=content)
+    earlier, now = without_speed_settings(earlier or []), without_speed_settings(now)
     if earlier != now:
         changed = sorted(set(now).symmetric_difference(earlier or []))
         raise ValueError(
