@@ -30,6 +30,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from clbd.experiment.runs import without_speed_settings  # noqa: E402
+
 CLBD = [sys.executable, "-c", "import sys; from clbd import main; sys.exit(main())"]
 # The CPU form of the GPU settings, and tiny sizes: a rehearsal of the call's mechanics, not of its numbers.
 SHRINK_COMMON = [
@@ -54,8 +57,12 @@ SHRINK_COMMON = [
     "--data.init_args.cache_eval_batches=false",
 ]
 SHRINK_HEAD = ["--model.init_args.proj_hidden_dim=64"]  # every method, and the SimCLR control (not MCLDef: no head)
-SHRINK_DEFENSE = ["--model.init_args.inversion_steps=4", "--model.init_args.inversion_check_every=2",
-                  "--model.init_args.inversion_batch_size=16", "--model.init_args.inversion_samples=32"]
+SHRINK_DEFENSE = [
+    "--model.init_args.inversion_steps=4",
+    "--model.init_args.inversion_check_every=2",
+    "--model.init_args.inversion_batch_size=16",
+    "--model.init_args.inversion_samples=32",
+]
 SHRINK_ATTACK = {"count": 16, "reference_pool_size": 8}
 
 
@@ -116,7 +123,10 @@ def list_arms(plan_file: Path, runs: Path, results: Path | None, tree: Path) -> 
     sources = ["--from", str(results.resolve())] if results is not None and results.is_dir() else []
     done = subprocess.run(
         [*CLBD, "experiment", "--config", str(plan_file), "--out", str(runs), *sources, "--list", "--json"],
-        capture_output=True, text=True, cwd=tree, env=clbd_env(),
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        env=clbd_env(),
     )
     if done.returncode != 0:
         raise SystemExit(f"gpu_arms: clbd experiment --list failed:\n{done.stderr}")
@@ -137,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defense-s", type=float, default=90.0, help="seconds per defense arm")
     parser.add_argument("--max-arms", type=int, default=None, help="run at most this many arms")
     parser.add_argument("--shrink", action="store_true", help="tiny sizes on a CPU (the rehearsal)")
+    parser.add_argument(
+        "--speed-args",
+        default="",
+        metavar="'ARG ...'",
+        help="clbd fit arguments of the fastest setting measured, in one string; speed settings only (the arm is "
+        "the same arm with or without them), others are left out",
+    )
     parser.add_argument("--schedule-only", action="store_true", help="print the order and estimates, run nothing")
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -146,8 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plan_file = args.plan.resolve()
     args.work = args.work.resolve()
-    if args.shrink:
-        plan = shrunk(plan)
+    given = args.speed_args.split()
+    others = without_speed_settings(given)
+    if others:
+        print(f"gpu_arms: leaving out {' '.join(others)}: not speed settings, they would make other arms")
+    speed_args = [arg for arg in given if arg not in others]
+    if args.shrink or speed_args:
+        plan = shrunk(plan) if args.shrink else plan
+        plan["common"] = [*plan.get("common", []), *speed_args]
         plan_file = args.work / args.plan.name
         plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
     tree = working_tree(args.work / "tree", args.data)
@@ -163,10 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         return epochs * epoch_s + (epochs // every) * args.eval_s + args.startup_s
 
     pending = [arm for arm in arms if arm["state"] != "done"]
-    print(f"gpu_arms: {len(arms)} arms in {args.plan.name}, {len(arms) - len(pending)} already in {results} or here; "
-          f"{args.seconds:.0f} s for this stage; estimates at {epoch_s} s per epoch, {epochs} epochs:")
+    print(
+        f"gpu_arms: {len(arms)} arms in {args.plan.name}, {len(arms) - len(pending)} already in {results} or here; "
+        f"{args.seconds:.0f} s for this stage; estimates at {epoch_s} s per epoch, {epochs} epochs:"
+    )
     for arm in pending:
-        print(f"  {arm['id']:<34} ~{estimate(arm):5.0f} s" + (f"  (needs {', '.join(arm['needs'])})" if arm["needs"] else ""))
+        print(
+            f"  {arm['id']:<34} ~{estimate(arm):5.0f} s"
+            + (f"  (needs {', '.join(arm['needs'])})" if arm["needs"] else "")
+        )
     if args.schedule_only:
         return 0
     finished_here = {arm["id"] for arm in arms if arm["state"] == "done" and str(runs) in arm["where"]}
@@ -184,9 +212,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== gpu_arms: {arm['id']} (~{estimate(arm):.0f} s, {left:.0f} s left)", flush=True)
         t0 = time.monotonic()
         done = subprocess.run(
-            [*CLBD, "experiment", "--config", str(plan_file), "--out", str(runs), "--arm", arm["id"],
-             "--export", str(args.work / "export")],
-            cwd=tree, env=clbd_env(), timeout=max(left, 1),
+            [
+                *CLBD,
+                "experiment",
+                "--config",
+                str(plan_file),
+                "--out",
+                str(runs),
+                "--arm",
+                arm["id"],
+                "--export",
+                str(args.work / "export"),
+            ],
+            cwd=tree,
+            env=clbd_env(),
+            timeout=max(left, 1),
         )
         seconds = time.monotonic() - t0
         print(f"gpu_arms: {arm['id']} exit {done.returncode} after {seconds:.0f} s", flush=True)

@@ -16,11 +16,13 @@
 # Stages, each time-boxed (seconds from the start of the whole check, CLBD_GPU_CHECK_BUDGET_S in all, default 500):
 #   install (wheels, DeepSpeed's among them: pure Python, its ops JIT-built if used) -> convert (clbd data cifar10)
 #   -> pytest -m gpu -> benchmarks/gpu_throughput.py (every speed setting against eager; picks the fastest)
-#   -> [the experiment arms: not here yet, see "3. the experiment arms"] -> NA on CIFAR-10 SimCLR with the fastest
-#   setting for the epochs that fit -> clbd test
+#   -> the experiment arms (benchmarks/gpu_arms.py: the highest-priority arms of configs/experiment/na_cifar10_gpu.yaml
+#   not yet in results/ that fit, with the fastest speed setting, one archive each in OUT/arms/)
+#   -> [stage na, off by default: NA on CIFAR-10 SimCLR with the fastest setting for the epochs that fit -> clbd test]
 #
 # Settings (environment): CLBD_PYTHON (python3), CLBD_GPU_CHECK_WORK (scratch folder, /tmp/clbd_gpu_check),
-# CLBD_GPU_CHECK_STAGES (comma list of pytest,throughput,na; default all three), CLBD_GPU_CHECK_SKIP_INSTALL=1 (the
+# CLBD_GPU_CHECK_STAGES (comma list of pytest,throughput,arms,na; default pytest,throughput,arms),
+# CLBD_GPU_ARMS_PLAN (the experiment the arms stage takes its arms from), CLBD_GPU_CHECK_SKIP_INSTALL=1 (the
 # packages are already importable), CLBD_GPU_NA_EPOCH_S (expected seconds per NA epoch incl. monitors, sets the
 # epoch count; default 5 with device views, else 9), CLBD_GPU_NA_WORKERS (16), CLBD_GPU_NA_DEVICE_VIEWS (1, the default: views made on the GPU; 0: in the loaders; the run falls back to 0,
 # and to the first check's plain settings, by itself when the GPU config fails before its first epoch ends),
@@ -43,9 +45,9 @@ archive=${archive:-$repo/.gpu_data/cifar10-jpg.tar.gz}
 PY=${CLBD_PYTHON:-python3}
 wheels=${CLBD_GPU_CHECK_WHEELS:-$repo/.whl}
 dry=${CLBD_GPU_CHECK_CPU_DRYRUN:-0}
-budget=${CLBD_GPU_CHECK_BUDGET_S:-$([[ $dry == 1 ]] && echo 1500 || echo 500)}
+budget=${CLBD_GPU_CHECK_BUDGET_S:-$([[ $dry == 1 ]] && echo 1500 || echo 540)}
 work=${CLBD_GPU_CHECK_WORK:-/tmp/clbd_gpu_check}
-stages=${CLBD_GPU_CHECK_STAGES:-pytest,throughput,na}
+stages=${CLBD_GPU_CHECK_STAGES:-pytest,throughput,arms}
 workers=${CLBD_GPU_NA_WORKERS:-16}
 device_views=${CLBD_GPU_NA_DEVICE_VIEWS:-1}
 epoch_guess=${CLBD_GPU_NA_EPOCH_S:-$([[ $device_views == 1 ]] && echo 5 || echo 9)}
@@ -147,8 +149,20 @@ print("\n".join(best["fit_args"]) if best else "")' "$out/gpu_throughput.json" |
 fi
 
 # ---- 3. the experiment arms ----------------------------------------------------------------------------------------
-# The lead's script that runs the CIFAR-10 comparison's arms goes here, before the NA run below; it should train with
-# "${fastest_args[@]}" appended to its clbd fit arguments (the setting the throughput stage found fastest).
+# The CIFAR-10 comparison (configs/experiment/na_cifar10_gpu.yaml): the highest-priority arms not yet in
+# results/na_cifar10_gpu that fit the time left (estimates printed first), with the fastest setting's speed arguments;
+# each finished arm is archived as OUT/arms/arm-<id>.tar.gz (no checkpoint). Back home: unpack them into
+# results/na_cifar10_gpu/ and assemble (the plan's header). In the dry run: the plan shrunk, its first three arms.
+if has_stage arms; then
+    stage "experiment arms (configs/experiment/na_cifar10_gpu.yaml)"
+    reserve=$(has_stage na && echo 200 || echo 15)
+    seconds=$(( $(left) - reserve ))
+    arms=(--plan "${CLBD_GPU_ARMS_PLAN:-configs/experiment/na_cifar10_gpu.yaml}" --seconds "$seconds"
+        --work "$work/arms" --out "$out/arms" --data "$data" --speed-args="${fastest_args[*]}")
+    [[ $dry == 1 ]] && arms+=(--shrink --max-arms 3 --epoch-s 1)
+    timeout -k 15 $((seconds + 10)) "$PY" benchmarks/gpu_arms.py "${arms[@]}"
+    echo "arms exit $?"
+fi
 
 # ---- 4. NA on CIFAR-10 SimCLR, then clbd test --------------------------------------------------------------------
 if has_stage na; then

@@ -166,6 +166,37 @@ def na_summary(out: Path, work: Path | None) -> list[str]:
     return lines
 
 
+def arms_summary(folder: Path) -> list[str]:
+    """One line per archived experiment arm: its id, the device, wall time and its headline numbers."""
+    lines = []
+    for archive in sorted(folder.glob("arm-*.tar.gz")):
+        with tarfile.open(archive) as tar:
+            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            provenance = (
+                json.loads(tar.extractfile(files["provenance.json"]).read()) if "provenance.json" in files else {}
+            )
+            result = None
+            for name in ("eval.json", "defense_metrics.json"):
+                if name in files:
+                    result = json.loads(tar.extractfile(files[name]).read())
+                    result = result.get("after", result)
+            probe = (result or {}).get("linear_probe") or {}
+            backdoor = probe.get("backdoor") or (result or {}).get("backdoor") or {}
+            numbers = ", ".join(
+                f"{key} {100 * backdoor[key]['value']:.1f}%"
+                for key in ("asr", "attributable_asr")
+                if isinstance(backdoor.get(key), dict) and backdoor[key].get("value") is not None
+            )
+            wall = sum((provenance.get("wall_s") or {}).values())
+            ca = probe.get("accuracy")
+            lines.append(
+                f"arm {archive.name[4:-7]}: {provenance.get('device', '?')}, {wall:.0f} s"
+                + (f", CA {100 * ca:.1f}%" if ca is not None else "")
+                + (f", {numbers}" if numbers else "")
+            )
+    return lines or ["experiment arms: none archived"]
+
+
 def metrics_columns(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -186,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["==== gpu_check summary ===="]
     lines += pytest_summary(args.out / "pytest_gpu.xml")
     lines += throughput_summary(args.out / "gpu_throughput.json")
+    lines += arms_summary(args.out / "arms")
     lines += na_summary(args.out, args.work)
     columns = metrics_columns(args.out / "na_metrics.csv")
     if columns:

@@ -66,7 +66,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
         CLBD_PYTHON=sys.executable,
         CLBD_GPU_CHECK_CPU_DRYRUN="1",
         CLBD_GPU_CHECK_SKIP_INSTALL="1",  # CI has the packages; the wheel install is rehearsed by hand (docs)
-        CLBD_GPU_CHECK_STAGES="na",
+        CLBD_GPU_CHECK_STAGES="arms,na",
         CLBD_GPU_CHECK_WORK=str(tmp_path / "work"),
         CLBD_GPU_CHECK_MAXCOUNT="25",  # 4 training shards for the 2 loader processes
         CLBD_GPU_NA_ARGS="--data.init_args.attack.init_args.count=8 "
@@ -97,7 +97,17 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert metrics["last.ckpt"]["attack"]["target_name"] == "airplane"
     summary = (out / "summary.txt").read_text()
     assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary
-    assert (out / "gpu_check.log").read_text().count("=== [") >= 4
+    assert "arm seed0_simclr-na: cpu" in summary and "arm seed0_mcldef: cpu" in summary
+    assert (out / "gpu_check.log").read_text().count("=== [") >= 5
+    # The experiment arms (the GPU plan shrunk): NA, then MCLDef and its control on that model, one archive each,
+    # trained with the fastest setting's speed arguments.
+    archives = sorted(p.name for p in (out / "arms").glob("*.tar.gz"))
+    assert archives == ["arm-seed0_finetune.tar.gz", "arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"], log[
+        -4000:
+    ]
+    with tarfile.open(out / "arms" / "arm-seed0_simclr-na.tar.gz") as tar:
+        config = tar.extractfile("seed0/simclr-na/config.yaml").read().decode()
+        assert "optimizer_impl: fused" in config and not any(n.endswith(".ckpt") for n in tar.getnames())
 
 
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
