@@ -453,8 +453,17 @@ class ShardDataModule(L.LightningDataModule):
             resident=self.resident_shards(self.index(split), split, build=split != "test"),
         )
 
+    def same_layout(self, loader_states: list[dict[str, Any] | None]) -> bool:
+        """Whether a checkpoint's training loader states (one per rank) come from this run's ranks and workers."""
+        _, world_size = self.world()
+        workers = max(self.num_workers, 1)
+        return len(loader_states) == world_size and all(
+            len(_worker_positions(state)) in (0, workers) for state in loader_states
+        )
+
     def resume_on_other_ranks(self, loader_states: list[dict[str, Any] | None]) -> EpochRemainder | None:
-        """A checkpoint written by ``len(loader_states)`` ranks, resumed on this run's number: the rest of its epoch
+        """A checkpoint written by ``len(loader_states)`` ranks (or another number of loader workers), resumed on this
+        run's layout: the rest of its epoch
         (the samples its streams had not taken) is dealt among this run's ranks and workers; later epochs are as a
         fresh run with this layout. Each sample keeps its poisoning and augmentations (seeded by key)."""
         positions = [_worker_positions(state) for state in loader_states]

@@ -130,10 +130,11 @@ class StreamBookkeeping(L.Callback):
         if len(epochs) == 1 and None not in epochs:
             totals = [stream_totals((m.get("stream_stats") or {}).values()) for m in per_rank]
             self._unclosed = (int(epochs.pop()), [sum(column) for column in zip(*totals)])
-        if len(per_rank) != world_size:
-            # Another number of ranks: the rest of the interrupted epoch is dealt among this run's streams (each
-            # sample once); the old streams' counts so far are kept under their own names, on rank 0 only.
-            trainer.datamodule.resume_on_other_ranks([(m.get("loaders") or [None])[0] for m in per_rank])
+        loader_states = [(m.get("loaders") or [None])[0] for m in per_rank]
+        if len(per_rank) != world_size or not trainer.datamodule.same_layout(loader_states):
+            # Another number of ranks or loader workers: the rest of the interrupted epoch is dealt among this run's
+            # streams (each sample once); the old streams' counts so far are kept under their own names, on rank 0.
+            trainer.datamodule.resume_on_other_ranks(loader_states)
             self._stream_stats = {
                 f"{name} (before the resume)": stats
                 for m in (per_rank if rank == 0 else [])
