@@ -24,6 +24,7 @@ TESTBED = ROOT / "configs" / "experiment" / "clip_testbed_patch.yaml"
 ATTACK = "patch_shapes.yaml"  # the test bed's attack config, copied with the base folder it names
 SHIPPED_BASE = "runs/clip-shapes-base"  # the test bed's base folder, named in its attack config
 DEFENSE = "cleanclip"
+PLAN_NAME = "demo_experiment.yaml"
 
 
 def absolute(value: str) -> str:
@@ -32,12 +33,10 @@ def absolute(value: str) -> str:
 
 def demo_plan(base_dir: Path, out: Path, epochs: int | None) -> tuple[dict, str]:
     """The test bed's plan for one seed and one defense, its paths made independent of the working directory and
-    its base folder moved to ``base_dir``; ``epochs`` shrinks every step (for tests)."""
+    its base folder moved to ``base_dir``; ``epochs`` shrinks every step (for tests). Its attack config, with the
+    base folder, is to be written to the path returned (``attack_config``)."""
     plan = yaml.safe_load(TESTBED.read_text())
-    attack_file = ROOT / "configs" / "attack" / ATTACK
-    attack = attack_file.read_text().replace(SHIPPED_BASE, str(base_dir))
     attack_copy = out / ATTACK
-    attack_copy.write_text(attack)
     base = plan["base"]
     base["dir"] = str(base_dir)
     base["configs"] = [absolute(c) for c in base["configs"]]
@@ -58,41 +57,60 @@ def demo_plan(base_dir: Path, out: Path, epochs: int | None) -> tuple[dict, str]
     return plan, str(attack_copy)
 
 
+def attack_config(base_dir: Path) -> str:
+    return (ROOT / "configs" / "attack" / ATTACK).read_text().replace(SHIPPED_BASE, str(base_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="clbd demo", description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="folder for the demo's runs (must not hold one yet)")
+    parser.add_argument(
+        "--out", default="runs/demo", help="folder for the demo's runs; a demo stopped there is continued"
+    )
     parser.add_argument("--base-dir", default=SHIPPED_BASE, help="the clean base model's folder (reused if trained)")
     parser.add_argument("--epochs", type=int, default=None, help="shrink every step to this many epochs (tests)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
+    parser.add_argument("--overwrite", action="store_true", help="start over: replace an earlier demo in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    plan_file = out / PLAN_NAME
     if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            print(f"clbd demo: error: {out} already holds a demo; pass --overwrite or another --out")
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif not plan_file.exists():
+            print(f"clbd demo: error: {out} holds something other than a demo; pass --overwrite or another --out")
             return 2
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     plan, attack = demo_plan(Path(args.base_dir), out, args.epochs)
-    plan_file = out / "demo_experiment.yaml"
+    if plan_file.exists():
+        if yaml.safe_load(plan_file.read_text()) != plan:
+            print(
+                f"clbd demo: error: {out} holds a demo of other settings (--base-dir, --epochs); pass --overwrite "
+                "to start it over, or another --out"
+            )
+            return 2
+        # Finished steps are reused and an interrupted fit resumes from its last checkpoint (clbd experiment).
+        print(f"clbd demo: continuing the demo in {out} where it stopped (--overwrite starts it over)", flush=True)
+    Path(attack).write_text(attack_config(Path(args.base_dir)))
     plan_file.write_text(yaml.safe_dump(plan, sort_keys=False))
 
     code = experiment(["--config", str(plan_file), "--out", str(out)])
     if code:
         return code
-    run_step(
-        [
-            "poison",
-            "preview",
-            "--config",
-            absolute("configs/smoke/clip_shapes.yaml"),
-            "--config",
-            attack,
-            "--out",
-            str(out / "poisoned_samples.png"),
-            "--count",
-            "8",
-        ]
-    )
+    preview = out / "poisoned_samples.png"
+    if not preview.exists():  # a continued demo made it already, from the same plan
+        run_step(
+            [
+                "poison",
+                "preview",
+                "--config",
+                absolute("configs/smoke/clip_shapes.yaml"),
+                "--config",
+                attack,
+                "--out",
+                str(preview),
+                "--count",
+                "8",
+            ]
+        )
     print(
         f"\nWritten: {out / 'table.md'} (the table above), {out / 'table.png'} (its bars), "
         f"{out / 'poisoned_samples.png'} (poisoned pairs and what the model sees); runs in {out}/seed0, the clean "

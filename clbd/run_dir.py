@@ -14,8 +14,21 @@ from lightning_modules.safe_checkpoint import check_checkpoint, load_checkpoint
 
 FINISHED_MARKER = "fit_finished.json"
 CONFIG_NAME = "config.yaml"
-# Keys that may change between a run and its resume without changing what is computed.
-RESUME_MAY_DIFFER = {("data", "eval_batch_size"), ("data", "max_val_samples")}
+# Keys that may change between a run and its resume without changing a sample or an update: evaluation settings,
+# and how the loaders work (another number of workers deals the rest of the interrupted epoch anew, each sample once).
+# Trainer settings (progress bar, logging cadence, devices) are not compared at all.
+RESUME_MAY_DIFFER = {
+    ("data", "eval_batch_size"),
+    ("data", "max_val_samples"),
+    ("data", "num_workers"),
+    ("data", "pin_memory"),
+    ("data", "resident"),
+    ("data", "cache_eval_batches"),
+    # the same arithmetic by another implementation (a checkpoint from before these settings existed resumes too)
+    ("model", "optimizer_impl"),
+    ("model", "compile"),
+    ("model", "compile_mode"),
+}
 
 
 class RunDirError(ValueError):
@@ -78,7 +91,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     for section in ("model", "data"):
         a, b = _flatten(saved.get(section)), _flatten(current.get(section))
         for key in sorted(set(a) | set(b)):
-            if (section, key.rsplit(".", 1)[-1]) in RESUME_MAY_DIFFER:
+            if (section, key) in RESUME_MAY_DIFFER:
                 continue
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")

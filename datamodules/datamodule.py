@@ -388,12 +388,27 @@ class ShardDataModule(L.LightningDataModule):
         dataset.configure(rank=rank, world_size=world_size, num_workers=self.num_workers)
         return StreamLoader(
             dataset,
-            epoch_fn=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+            epoch_fn=self._epoch_to_stream if dataset.train else self._current_epoch,
             num_workers=self.num_workers,
             persistent_workers=False,
             prefetch_factor=2 if self.num_workers > 0 else None,
             pin_memory=self.pin_memory,
         )
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _epoch_to_stream(self) -> int:
+        """The epoch a new training iterator streams: the epochs whose training steps have all run.
+
+        Not ``trainer.current_epoch``: that counts completed epochs, which lag one behind from an epoch's last step to
+        the end of its ``on_train_epoch_end``, where ModelCheckpoint writes the epoch-end checkpoint. Lightning resumes
+        from that checkpoint without the loader's state (it starts the next epoch afresh) but creates the iterator
+        before it counts the epoch completed: the resumed run would train the next epoch on the ended one's stream.
+        """
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def _eval_loader(self, dataset: ShardStream) -> StreamLoader | ReplayLoader:
         """A validation loader, replayed from memory after its first pass with ``cache_eval_batches``."""
@@ -438,8 +453,17 @@ class ShardDataModule(L.LightningDataModule):
             resident=self.resident_shards(self.index(split), split, build=split != "test"),
         )
 
+    def same_layout(self, loader_states: list[dict[str, Any] | None]) -> bool:
+        """Whether a checkpoint's training loader states (one per rank) come from this run's ranks and workers."""
+        _, world_size = self.world()
+        workers = max(self.num_workers, 1)
+        return len(loader_states) == world_size and all(
+            len(_worker_positions(state)) in (0, workers) for state in loader_states
+        )
+
     def resume_on_other_ranks(self, loader_states: list[dict[str, Any] | None]) -> EpochRemainder | None:
-        """A checkpoint written by ``len(loader_states)`` ranks, resumed on this run's number: the rest of its epoch
+        """A checkpoint written by ``len(loader_states)`` ranks (or another number of loader workers), resumed on this
+        run's layout: the rest of its epoch
         (the samples its streams had not taken) is dealt among this run's ranks and workers; later epochs are as a
         fresh run with this layout. Each sample keeps its poisoning and augmentations (seeded by key)."""
         positions = [_worker_positions(state) for state in loader_states]

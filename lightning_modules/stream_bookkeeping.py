@@ -47,6 +47,7 @@ class StreamBookkeeping(L.Callback):
     def __init__(self) -> None:
         self.report: dict[str, Any] = fresh_report()
         self._stream_stats: dict[str, dict[str, Any]] = {}
+        self._unclosed: tuple[int, list[int]] | None = None  # a checkpoint's epoch and its counts, all ranks
 
     # ---- counting -------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int):
@@ -60,6 +61,15 @@ class StreamBookkeeping(L.Callback):
         if isinstance(stats, dict) and "stream" in stats:
             self._stream_stats[stats["stream"]] = stats
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A checkpoint written after an epoch's last step but before this callback's ``on_train_epoch_end`` (at that
+        step, in another callback's or the module's ``on_train_epoch_end``, by SLURM's signal) holds the epoch's
+        counts unsummed. When Lightning resumes past that epoch (no hook of it runs again), they are added here."""
+        unclosed, self._unclosed = self._unclosed, None
+        if unclosed is not None and unclosed[0] < trainer.current_epoch:
+            self._close_epoch(*unclosed)
+            self._stream_stats.clear()
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sum every stream's counts of the epoch over workers and ranks into the run's data report.
 
@@ -67,37 +77,36 @@ class StreamBookkeeping(L.Callback):
         resumed mid-epoch counts every sample exactly once. Streams count each fault once per epoch; the report
         keeps each epoch's counts (``per_epoch``) beside the run's totals.
         """
-        local = torch.zeros(len(FAULT_KINDS) + len(STREAM_COUNTS), dtype=torch.long, device=pl_module.device)
-        for stats in self._stream_stats.values():
-            for i, kind in enumerate(FAULT_KINDS):
-                local[i] += int(stats["faults"].get(kind, 0))
-            for i, name in enumerate(STREAM_COUNTS):
-                local[len(FAULT_KINDS) + i] += int(stats.get(name, 0))
+        local = torch.tensor(stream_totals(self._stream_stats.values()), dtype=torch.long, device=pl_module.device)
         totals = trainer.strategy.reduce(local, reduce_op="sum") if trainer.world_size > 1 else local
-        totals = [int(t) for t in totals.tolist()]
         self._stream_stats.clear()
+        epoch = self._close_epoch(int(trainer.current_epoch), [int(t) for t in totals.tolist()])
+        for kind in FAULT_KINDS:
+            pl_module.log(f"data/{kind}", float(self.report["faults"][kind]), sync_dist=False)
+        pl_module.log("train/poisoned_seen_epoch", float(epoch["poisoned"]), sync_dist=False)
+        pl_module.log("train/poisoned_seen_total", float(self.report["poisoned"]), sync_dist=False)
+        pl_module.log("train/samples_seen_epoch", float(epoch["samples_seen"]), sync_dist=False)
+
+    def _close_epoch(self, epoch: int, totals: list[int]) -> dict[str, Any]:
+        """Add one epoch's counts (``stream_totals`` summed over ranks) to the report; returns the epoch's entry."""
         epoch_faults = dict(zip(FAULT_KINDS, totals))
         poisoned, excluded, seen = totals[len(FAULT_KINDS) :]
         report = self.report
         for kind in FAULT_KINDS:
             report["faults"][kind] = report["faults"].get(kind, 0) + epoch_faults[kind]
-            pl_module.log(f"data/{kind}", float(report["faults"][kind]), sync_dist=False)
         report["poisoned"] += poisoned
         report["excluded"] += excluded
         report["samples_seen"] = report.get("samples_seen", 0) + seen
         # Each epoch's own counts too: a fault in the data is met once per epoch, so totals grow with epochs.
-        report.setdefault("per_epoch", []).append(
-            {
-                "epoch": int(trainer.current_epoch),
-                "samples_seen": seen,
-                "poisoned": poisoned,
-                "excluded": excluded,
-                "faults": epoch_faults,
-            }
-        )
-        pl_module.log("train/poisoned_seen_epoch", float(poisoned), sync_dist=False)
-        pl_module.log("train/poisoned_seen_total", float(report["poisoned"]), sync_dist=False)
-        pl_module.log("train/samples_seen_epoch", float(seen), sync_dist=False)
+        entry = {
+            "epoch": epoch,
+            "samples_seen": seen,
+            "poisoned": poisoned,
+            "excluded": excluded,
+            "faults": epoch_faults,
+        }
+        report.setdefault("per_epoch", []).append(entry)
+        return entry
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]):
@@ -115,10 +124,17 @@ class StreamBookkeeping(L.Callback):
             return  # evaluating a checkpoint reads no training stream: any number of ranks will do
         world_size, rank = trainer.world_size, trainer.global_rank
         fit_loop = fit_loop_state(checkpoint, create=False)
-        if len(per_rank) != world_size:
-            # Another number of ranks: the rest of the interrupted epoch is dealt among this run's streams (each
-            # sample once); the old streams' counts so far are kept under their own names, on rank 0 only.
-            trainer.datamodule.resume_on_other_ranks([(m.get("loaders") or [None])[0] for m in per_rank])
+        # Every rank's counts of the checkpoint's epoch, in case Lightning resumes past that epoch's end (see
+        # on_train_start); the file holds them all, so no rank needs another's.
+        epochs = {stats.get("epoch") for m in per_rank for stats in (m.get("stream_stats") or {}).values()}
+        if len(epochs) == 1 and None not in epochs:
+            totals = [stream_totals((m.get("stream_stats") or {}).values()) for m in per_rank]
+            self._unclosed = (int(epochs.pop()), [sum(column) for column in zip(*totals)])
+        loader_states = [(m.get("loaders") or [None])[0] for m in per_rank]
+        if len(per_rank) != world_size or not trainer.datamodule.same_layout(loader_states):
+            # Another number of ranks or loader workers: the rest of the interrupted epoch is dealt among this run's
+            # streams (each sample once); the old streams' counts so far are kept under their own names, on rank 0.
+            trainer.datamodule.resume_on_other_ranks(loader_states)
             self._stream_stats = {
                 f"{name} (before the resume)": stats
                 for m in (per_rank if rank == 0 else [])
@@ -141,6 +157,17 @@ class StreamBookkeeping(L.Callback):
         path = Path(trainer.default_root_dir) / "data_report.json"
         path.write_text(json.dumps(report, indent=1) + "\n")
         return path
+
+
+def stream_totals(stats: Any) -> list[int]:
+    """Fault counts by kind, then ``STREAM_COUNTS``, summed over streams' latest stats."""
+    totals = [0] * (len(FAULT_KINDS) + len(STREAM_COUNTS))
+    for one in stats:
+        for i, kind in enumerate(FAULT_KINDS):
+            totals[i] += int(one["faults"].get(kind, 0))
+        for i, name in enumerate(STREAM_COUNTS):
+            totals[len(FAULT_KINDS) + i] += int(one.get(name, 0))
+    return totals
 
 
 def fit_loop_state(checkpoint: dict[str, Any], create: bool = True) -> dict[str, Any] | None:

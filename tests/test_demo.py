@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from clbd.demo import main as demo_main
+from lightning_modules.stream_bookkeeping import StreamBookkeeping
+from tests.callbacks import SimulatedPreemption
 
 
 def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys):
@@ -28,6 +32,48 @@ def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys
     assert str(base / "checkpoints" / "last.ckpt") in config and "poisoning.GeneratedTrigger" in config
     assert "rate: 0.005" in config and (poisoned / "poison_manifest.jsonl").stat().st_size > 0
     assert Image.open(out / "poisoned_samples.png").size[0] > 100 and Image.open(out / "table.png").size[0] > 300
-    before = (out / "table.md").read_text()
-    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 2  # kept unless asked
-    assert (out / "table.md").read_text() == before
+    # Started again, the finished demo is kept: every step is reused, nothing trained again.
+    before = (out / "table.json").read_text()
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 0
+    assert "continuing the demo" in capsys.readouterr().out and (out / "table.json").read_text() == before
+    # Other settings in the same folder are refused, naming the way out; so is a folder that holds no demo.
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "2"]) == 2
+    assert (out / "table.json").read_text() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert demo_main(["--out", str(tmp_path / "other"), "--base-dir", str(base)]) == 2
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def table_numbers(out: Path) -> list[dict]:
+    """The demo table's rows without the minutes each step took."""
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    return [{key: value for key, value in row.items() if key != "minutes"} for row in rows]
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_continues_to_the_table_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Stopped in the poisoned fine-tuning's second epoch (after its first epoch-end checkpoint) and started again,
+    the demo continues where it stopped and ends with the uninterrupted demo's table."""
+    base, straight, stopped = tmp_path / "base", tmp_path / "straight", tmp_path / "stopped"
+    shrink = ["--base-dir", str(base), "--epochs", "2"]
+    assert demo_main(["--out", str(straight), *shrink]) == 0
+
+    counting = StreamBookkeeping.on_train_batch_start
+
+    def preempted(self, trainer, pl_module, batch, batch_idx):
+        if Path(trainer.default_root_dir).name == "poisoned" and trainer.current_epoch == 1:
+            raise SimulatedPreemption("killed in the poisoned fine-tuning's second epoch")
+        return counting(self, trainer, pl_module, batch, batch_idx)
+
+    monkeypatch.setattr(StreamBookkeeping, "on_train_batch_start", preempted)
+    with pytest.raises(SimulatedPreemption):
+        demo_main(["--out", str(stopped), *shrink])
+    monkeypatch.undo()
+    poisoned = stopped / "seed0" / "poisoned"
+    assert (poisoned / "checkpoints" / "last.ckpt").exists() and not (poisoned / "fit_finished.json").exists()
+    capsys.readouterr()
+
+    assert demo_main(["--out", str(stopped), *shrink]) == 0
+    assert "continuing the demo" in capsys.readouterr().out
+    assert table_numbers(stopped) == table_numbers(straight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,46 @@ def test_resume_with_a_different_config_is_refused(tmp_path, make_shards):
 
 
 def test_config_differences_name_the_field():
-    saved = {"model": {"class_path": "x", "init_args": {"lr": 0.1}}, "data": {"init_args": {"eval_batch_size": 8}}}
-    now = {"model": {"class_path": "x", "init_args": {"lr": 0.2}}, "data": {"init_args": {"eval_batch_size": 16}}}
-    assert config_differences(saved, now) == ["model.lr: checkpoint 0.1, now 0.2"]
+    saved = {
+        "model": {"class_path": "x", "init_args": {"lr": 0.1}},
+        "data": {"init_args": {"eval_batch_size": 8, "num_workers": 2, "shuffle_buffer": 40}},
+    }
+    now = {
+        "model": {"class_path": "x", "init_args": {"lr": 0.2}},
+        "data": {"init_args": {"eval_batch_size": 16, "num_workers": 0, "shuffle_buffer": 80}},
+    }
+    assert config_differences(saved, now) == [
+        "model.lr: checkpoint 0.1, now 0.2",
+        "data.shuffle_buffer: checkpoint 40, now 80",  # another sample order: refused; the worker count is not
+    ]
+
+
+def test_resume_with_another_number_of_workers_takes_each_sample_once(tmp_path, make_shards):
+    """A mid-epoch checkpoint of 2 loader workers resumed with 1 (and another progress bar, logging cadence and
+    evaluation batch size): the rest of the epoch is dealt anew, each sample once; the next epoch is a fresh run's."""
+    model, data, attack = SIMCLR
+    shards = make_shards(n=160, per_shard=40)
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    keys = ["--trainer.callbacks+=tests.callbacks.RecordKeys", f"--trainer.callbacks.folder={run / 'keys'}"]
+    interrupt = ["--trainer.callbacks+=tests.callbacks.InterruptAfterStep", "--trainer.callbacks.step=5"]
+    with pytest.raises(SimulatedPreemption):
+        main(["fit", *common_args(shards, run, model, data, attack), *keys, *interrupt])
+    other = ["--data.num_workers=1", "--data.eval_batch_size=8", "--trainer.enable_progress_bar=true"]
+    other += ["--trainer.log_every_n_steps=1"]
+    resume = ["--ckpt_path", str(run / "checkpoints" / "epoch=0-step=3.ckpt")]
+    assert main(["fit", *common_args(shards, run, model, data, attack), *keys, *other, *resume]) == 0
+    fresh_keys = ["--trainer.callbacks+=tests.callbacks.RecordKeys", f"--trainer.callbacks.folder={fresh / 'keys'}"]
+    assert main(["fit", *common_args(shards, fresh, model, data, attack), *fresh_keys, "--data.num_workers=1"]) == 0
+
+    def epochs(folder: Path) -> dict[int, list[str]]:
+        steps = {r["step"]: r for r in map(json.loads, (folder / "keys" / "rank0.jsonl").read_text().splitlines())}
+        out: dict[int, list[str]] = {}
+        for step in sorted(steps):
+            out.setdefault(steps[step]["epoch"], []).extend(steps[step]["keys"])
+        return out
+
+    resumed, reference = epochs(run), epochs(fresh)
+    assert len(resumed[0]) == len(set(resumed[0])) == len(reference[0])  # each sample of the epoch once, all steps
+    assert resumed[1] == reference[1]  # later epochs: a fresh run on the new layout
+    report = json.loads((run / "data_report.json").read_text())
+    assert [e["samples_seen"] for e in report["per_epoch"]] == [len(resumed[0]), len(resumed[1])]
