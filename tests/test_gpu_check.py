@@ -105,9 +105,70 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert archives == ["arm-seed0_finetune.tar.gz", "arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"], log[
         -4000:
     ]
-    with tarfile.open(out / "arms" / "arm-seed0_simclr-na.tar.gz") as tar:
-        config = tar.extractfile("seed0/simclr-na/config.yaml").read().decode()
-        assert "optimizer_impl: fused" in config and not any(n.endswith(".ckpt") for n in tar.getnames())
+    results = tmp_path / "results"
+    for archive in (out / "arms").glob("*.tar.gz"):
+        with tarfile.open(archive) as tar:
+            assert not any(n.endswith(".ckpt") for n in tar.getnames())
+            tar.extractall(results)
+    assert "optimizer_impl: fused" in (results / "seed0" / "simclr-na" / "config.yaml").read_text()
+    assert {"provenance.json", "eval.json", "experiment_command.json", "poison_summary.json", "metrics.csv"} <= {
+        p.name for p in (results / "seed0" / "simclr-na").iterdir()
+    }
+    assert json.loads((results / "seed0" / "mcldef" / "defense_metrics.json").read_text())["defense"] == "mcldef"
+    # Unpacked as results/, the next call skips them and starts with the next arm of the plan's priority list.
+    work = tmp_path / "work" / "arms"
+    plan = REPO / "configs" / "experiment" / "na_cifar10_gpu.yaml"
+    schedule = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "gpu_arms.py"),
+            "--plan",
+            str(plan),
+            "--seconds",
+            "600",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "out2"),
+            "--results",
+            str(results),
+            "--shrink",
+            "--schedule-only",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert schedule.returncode == 0 and "3 already in" in schedule.stdout, schedule.stdout + schedule.stderr
+    pending = [line.split()[0] for line in schedule.stdout.splitlines() if line.startswith("  seed")]
+    assert pending[0] == "seed0/simclr-clean" and "seed0/simclr-na" not in pending
+    # ... and they assemble into the (shrunk) plan's table on their own, each row saying its seeds and device.
+    assembled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clbd",
+            "experiment",
+            "--config",
+            str(work / plan.name),
+            "--out",
+            str(tmp_path / "table"),
+            "--assemble",
+            "--from",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=work / "tree",
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert assembled.returncode == 0, assembled.stderr[-3000:]
+    table = json.loads((tmp_path / "table" / "table.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["simclr + na"]["seeds"] == [0] and rows["mcldef"]["seeds"] == rows["finetune"]["seeds"] == [0]
+    assert rows["simclr + na"]["devices"][0].startswith("cpu") and "seed0/simclr-clean" in table["missing"]
 
 
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
