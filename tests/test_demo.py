@@ -1,7 +1,10 @@
-"""The README's main job, `clbd demo`, end to end on the built-in shapes (every step shrunk to one epoch)."""
+"""The README's main job, `clbd demo`, end to end on the built-in shapes (every step shrunk to two epochs): one demo
+for the module, whose clean base the interrupted one shares."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -13,10 +16,19 @@ from lightning_modules.stream_bookkeeping import StreamBookkeeping
 from tests.callbacks import SimulatedPreemption
 
 
-def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys):
-    out, base = tmp_path / "demo", tmp_path / "base"
-    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One uninterrupted demo shrunk to 2 epochs per step: (its folder, its base folder, what it printed)."""
+    root = tmp_path_factory.mktemp("demo")
+    out, base = root / "demo", root / "base"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "2"]) == 0
+    return out, base, printed.getvalue()
+
+
+def test_demo_runs_attack_backdoor_defense_and_never_overwrites(demo, tmp_path, capsys):
+    out, base, printed = demo
     table = json.loads((out / "table.json").read_text())
     assert [row["name"] for row in table["rows"]] == ["clean reference", "poisoned (no defense)", "cleanclip"]
     for row in table["rows"]:  # every headline number, measured on the 900 non-circle test images
@@ -34,10 +46,10 @@ def test_demo_runs_attack_backdoor_defense_and_never_overwrites(tmp_path, capsys
     assert Image.open(out / "poisoned_samples.png").size[0] > 100 and Image.open(out / "table.png").size[0] > 300
     # Started again, the finished demo is kept: every step is reused, nothing trained again.
     before = (out / "table.json").read_text()
-    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 0
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "2"]) == 0
     assert "continuing the demo" in capsys.readouterr().out and (out / "table.json").read_text() == before
     # Other settings in the same folder are refused, naming the way out; so is a folder that holds no demo.
-    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "2"]) == 2
+    assert demo_main(["--out", str(out), "--base-dir", str(base), "--epochs", "1"]) == 2
     assert (out / "table.json").read_text() == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -52,12 +64,12 @@ def table_numbers(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_an_interrupted_demo_continues_to_the_table_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_demo_continues_to_the_table_of_an_uninterrupted_one(demo, tmp_path, monkeypatch, capsys):
     """Stopped in the poisoned fine-tuning's second epoch (after its first epoch-end checkpoint) and started again,
     the demo continues where it stopped and ends with the uninterrupted demo's table."""
-    base, straight, stopped = tmp_path / "base", tmp_path / "straight", tmp_path / "stopped"
+    straight, base, _ = demo
+    stopped = tmp_path / "stopped"
     shrink = ["--base-dir", str(base), "--epochs", "2"]
-    assert demo_main(["--out", str(straight), *shrink]) == 0
 
     counting = StreamBookkeeping.on_train_batch_start
 
