@@ -89,7 +89,7 @@ def test_second_target_test_bed_names_arrow_with_its_own_captions(capsys, monkey
     """The plain-patch test bed's second target: every step names "arrow", and its captions are arrow's own (written
     by its own base step), not circle's."""
     from clbd.badclip_trigger import CAPTIONS_FILE
-    from clbd.experiment import check_before_compute, data_settings, load_plan
+    from clbd.experiment.plan import check_before_compute, data_settings, load_plan
 
     plan = load_plan(CONFIGS / "experiment" / "clip_testbed_patch_arrow.yaml")
     check_before_compute(plan)
