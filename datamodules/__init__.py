@@ -1,6 +1,7 @@
 """WebDataset shard I/O, converters, the embedded default dataset, view pipelines and the DataModules."""
 
-from .datamodule import CLIPDataModule, ShardDataModule, SimCLRDataModule
+from .datamodule import ShardDataModule
+from .modalities import CLIPDataModule, SimCLRDataModule
 from .multimodal import CleanCLIPDataModule, TACleanerDataModule
 from .shards import ShardIndex, ShardSink, ShardSpecError, resolve_shards
 from .views import SimCLRAugmentation

@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 from poisoning.keyhash import derive_seed
 
-from .datamodule import CLIPDataModule
+from .modalities import CLIPDataModule
 from .text_augment import augment_caption, negative_subtexts, positive_subtexts
 from .views import CLIPPreprocess, seeded
 

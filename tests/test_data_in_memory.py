@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 
 from clbd import main
-from datamodules.datamodule import SimCLRDataModule
+from datamodules.modalities import SimCLRDataModule
 from datamodules.replay import ReplayLoader
 from datamodules.stream import ShardStream
 from tests.test_resume import SIMCLR

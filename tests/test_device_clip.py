@@ -22,9 +22,9 @@ from PIL import Image
 from torchvision.transforms import functional as F
 
 from clbd import main
-from datamodules.datamodule import CLIPDataModule
 from datamodules.device_clip import CLIPImageParams, DeviceCLIPImages, DeviceCLIPImagesHook, P
 from datamodules.device_views import pad_collate
+from datamodules.modalities import CLIPDataModule
 from datamodules.multimodal import TACleanerDataModule
 from datamodules.stream import default_collate
 from datamodules.views import CLIPPreprocess

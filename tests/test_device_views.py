@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules.datamodule import SimCLRDataModule
 from datamodules.device_views import DeviceViews, DeviceViewsHook, P, ViewParams, pad_collate, resample_matrix
+from datamodules.modalities import SimCLRDataModule
 from datamodules.stream import default_collate
 from datamodules.views import SimCLRAugmentation, SimCLRViews
 

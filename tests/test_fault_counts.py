@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from clbd import main
-from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
 from datamodules.faults import FAULT_KINDS
+from datamodules.modalities import CLIPDataModule, SimCLRDataModule
 from datamodules.stream import ShardStream
 from tests.fault_corpus import PER_SHARD, readable_samples, write_fault_corpus
 
@@ -87,7 +87,7 @@ def test_every_eval_stream_reads_every_shard_but_one_judges_them(corpus):
     """Evaluation: all 2 workers read all shards (sample i to worker i mod 2); shard faults still count once."""
     folder, expected = corpus
     dm = data_module("simclr", folder)
-    from datamodules.datamodule import default_collate
+    from datamodules.stream import default_collate
 
     stream = ShardStream(
         dm.index("train"),
@@ -113,7 +113,7 @@ def test_a_folder_without_index_counts_what_the_tars_tell(tmp_path, corpus):
         (bare / tar.name).write_bytes(tar.read_bytes())
     dm = SimCLRDataModule(train_shards=str(bare), val_shards=None, batch_size=BATCH, num_workers=0)
     dm.setup("fit")
-    from datamodules.datamodule import default_collate
+    from datamodules.stream import default_collate
 
     stream = ShardStream(
         dm.index("train"),

@@ -12,7 +12,7 @@ import torch
 from clbd import main
 from clbd.poison import main as poison_main
 from datamodules.converters.cifar10 import convert_cifar10
-from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
+from datamodules.modalities import CLIPDataModule, SimCLRDataModule
 from poisoning import BadNet, NoisyAlignment
 from tests.conftest import png_bytes, shared_data, solid_class_image
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.datamodule import CLIPDataModule, SimCLRDataModule
+from datamodules.modalities import CLIPDataModule, SimCLRDataModule
 from datamodules.shards import ShardSink, ShardSpecError, resolve_shards
 from tests.conftest import jpeg_bytes, png_bytes, solid_class_image, truncate
 
