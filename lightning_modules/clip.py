@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,24 @@ from .metrics import AttackSuccessRate, BackdoorPredictions, asr_definition, bac
 from .pretrained_weights import cache_dir, ensure_cached, hub_offline, is_tag, offline
 from .safe_checkpoint import load_checkpoint
 from .zero_shot import build_zero_shot_classifier, templates_by_name
+
+
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def without_random_init_warning():
+    """open_clip warns "No pretrained weights loaded ... initialized randomly" whenever it builds a model without a
+    tag's weights. Without a tag clbd asks for none on purpose (a clbd checkpoint is loaded next, a defense loads the
+    poisoned one, or the run trains from scratch), so the warning, repeated at every step of a demo, misleads."""
+    root, quiet = logging.getLogger(), _RandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def open_clip_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -104,7 +124,8 @@ class CLIP(ContrastiveModule):
             )
         self.save_hyperparameters()
         clbd_weights = clbd_clip_weights(pretrained) if pretrained is not None and not tag else None
-        with hub_offline(offline()):  # a tag: open_clip finds it in the cache just filled (its own checks included)
+        quiet = contextlib.nullcontext() if tag else without_random_init_warning()
+        with hub_offline(offline()), quiet:  # a tag: open_clip finds it in the cache just filled (its checks too)
             model = open_clip.create_model(
                 model_name, pretrained=None if clbd_weights is not None else pretrained, cache_dir=cache_dir()
             )

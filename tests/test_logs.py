@@ -58,6 +58,8 @@ def test_a_clip_fit_logs_clbd_info_but_no_open_clip_chatter(tmp_path, make_shard
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stderr.splitlines()
     assert [line for line in lines if any(text in line for text in OPEN_CLIP_CHATTER)] == []
+    # open_clip's "No pretrained weights loaded ... initialized randomly" too: clbd asked for no weights on purpose
+    assert not any("initialized randomly" in line for line in lines)
     assert any(line.startswith("INFO clbd.data: poisoning: ") for line in lines)
 
 
