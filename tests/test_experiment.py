@@ -466,3 +466,32 @@ def test_suppression_and_smallest_budget_against_the_control():
     assert found["tacleaner"]["budget"] == "budget 0" and found["tacleaner"]["goal"]["target_kept"] is False
     assert found["tacleaner"]["goal"]["control_still_backdoored"] is True
     assert found["finetune"]["budget"] is None and found["finetune"]["best_attributable_asr"] == 0.20
+
+
+def test_portable_paths_read_the_same_on_any_machine(tmp_path, monkeypatch):
+    """Paths under --out read {out}/... whether they exist yet or not, given relative or absolute; files under the
+    working directory read relative to it (a symlink kept as named); anything else is left as it is."""
+    from clbd.experiment.runs import portable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text("x: 1\n")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "elsewhere")
+    argv = [
+        "--config",
+        str(tmp_path / "configs" / "a.yaml"),
+        "--model.init_args.checkpoint=results/plan/seed0/poisoned/checkpoints/last.ckpt",
+        f"--data.init_args.train_shards={tmp_path / 'data'}",
+        "--model.init_args.lr=0.1",
+        "--data.init_args.val_shards=builtin:shapes/val",
+    ]
+    assert portable(argv, Path("results/plan")) == [
+        "--config",
+        "configs/a.yaml",
+        "--model.init_args.checkpoint={out}/seed0/poisoned/checkpoints/last.ckpt",
+        "--data.init_args.train_shards=data",
+        "--model.init_args.lr=0.1",
+        "--data.init_args.val_shards=builtin:shapes/val",
+    ]
+    assert portable(argv, tmp_path / "results" / "plan")[2] == argv[2].replace("results/plan", "{out}")

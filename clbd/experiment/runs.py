@@ -42,12 +42,14 @@ def portable(argv: list[str], out: Path) -> list[str]:
     out, here = Path(os.path.abspath(out)), Path(os.path.abspath(Path.cwd()))
 
     def moved(value: str) -> str:
-        if not value or not (value.startswith("/") or Path(value).exists()):
+        if not value:
             return value
         path = Path(os.path.abspath(value))
-        if path.is_relative_to(out):
+        if path.is_relative_to(out) and path != out:  # also before it exists (an arm's checkpoint when assembling)
             return "{out}/" + path.relative_to(out).as_posix()
-        return path.relative_to(here).as_posix() if path.is_relative_to(here) else value
+        if value.startswith("/") or Path(value).exists():
+            return path.relative_to(here).as_posix() if path.is_relative_to(here) else value
+        return value
 
     return [_map_value(arg, moved) for arg in argv]
 
