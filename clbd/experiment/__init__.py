@@ -146,7 +146,8 @@ def write_table(table: dict, args: argparse.Namespace) -> None:
     (out / "table.json").write_text(json.dumps(table, indent=1) + "\n")
     text = markdown(table)
     (out / "table.md").write_text(text)
-    title = f"{args.config.stem}: mean and 95% interval over seeds {table['seeds']}"
+    present = sorted({seed for row in table["rows"] for seed in row["seeds"]})
+    title = f"{args.config.stem}: mean and 95% interval over the seeds in so far, {present} of {table['seeds']}"
     written = [out / "table.json", out / "table.md"]
     if any(row["per_seed"] for row in table["rows"]):
         bar_chart(table, out / "table.png", title)

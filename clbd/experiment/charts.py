@@ -125,10 +125,11 @@ def tradeoff(table: dict[str, Any], path: Path, title: str, control: str = "fine
         if asr is None or ca is None:
             continue
         x, y = 100 * asr, 100 * ca
-        points.append((x, y))
+        if row["role"] == "defense" and not row.get("suppression"):
+            points.append((x, y))
         if row["role"] == "defense":
             key = row["defense"]
-            colour = colours.setdefault(key, f"C{len(colours)}")
+            colour = "black" if key == control else colours.setdefault(key, f"C{len(colours)}")
             marker = "s" if key == control else "o"
             ax.scatter(
                 [x],
@@ -145,7 +146,13 @@ def tradeoff(table: dict[str, Any], path: Path, title: str, control: str = "fine
             ax.scatter([x], [y], color="black", marker="*" if row["role"] == "clean" else "X", s=90)
             ax.annotate(row["name"], (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
     front = pareto_front(points)
-    ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", linestyle=":", label="front of best trade-offs")
+    ax.plot(
+        [p[0] for p in front],
+        [p[1] for p in front],
+        color="grey",
+        linestyle=":",
+        label="front of best trade-offs (defenses without suppression)",
+    )
     ax.set_xlabel("attributable ASR % (mean over seeds; lower is better)")
     ax.set_ylabel("CA % (mean over seeds; higher is better)")
     ax.set_title(title + "\nnumber: budget of the ladder; red ring: suppression", fontsize=9)

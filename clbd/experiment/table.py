@@ -39,6 +39,11 @@ LABELS = {
 SUPPRESSION_DROP = 0.10  # target-class accuracy this far below the clean reference's: the class is suppressed
 REMOVED = 0.05  # attributable ASR at or below this: the backdoor counts as removed
 GOAL = {"control_at_least": 0.50, "ca_drop_at_most": 0.02, "target_drop_at_most": 0.10}
+MISSED = {  # what a failed check of the goal means, as the table says it
+    "control_still_backdoored": "the control is below 50% there too",
+    "ca_kept": "CA more than 2 points below the clean reference's",
+    "target_kept": "target-class accuracy more than 10 points below the clean reference's",
+}
 
 
 # ---- finding finished arms ----------------------------------------------------------------------------------------
@@ -327,9 +332,7 @@ def smallest_budget_text(entries: dict[str, Any]) -> str:
             "control"
             if goal is None
             else (
-                "met"
-                if goal["met"]
-                else "no: " + ", ".join(k.replace("_", " ") for k, v in goal.items() if k != "met" and not v)
+                "met" if goal["met"] else "no: " + ", ".join(MISSED[k] for k, v in goal.items() if k != "met" and not v)
             )
         )
         lines.append(
