@@ -18,6 +18,7 @@ import yaml
 
 from ..steps import run_step
 from .arms import FINISHED, Arm
+from .plan import flatten
 
 COMMAND_RECORD = "experiment_command.json"  # the clbd fit arguments a run was made with, to reuse it only for those
 PROVENANCE = "provenance.json"
@@ -197,7 +198,7 @@ def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
     checkpoint = arm.model_checkpoint()
     for step in arm.then:  # e.g. BadCLIP's patch, optimised against the clean base
         if not Path(step["creates"]).exists():
-            run_step([arg.replace("{base}", checkpoint) for arg in flatten_command(step["command"])])
+            run_step([arg.replace("{base}", checkpoint) for arg in flatten(step["command"])])
             if not Path(step["creates"]).exists():
                 raise ValueError(f"base.then: the command ran but did not write {step['creates']}")
     if seconds:
@@ -212,10 +213,6 @@ def resume_from(run_dir: Path) -> str:
     if preempted and (not last.exists() or max(p.stat().st_mtime for p in preempted) > last.stat().st_mtime):
         return "hpc"
     return "last"
-
-
-def flatten_command(items: list[Any]) -> list[str]:
-    return [str(leaf) for item in items for leaf in (flatten_command(item) if isinstance(item, list) else [item])]
 
 
 def evaluate(arm: Arm, name: str, argv: list[str]) -> None:
