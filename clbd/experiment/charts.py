@@ -64,7 +64,7 @@ def defense_lines(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 def budget_curves(table: dict[str, Any], path: Path, title: str, control: str = "finetune") -> bool:
     """Attributable ASR and CA against budget; False (nothing drawn) without a ladder."""
     lines = defense_lines(table)
-    labels = [f"{i + 1}: " + budget_label(b) for i, b in enumerate(table.get("defense_budgets") or [])]
+    labels = [f"{i + 1}: {label}" for i, label in enumerate(table.get("budget_labels") or [])]
     if not lines or len(labels) < 2:
         return False
     plt = pyplot()
@@ -97,10 +97,6 @@ def budget_curves(table: dict[str, Any], path: Path, title: str, control: str = 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
-
-
-def budget_label(entry: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items())
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

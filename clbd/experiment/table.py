@@ -15,6 +15,7 @@ import yaml
 from defenses.base import DEFENSE_METRICS
 
 from .arms import FINISHED, Arm
+from .plan import budgets
 from .runs import PROVENANCE, is_done, same_command_or_error
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30, the normal's 1.96.
@@ -167,6 +168,7 @@ def build_table(plan: dict[str, Any], config: Path, arms: list[Arm], found: dict
         "budget_note": budget_note(plan),
         "defense_budget": plan.get("defense_budget"),
         "defense_budgets": plan.get("defense_budgets"),
+        "budget_labels": [b.label() for b in budgets(plan)] if plan.get("defense_budgets") else [],
         "rows": table_rows,
         "missing": missing,
     }
@@ -176,8 +178,6 @@ def build_table(plan: dict[str, Any], config: Path, arms: list[Arm], found: dict
 
 
 def arm_budget_index(plan: dict[str, Any], arm: Arm) -> int:
-    from .plan import budgets
-
     return [b.suffix for b in budgets(plan)].index(arm.budget.suffix)
 
 
@@ -245,8 +245,6 @@ def removed(attributable: float | None) -> bool:
 def budget_note(plan: dict[str, Any]) -> str | None:
     if "defenses" not in plan or not plan.get("defenses"):
         return None
-    from .plan import budgets
-
     ladder = budgets(plan)
     if plan.get("defense_budgets"):
         given = "every defense was run at each budget of the ladder: " + "; ".join(b.label() for b in ladder) + "."
