@@ -343,6 +343,18 @@ def test_shipped_experiments_load(path, tmp_path):
         check_before_compute(plan)
 
 
+def test_clean_reference_leaves_out_the_attacks_overrides(tmp_path):
+    """A bed at another poisoning rate has the same clean reference: the rate names nothing without the attack."""
+    low = load_plan(Path("configs/experiment/clip_testbed_patch_budgets.yaml"))
+    high = load_plan(Path("configs/experiment/clip_testbed_patch10_budgets.yaml"))
+    arms = {name: {arm.id: arm for arm in expand(plan, tmp_path)} for name, plan in (("low", low), ("high", high))}
+    clean, poisoned = arms["high"]["seed0/clean"].fit, arms["high"]["seed0/poisoned"].fit
+    assert "--data.init_args.attack.init_args.rate=0.1" in poisoned
+    assert not [arg for arg in clean if arg.startswith("--data.init_args.attack")]
+    assert clean == arms["low"]["seed0/clean"].fit
+    assert arms["high"]["seed0/poisoned"].fit != arms["low"]["seed0/poisoned"].fit
+
+
 def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shards, capsys):
     """A budget ladder's arms: listed with their needs, run one by one (a defense only where its poisoned model is),
     exported without checkpoints, and assembled elsewhere into the same table, number for number; an exported arm

@@ -61,6 +61,9 @@ class Arm:
         return self.checkpoint or str(self.run_dir / CHECKPOINT)
 
 
+ATTACK_ARGUMENT = "--data.init_args.attack"
+
+
 def expand(plan: dict[str, Any], out: Path) -> list[Arm]:
     """Every arm of the plan, each after the arms it needs."""
     common = flatten(plan.get("common", []))
@@ -114,7 +117,10 @@ def defense_plan_arms(
         group="clean reference",
     )
     if plan.get("clean_reference"):
-        clean_argv = seeded(config_args(model), common, overrides, seed)
+        # The attack's overrides (its rate, ...) compute nothing without the attack: the clean reference of a bed at
+        # 10% is the one of the same bed at 0.5%, and is recorded (and reused) as that command.
+        clean_overrides = [o for o in overrides if not o.startswith((f"{ATTACK_ARGUMENT}=", f"{ATTACK_ARGUMENT}."))]
+        clean_argv = seeded(config_args(model), common, clean_overrides, seed)
         arms.append(
             Arm(
                 f"seed{seed}/clean",
