@@ -435,6 +435,13 @@ def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shard
     record.write_text(record.read_text().replace("--seed_everything=0", "--seed_everything=9"))
     assert experiment_main(["--config", str(config), "--out", str(other), "--assemble", "--from", str(exported)]) == 2
     assert "seed0/poisoned was made by another command" in capsys.readouterr().err
+    # A clean model's evaluation under one attack's trigger never stands for another attack's: the clean fit is the
+    # same command, its eval.json is refused by name.
+    arrow = write_attack(tmp_path / "other.yaml", "poisoning.BadNet", target_class="class2", rate=0.3, trigger_size=6)
+    plan["pretrain"]["configs"] = ["configs/smoke/clip_shapes.yaml", arrow]
+    config.write_text(yaml.safe_dump(plan))
+    assert experiment_main([*run, "--arm", "seed0/clean"]) == 2
+    assert "seed0/clean/eval.json was evaluated by another command" in capsys.readouterr().err
 
 
 def test_suppression_and_smallest_budget_against_the_control():

@@ -110,10 +110,11 @@ def what_it_computes(path: str) -> bytes:
     return json.dumps(strip(loaded), sort_keys=True, default=str).encode()
 
 
-def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "clbd_fit": comparable(argv),
+def command_record(argv: list[str], out: Path, key: str = "clbd_fit") -> dict[str, Any]:
+    """What makes a step's results comparable: its arguments as given here and in portable form, and the digests of
+    the config files they name (every byte, and what they compute)."""
+    return {
+        key: comparable(argv),
         "config_digests": config_digests(argv),
         "portable": portable(argv, out),
         "portable_digests": config_digests(argv, name=lambda p: portable([p], out)[0]),
@@ -122,7 +123,20 @@ def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
             argv, name=lambda p: portable([p], out)[0], content=what_it_computes
         ),
     }
-    (run_dir / COMMAND_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def record_command(run_dir: Path, argv: list[str], out: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / COMMAND_RECORD).write_text(json.dumps(command_record(argv, out), indent=1) + "\n")
+
+
+def record_evaluation(run_dir: Path, name: str, argv: list[str], out: Path) -> None:
+    """The ``clbd test`` arguments an evaluation file was made with, kept in the run's command record beside the fit's
+    (so it travels with an export): a clean model's ASR under one attack's trigger never stands for another's."""
+    path = run_dir / COMMAND_RECORD
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.setdefault("evaluations", {})[name] = command_record(argv, out, key="clbd_test")
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def same_command_or_error(run_dir: Path, argv: list[str], out: Path, exported: bool = False) -> None:
@@ -135,32 +149,55 @@ def same_command_or_error(run_dir: Path, argv: list[str], out: Path, exported: b
         if exported:
             raise ValueError(f"{run_dir} has no {COMMAND_RECORD}: nothing says which command made it")
         return
-    saved = json.loads(record.read_text())
+    differs = difference(json.loads(record.read_text()), "clbd_fit", argv, out, exported)
+    if differs:
+        raise ValueError(
+            f"{run_dir} was made {differs}; remove that folder to redo it, or use another --out / base.dir"
+        )
+
+
+def same_evaluation_or_error(run_dir: Path, name: str, argv: list[str], out: Path, exported: bool = False) -> None:
+    """An evaluation file is reused or taken into the table only for the plan's ``clbd test`` arguments (evaluations
+    from before their record existed are taken as they are)."""
+    record = run_dir / COMMAND_RECORD
+    saved = (json.loads(record.read_text()) if record.exists() else {}).get("evaluations", {}).get(name)
+    differs = saved and difference(saved, "clbd_test", argv, out, exported)
+    if differs:
+        raise ValueError(f"{run_dir / name} was evaluated {differs}; remove that file to evaluate again")
+
+
+def same_commands_or_error(arm: Arm, folder: Path, out: Path, exported: bool = False) -> None:
+    """The arm's fit and every evaluation file it has in ``folder`` were made by the plan's commands."""
+    if arm.fit is not None:
+        same_command_or_error(folder, arm.fit, out, exported=exported)
+    for name, argv in arm.evaluations.items():
+        if (folder / name).exists():
+            same_evaluation_or_error(folder, name, argv, out, exported=exported)
+
+
+def difference(saved: dict[str, Any], key: str, argv: list[str], out: Path, exported: bool) -> str | None:
+    """How the command recorded under ``key`` in ``saved`` differs from ``argv`` (None: it does not), compared
+    without speed settings, in portable form where it came from another machine."""
     semantic = "semantic_digests" in saved  # records from before compare every byte of the config files
     content = what_it_computes if semantic else None
-    same_args = without_speed_settings(saved.get("clbd_fit") or []) == without_speed_settings(comparable(argv))
+    same_args = without_speed_settings(saved.get(key) or []) == without_speed_settings(comparable(argv))
     if exported or "portable" in saved and not same_args:
         earlier, now = saved.get("portable"), portable(argv, out)
         digests = saved.get("portable_semantic_digests" if semantic else "portable_digests")
         current = config_digests(argv, name=lambda p: portable([p], out)[0], content=content)
     else:
-        earlier, now = saved.get("clbd_fit"), comparable(argv)
+        earlier, now = saved.get(key), comparable(argv)
         digests = saved.get("semantic_digests" if semantic else "config_digests")
         current = config_digests(argv, content=content)
     earlier, now = without_speed_settings(earlier or []), without_speed_settings(now)
     if earlier != now:
         changed = sorted(set(now).symmetric_difference(earlier or []))
-        raise ValueError(
-            f"{run_dir} was made by another command than this plan's (arguments that differ: {' '.join(changed)}); "
-            "remove that folder to redo it, or use another --out / base.dir"
-        )
+        return f"by another command than this plan's (arguments that differ: {' '.join(changed)})"
     if digests is not None:  # records from before digests were kept compare by arguments only
         edited = sorted(path for path, digest in current.items() if digests.get(path) != digest)
         if edited:
-            raise ValueError(
-                f"{run_dir} was made with other contents of {', '.join(edited)} (edited since); remove that folder "
-                "to redo it, or use another --out / base.dir"
-            )
+            return f"with other contents of {', '.join(edited)} (edited since)"
+    return None
 
 
 # ---- running ------------------------------------------------------------------------------------------------------
@@ -177,8 +214,7 @@ def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
             f"arm {arm.id} starts from {', '.join(missing)}, not finished in {out}: run "
             f"{'that arm' if len(missing) == 1 else 'those arms'} first, here (the checkpoint must be on this machine)"
         )
-    if arm.fit is not None:
-        same_command_or_error(arm.run_dir, arm.fit, out)
+    same_commands_or_error(arm, arm.run_dir, out)
     if is_done(arm, arm.run_dir) and all(Path(step["creates"]).exists() for step in arm.then):
         return
     seconds: dict[str, float] = {}
@@ -194,6 +230,7 @@ def run_arm(arm: Arm, by_id: dict[str, Arm], out: Path) -> None:
         if not (arm.run_dir / name).exists():
             started = time.time()
             evaluate(arm, name, argv)
+            record_evaluation(arm.run_dir, name, argv, out)
             seconds[name] = time.time() - started
     checkpoint = arm.model_checkpoint()
     for step in arm.then:  # e.g. BadCLIP's patch, optimised against the clean base

@@ -16,7 +16,7 @@ from defenses.base import DEFENSE_METRICS
 
 from .arms import FINISHED, Arm
 from .plan import budgets
-from .runs import PROVENANCE, is_done, same_command_or_error
+from .runs import PROVENANCE, is_done, same_commands_or_error
 
 # Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30, the normal's 1.96.
 T_975 = tuple(
@@ -56,8 +56,7 @@ def collect(arms: list[Arm], out: Path, sources: list[Path]) -> tuple[dict[str, 
         candidates = [(arm.run_dir, False)] + [(source / arm.id, True) for source in sources]
         for folder, exported in candidates:
             if is_done(arm, folder):
-                if arm.fit is not None:
-                    same_command_or_error(folder, arm.fit, out, exported=exported)
+                same_commands_or_error(arm, folder, out, exported=exported)
                 found[arm.id] = folder
                 break
         else:
