@@ -99,15 +99,25 @@ def _weights_fit(model: torch.nn.Module, weights: dict[str, torch.Tensor], model
 
 
 def load_victim(checkpoint: str, model_name: str | None) -> tuple[torch.nn.Module, str]:
-    """The frozen victim from a clbd CLIP run's checkpoint (its model name comes with it) or a local open_clip
-    weights file (``model_name`` names its architecture); errors name the mismatch before any compute."""
+    """The frozen victim from a clbd CLIP run's checkpoint (its model name comes with it), a local open_clip weights
+    file or one of open_clip's pretrained tags (``openai``, ...: open_clip's download and cache, the cache alone under
+    ``HF_HUB_OFFLINE=1``); for the last two ``model_name`` names the architecture. Errors name the mismatch before
+    any compute."""
     import open_clip
 
     from datamodules.openclip_configs import open_clip_config
+    from lightning_modules.pretrained_weights import ensure_cached, is_tag
 
     path = Path(checkpoint)
+    if not path.is_file() and model_name is not None and is_tag(model_name, checkpoint):
+        open_clip_config(model_name)  # a clear error for an unknown name
+        try:
+            path = Path(ensure_cached(model_name, checkpoint))
+        except (ValueError, FileNotFoundError) as error:  # its messages name model.pretrained; here it is --checkpoint
+            raise type(error)(str(error).replace("model.pretrained:", "checkpoint:", 1)) from None
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {path} (clbd downloads nothing; give a local file)")
+        hint = "" if model_name else "; an open_clip pretrained tag needs --model"
+        raise FileNotFoundError(f"checkpoint: no file at {path} (a clbd run's .ckpt or an open_clip file{hint})")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

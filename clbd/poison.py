@@ -239,8 +239,12 @@ def add_optimize_arguments(parser: argparse.ArgumentParser) -> None:
 
     recipe = PatchRecipe()
     parser.add_argument("--config", action="append", required=True, help="clbd config file(s) with a CLIP data:")
-    parser.add_argument("--checkpoint", required=True, help="a clbd CLIP run's .ckpt or a local open_clip file")
-    parser.add_argument("--model", default=None, help="open_clip architecture of an open_clip file (e.g. RN50)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a clbd CLIP run's .ckpt, a local open_clip file, or an open_clip pretrained tag (openai, ...) with --model",
+    )
+    parser.add_argument("--model", default=None, help="open_clip architecture of an open_clip file or tag (e.g. RN50)")
     parser.add_argument("--target", required=True, help="the target class name (e.g. banana)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the trigger and its settings")
     parser.add_argument(

@@ -99,3 +99,21 @@ def test_an_unknown_tag_names_the_tags_open_clip_knows(no_network):
 def test_a_missing_file_is_still_named_as_a_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no checkpoint file at .*weights\.pt"):
         CLIP(model_name=MODEL, pretrained=str(tmp_path / "weights.pt"))
+
+
+def test_badclips_victim_from_a_tag_offline(tags, monkeypatch, no_network):
+    """``clbd poison optimize-trigger --checkpoint openai --model RN50``: the victim from open_clip's cache."""
+    from clbd.badclip_trigger import load_victim
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    weights = saved_weights(tags / "clip-tiny-vit-clbd.pt")  # open_clip's URL cache, read without a connection
+    victim, name = load_victim("clbd_url", MODEL)
+    assert name == MODEL and not any(p.requires_grad for p in victim.parameters())
+    loaded = victim.state_dict()
+    assert all(torch.equal(loaded[k], weights[k]) for k in weights)
+    with pytest.raises(
+        ValueError, match=r"^checkpoint: 'nope' is neither a local file nor an open_clip pretrained tag"
+    ):
+        load_victim("nope", MODEL)
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint: .*'clbd_hub' are not available: offline"):
+        load_victim("clbd_hub", MODEL)
