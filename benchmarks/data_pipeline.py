@@ -240,7 +240,7 @@ def stage_breakdown(index_file: Path, kind: str, model_name: str, n: int, batch:
 
     stages = [
         ("read tar members", count(lambda: list(itertools.islice(stream.raw_samples(urls), n))), count(read_bare)),
-        ("shuffle buffer (raw bytes)", count(lambda: list(stream._shuffled(iter(raw), random.Random(0)))), None),
+        ("shuffle buffer (raw bytes)", count(lambda: list(stream.shuffled(iter(raw), random.Random(0)))), None),
         ("decode", count(decoded_clbd), count(decoded_bare)),
         ("poison stage (clean run)", count(lambda: [stream.poison(dict(s)) for s in samples]), None),
         (

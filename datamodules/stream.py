@@ -316,7 +316,7 @@ class ShardStream(IterableDataset):
         rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, "buffer"))
         for number in itertools.count():
             delivered = 0
-            for raw in self._shuffled(self._without_pool(urls, first_pass=number == 0), rng):
+            for raw in self.shuffled(self._without_pool(urls, first_pass=number == 0), rng):
                 delivered += 1
                 raw["__pass__"] = number
                 yield raw
@@ -332,7 +332,9 @@ class ShardStream(IterableDataset):
                 continue
             yield raw
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """The shuffle-buffer stage: ``samples`` through a buffer of ``shuffle_buffer`` (public, so the data pipeline
+        benchmark times the stage itself)."""
         buffer: list[dict[str, Any]] = []
         for sample in samples:
             if len(buffer) < self.shuffle_buffer:
