@@ -350,3 +350,32 @@ def test_training_step_on_a_gpu_makes_no_synchronising_cuda_call():
         torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
     assert not syncs, syncs
+
+
+def test_clip_towers_attend_through_scaled_dot_product_attention(monkeypatch):
+    """Issue 23's lead "flash attention in open_clip's towers" is already taken: open_clip's blocks call
+    nn.MultiheadAttention with need_weights=False, which runs torch's scaled_dot_product_attention (flash or
+    memory-efficient kernels on a GPU) in training, in every layer of both towers; the text tower passes its causal
+    mask. An open_clip upgrade that fell back to the explicit softmax(QK^T)V would fail here."""
+    import torch.nn.functional as F
+
+    from lightning_modules.clip import CLIP
+
+    module = CLIP(model_name="clip-tiny-vit").train()
+    calls: list[tuple[int, bool]] = []
+    attend = F.scaled_dot_product_attention
+
+    def counted(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append((query.shape[-2], attn_mask is not None))
+        return attend(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
+    model = module.model
+    images = torch.randn(2, 3, *model.visual.image_size)
+    tokens = torch.randint(0, model.vocab_size, (2, model.context_length))
+    model(images, tokens)
+    layers = len(model.visual.transformer.resblocks) + len(model.transformer.resblocks)
+    assert len(calls) == layers
+    assert [masked for length, masked in calls if length == model.context_length] == [True] * len(
+        model.transformer.resblocks
+    )
