@@ -514,3 +514,16 @@ def test_portable_paths_read_the_same_on_any_machine(tmp_path, monkeypatch):
         "--data.init_args.val_shards=builtin:shapes/val",
     ]
     assert portable(argv, tmp_path / "results" / "plan")[2] == argv[2].replace("results/plan", "{out}")
+
+
+def test_a_defense_keeps_one_colour_and_none_is_drawn_in_the_suppression_marks_red():
+    from matplotlib.colors import to_rgb
+
+    from clbd.experiment.charts import PALETTE, defense_colours
+
+    rows = [{"role": "clean"}] + [{"role": "defense", "defense": name} for name in ("cleanclip", "finetune", "ubt")] * 2
+    colours = defense_colours({"rows": rows}, control="finetune")
+    assert colours == {"finetune": "black", "cleanclip": PALETTE[0], "ubt": PALETTE[1]}
+    red = to_rgb("red")
+    assert all(max(abs(a - b) for a, b in zip(to_rgb(c), red)) > 0.3 for c in PALETTE)
+    assert len({to_rgb(c) for c in PALETTE}) == len(PALETTE)

@@ -1,13 +1,34 @@
-"""The experiment's pictures: bars of every row; for a budget ladder, attributable ASR and CA against budget (one
-line per defense, the control drawn the same way, 95% bands over seeds); the CA / attributable-ASR trade-off with
-the front of best trade-offs. Suppression (the target class erased) is marked in each."""
+"""The experiment's pictures: bars of every row; for a budget ladder, attributable ASR, CA and target-class accuracy
+against budget (one line per defense, the control drawn the same way, 95% bands over seeds); the CA /
+attributable-ASR trade-off with the front of best trade-offs. Suppression (the target class erased) is marked in
+each; a defense keeps its colour in both pictures, and no defense is drawn in red, the suppression mark's colour."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .table import LABELS
+from .table import LABELS, SUPPRESSION_DROP
+
+# matplotlib's tab10 without red (the suppression mark) and grey (the front of best trade-offs), then tab20's light
+# shades: a defense's colour is its place in the table's order, the same in every picture.
+PALETTE = tuple(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)) + (
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#dbdb8d",
+    "#9edae5",
+)
+
+
+def defense_colours(table: dict[str, Any], control: str) -> dict[str, str]:
+    """Defense -> colour: the control black, the others in the table's order."""
+    names = list(dict.fromkeys(row["defense"] for row in table["rows"] if row["role"] == "defense"))
+    others = [name for name in names if name != control]
+    return {control: "black", **{name: PALETTE[i % len(PALETTE)] for i, name in enumerate(others)}}
 
 
 def pyplot():
@@ -62,38 +83,52 @@ def defense_lines(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def budget_curves(table: dict[str, Any], path: Path, title: str, control: str = "finetune") -> bool:
-    """Attributable ASR and CA against budget; False (nothing drawn) without a ladder."""
+    """Attributable ASR, CA and target-class accuracy against budget; False (nothing drawn) without a ladder."""
     lines = defense_lines(table)
     labels = [f"{i + 1}: {label}" for i, label in enumerate(table.get("budget_labels") or [])]
     if not lines or len(labels) < 2:
         return False
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharex=True)
+    colours = defense_colours(table, control)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), sharex=True)
     clean = next((row for row in table["rows"] if row["role"] == "clean" and row["per_seed"]), None)
-    for ax, metric in zip(axes, ("attributable_asr", "ca")):
+    for ax, metric in zip(axes, ("attributable_asr", "ca", "target_accuracy")):
         for name, rows in lines.items():
             xs = [row["budget_index"] for row in rows]
             values = [percent(row["summary"][metric]) for row in rows]
-            style = {"linestyle": "--", "color": "black"} if name == control else {}
-            (line,) = ax.plot(
-                xs, [v[0] for v in values], marker="o", label=name + (" (control)" if name == control else ""), **style
-            )
-            ax.fill_between(xs, [v[1] for v in values], [v[2] for v in values], alpha=0.15, color=line.get_color())
+            if any(v[0] is None for v in values):
+                continue
+            style = {"linestyle": "--"} if name == control else {}
+            label = name + (" (control)" if name == control else "")
+            ax.plot(xs, [v[0] for v in values], marker="o", label=label, color=colours[name], **style)
+            ax.fill_between(xs, [v[1] for v in values], [v[2] for v in values], alpha=0.15, color=colours[name])
             for x, row, value in zip(xs, rows, values):
                 if row.get("suppression"):
                     ax.scatter([x], [value[0]], s=140, facecolors="none", edgecolors="red", linewidths=1.5, zorder=5)
-        if clean is not None and metric == "ca":
-            ax.axhline(100 * clean["summary"]["ca"]["mean"], color="green", linewidth=0.8, label="clean reference")
+        reference = clean["summary"][metric]["mean"] if clean is not None else None
+        if reference is not None and metric in ("ca", "target_accuracy"):
+            ax.axhline(100 * reference, color="green", linewidth=0.8, label="clean reference")
+        if reference is not None and metric == "target_accuracy":
+            ax.axhline(
+                100 * (reference - SUPPRESSION_DROP),
+                color="red",
+                linewidth=0.8,
+                linestyle=":",
+                label="suppression below",
+            )
         if metric == "attributable_asr":
-            ax.axhline(5, color="grey", linewidth=0.6, linestyle=":")
+            ax.axhline(5, color="grey", linewidth=0.6, linestyle=":", label="removed (5%)")
         ax.set_ylabel(f"{LABELS[metric]} % (mean, 95% band)")
         ax.set_xticks(range(len(labels)), [str(i + 1) for i in range(len(labels))])
-        ax.set_xlabel("budget (see legend below)")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(title + "  — red ring: suppression (target class erased)", fontsize=9)
-    fig.text(0.01, 0.01, "budgets: " + "; ".join(labels), fontsize=7)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+        ax.set_xlabel("budget (see below)")
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=8)
+    fig.suptitle(f"{title}  — red ring: suppression (target class erased)\nbudgets: {'; '.join(labels)}", fontsize=9)
+    rows_of_legend = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.01 + 0.05 * rows_of_legend, 1, 0.93))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -114,7 +149,7 @@ def tradeoff(table: dict[str, Any], path: Path, title: str, control: str = "fine
         return False
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    colours: dict[str, Any] = {}
+    colours = defense_colours(table, control)
     points = []
     for row in rows:
         asr, ca = row["summary"]["attributable_asr"]["mean"], row["summary"]["ca"]["mean"]
@@ -125,7 +160,7 @@ def tradeoff(table: dict[str, Any], path: Path, title: str, control: str = "fine
             points.append((x, y))
         if row["role"] == "defense":
             key = row["defense"]
-            colour = "black" if key == control else colours.setdefault(key, f"C{len(colours)}")
+            colour = colours[key]
             marker = "s" if key == control else "o"
             ax.scatter(
                 [x],
