@@ -272,9 +272,12 @@ def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, 
                     other.beside.add(arm["id"])
                     started_arm.beside.add(other.arm["id"])
                 running.append(started_arm)
-            if not running:
-                for arm in waiting:
-                    say(f"gpu_arms: not started: {arm['id']}")
+            if not running:  # what is left waits for nothing that could still come (--max-arms reached)
+                if waiting:
+                    ids = [arm["id"] for arm in waiting]
+                    say(
+                        f"gpu_arms: {len(ids)} arm(s) not started: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''}"
+                    )
                 return ran
             time.sleep(0.5)
             for job in list(running):

@@ -236,5 +236,5 @@ def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     pair = data["two_at_once"]
     assert pair["setting"] in settings and pair["steps"] == 2 and len(pair["per_process_slowdown"]) == 2, pair
     assert pair["ratio"] > 0 and abs(pair["ratio"] * pair["slowdown"] - 2) < 1e-9
-    assert pair["pair_start_skew_s"] < 1 and pair["pair_span_s"] > 0
+    assert pair["pair_start_skew_s"] < 5 and pair["pair_span_s"] > 0
     assert f"two at once ({pair['setting']}, 2 steps per process): one alone" in summary
