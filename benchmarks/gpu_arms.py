@@ -11,6 +11,17 @@ that trained it). The estimate, printed before anything starts: epochs x seconds
 for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
 replace the guess. Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
 
+``--parallel N`` (default 1: one after another, as always) runs up to N arms at once on the one GPU, each its own
+``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``, its lines also printed
+with the arm's id in front). Order and skips as above, and: an arm waiting for a model that is training here holds its
+place (arms further down do not start past it: the plan's priority holds); an arm beside another is estimated
+``--slowdown`` times longer (two at once, each slower; measured by gpu_throughput.py's "two at once", else 2.0: no
+gain assumed), and it starts only if it and every arm already running, all so slowed, still end within
+``--seconds``; else it waits for them. A model arm's measured epoch time, when it ran beside another, is divided by
+the slowdown before it replaces the guess. Arms still running at ``--seconds`` are stopped. Either way
+``OUT/arms_schedule.json`` records each arm's start and end (seconds into the stage), exit status and the arms it
+ran beside, with ``--parallel``, ``--slowdown`` and ``--parallel-why``.
+
 ``--shrink`` rehearses the same plan on a CPU with tiny sizes (CI runs it): a narrow ResNet, a few batches, small
 poison budgets, every setting the GPU configs need replaced by its CPU form.
 """
@@ -21,9 +32,11 @@ import argparse
 import fnmatch
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +47,8 @@ sys.path.insert(0, str(REPO))
 from clbd.experiment.runs import without_speed_settings  # noqa: E402
 
 CLBD = [sys.executable, "-c", "import sys; from clbd import main; sys.exit(main())"]
+# Two arms at once on one GPU when nothing was measured: each assumed twice as long, i.e. no gain (safe for the budget).
+DEFAULT_SLOWDOWN = 2.0
 # The CPU form of the GPU settings, and tiny sizes: a rehearsal of the call's mechanics, not of its numbers.
 SHRINK_COMMON = [
     "--trainer.accelerator=cpu",
@@ -133,6 +148,163 @@ def list_arms(plan_file: Path, runs: Path, results: Path | None, tree: Path) -> 
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+def arm_command(plan_file: Path, runs: Path, arm_id: str, export: Path) -> list[str]:
+    return [
+        *CLBD,
+        "experiment",
+        "--config",
+        str(plan_file),
+        "--out",
+        str(runs),
+        "--arm",
+        arm_id,
+        "--export",
+        str(export),
+    ]
+
+
+def archive_arm(folder: Path, out: Path, arm_id: str) -> float | None:
+    """The exported arm as ``OUT/arm-<id>.tar.gz``; returns its measured seconds per epoch when it recorded one."""
+    with tarfile.open(out / f"arm-{arm_id.replace('/', '_')}.tar.gz", "w:gz") as archive:
+        archive.add(folder, arcname=arm_id)
+    provenance = folder / "provenance.json"
+    return json.loads(provenance.read_text()).get("epoch_s") if provenance.exists() else None
+
+
+PRINT_LOCK = threading.Lock()
+
+
+def say(*args, **kwargs) -> None:
+    """print, whole lines at a time while arms' output is copied from other threads."""
+    with PRINT_LOCK:
+        print(*args, **kwargs, flush=True)
+
+
+class RunningArm:
+    """One ``clbd experiment --arm`` process of the parallel schedule, its output copied line by line into its log
+    and onto this process's output with the arm's id in front."""
+
+    def __init__(self, arm: dict, command: list[str], tree: Path, log: Path, start_s: float, estimate_s: float):
+        self.arm, self.start_s, self.estimate_s, self.log = arm, start_s, estimate_s, log
+        self.beside: set[str] = set()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=tree,
+            env=clbd_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group: stopped with its loader workers at the deadline
+        )
+        self.copier = threading.Thread(target=self._copy, daemon=True)
+        self.copier.start()
+
+    def _copy(self) -> None:
+        with self.log.open("w") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                say(f"[{self.arm['id']}] {line}", end="")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record) -> int:
+    """Up to ``args.parallel`` arms at once (the rules in the module's docstring); returns how many finished.
+    A model arm's measured epoch time replaces ``args.epoch_s`` (which ``estimate`` reads)."""
+    slowdown = args.slowdown
+    waiting, running, ran = list(pending), [], 0
+
+    def clock() -> float:
+        return time.monotonic() - started
+
+    def stop_all(signum=None, frame=None) -> None:  # the stage's timeout stops the arms too (own sessions)
+        for job in running:
+            job.stop()
+        if signum is not None:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    try:
+        while True:
+            for arm in list(waiting):  # start what may start, in order
+                if len(running) >= args.parallel or (args.max_arms is not None and ran + len(running) >= args.max_arms):
+                    break
+                left = args.seconds - clock()
+                here = {r.arm["id"] for r in running}
+                missing = [need for need in arm["needs"] if need not in finished_here]
+                if missing and all(need in here for need in missing):
+                    break  # its model is training here: it holds its place
+                if missing:
+                    waiting.remove(arm)
+                    say(f"gpu_arms: skip {arm['id']}: its model ({', '.join(missing)}) was not trained on this machine")
+                    continue
+                alone = estimate(arm)
+                if alone > left:
+                    waiting.remove(arm)
+                    say(f"gpu_arms: skip {arm['id']}: ~{alone:.0f} s does not fit the {left:.0f} s left")
+                    continue
+                if running:
+                    beside = alone * slowdown
+                    late = [r.arm["id"] for r in running if r.start_s + r.estimate_s * slowdown > args.seconds]
+                    if beside > left or late:
+                        break  # it waits for the running arms rather than make them, or itself, overrun
+                else:
+                    beside = alone
+                waiting.remove(arm)
+                say(
+                    f"\n=== gpu_arms: {arm['id']} (~{beside:.0f} s{' beside ' + ', '.join(here) if here else ''}, "
+                    f"{left:.0f} s left)"
+                )
+                name = arm["id"].replace("/", "_")
+                command = arm_command(plan_file, runs, arm["id"], args.work / "export" / name)
+                started_arm = RunningArm(arm, command, tree, args.work / "logs" / f"{name}.log", clock(), alone)
+                for other in running:
+                    other.beside.add(arm["id"])
+                    started_arm.beside.add(other.arm["id"])
+                running.append(started_arm)
+            if not running:  # what is left waits for nothing that could still come (--max-arms reached)
+                if waiting:
+                    ids = [arm["id"] for arm in waiting]
+                    say(
+                        f"gpu_arms: {len(ids)} arm(s) not started: {', '.join(ids[:4])}{', ...' if len(ids) > 4 else ''}"
+                    )
+                return ran
+            time.sleep(0.5)
+            for job in list(running):
+                late = clock() > args.seconds
+                if job.process.poll() is None and not late:
+                    continue
+                if job.process.poll() is None:
+                    say(f"gpu_arms: stopping {job.arm['id']}: the stage's {args.seconds:.0f} s are over")
+                    job.stop()
+                job.copier.join(timeout=10)
+                running.remove(job)
+                code, seconds = job.process.returncode, clock() - job.start_s
+                say(f"gpu_arms: {job.arm['id']} exit {code} after {seconds:.0f} s")
+                record(job.arm["id"], job.start_s, clock(), code, sorted(job.beside))
+                if code != 0:
+                    continue
+                ran += 1
+                finished_here.add(job.arm["id"])
+                name = job.arm["id"].replace("/", "_")
+                measured = archive_arm(args.work / "export" / name / job.arm["id"], args.out, job.arm["id"])
+                if not job.arm["needs"] and measured:  # a model arm: its measured epoch time from now on
+                    args.epoch_s = measured / slowdown if job.beside else measured
+                    say(f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch from now (measured {measured:.2f} s)")
+    finally:
+        stop_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, required=True)
@@ -155,7 +327,19 @@ def main(argv: list[str] | None = None) -> int:
         "the same arm with or without them), others are left out",
     )
     parser.add_argument("--schedule-only", action="store_true", help="print the order and estimates, run nothing")
+    parser.add_argument("--parallel", type=int, default=1, help="arms at once on the one device (default 1)")
+    parser.add_argument(
+        "--slowdown",
+        type=float,
+        default=DEFAULT_SLOWDOWN,
+        help=f"how much longer an arm takes beside another (default {DEFAULT_SLOWDOWN}: no gain from two at once)",
+    )
+    parser.add_argument("--parallel-why", default="", help="why this --parallel (recorded in arms_schedule.json)")
     args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error(f"--parallel: at least 1, got {args.parallel}")
+    if args.slowdown < 1:
+        parser.error(f"--slowdown: at least 1 (an arm beside another is not faster), got {args.slowdown}")
     started = time.monotonic()
     plan = yaml.safe_load(args.plan.read_text())
     results = args.results or REPO / "results" / args.plan.stem
@@ -178,17 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     arms = ordered(list_arms(plan_file, runs, results, tree), plan.get("priority") or [])
     epochs = epochs_of(plan)
     every = next((int(str(a).split("=")[1]) for a in plan.get("common", []) if "check_val_every_n_epoch=" in str(a)), 1)
-    epoch_s = args.epoch_s
 
-    def estimate(arm: dict) -> float:
+    def estimate(arm: dict) -> float:  # args.epoch_s: the guess, then a model arm's measured epoch time
         if arm["kind"] == "defense":
             return args.defense_s
-        return epochs * epoch_s + (epochs // every) * args.eval_s + args.startup_s
+        return epochs * args.epoch_s + (epochs // every) * args.eval_s + args.startup_s
 
     pending = [arm for arm in arms if arm["state"] != "done"]
     print(
         f"gpu_arms: {len(arms)} arms in {args.plan.name}, {len(arms) - len(pending)} already in {results} or here; "
-        f"{args.seconds:.0f} s for this stage; estimates at {epoch_s} s per epoch, {epochs} epochs:"
+        f"{args.seconds:.0f} s for this stage; estimates at {args.epoch_s} s per epoch, {epochs} epochs:"
     )
     for arm in pending:
         print(
@@ -198,6 +381,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.schedule_only:
         return 0
     finished_here = {arm["id"] for arm in arms if arm["state"] == "done" and str(runs) in arm["where"]}
+    schedule = {
+        "parallel": args.parallel,
+        "slowdown": args.slowdown,
+        "why": args.parallel_why,
+        "seconds": args.seconds,
+        "arms": [],
+    }
+
+    def record(arm_id: str, start_s: float, end_s: float, code: int, beside: list[str]) -> None:
+        entry = {"id": arm_id, "start_s": round(start_s, 1), "end_s": round(end_s, 1), "exit": code, "beside": beside}
+        schedule["arms"].append(entry)
+        (args.out / "arms_schedule.json").write_text(json.dumps(schedule, indent=1) + "\n")
+
+    if args.parallel > 1:
+        print(f"gpu_arms: up to {args.parallel} arms at once, each ~{args.slowdown:.2f}x longer beside another")
+        ran = run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record)
+        print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
+        return 0
     ran = 0
     for arm in pending:
         left = args.seconds - (time.monotonic() - started)
@@ -212,35 +413,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== gpu_arms: {arm['id']} (~{estimate(arm):.0f} s, {left:.0f} s left)", flush=True)
         t0 = time.monotonic()
         done = subprocess.run(
-            [
-                *CLBD,
-                "experiment",
-                "--config",
-                str(plan_file),
-                "--out",
-                str(runs),
-                "--arm",
-                arm["id"],
-                "--export",
-                str(args.work / "export"),
-            ],
+            arm_command(plan_file, runs, arm["id"], args.work / "export"),
             cwd=tree,
             env=clbd_env(),
             timeout=max(left, 1),
         )
         seconds = time.monotonic() - t0
         print(f"gpu_arms: {arm['id']} exit {done.returncode} after {seconds:.0f} s", flush=True)
+        record(arm["id"], t0 - started, time.monotonic() - started, done.returncode, [])
         if done.returncode != 0:
             continue
         ran += 1
         finished_here.add(arm["id"])
-        folder = args.work / "export" / arm["id"]
-        with tarfile.open(args.out / f"arm-{arm['id'].replace('/', '_')}.tar.gz", "w:gz") as archive:
-            archive.add(folder, arcname=arm["id"])
-        provenance = folder / "provenance.json"
-        if not arm["needs"] and provenance.exists():  # a model arm: its measured epoch time from now on
-            measured = json.loads(provenance.read_text()).get("epoch_s")
-            epoch_s = measured or epoch_s
+        measured = archive_arm(args.work / "export" / arm["id"], args.out, arm["id"])
+        if not arm["needs"]:  # a model arm: its measured epoch time from now on
+            args.epoch_s = measured or args.epoch_s
     print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
     return 0
 

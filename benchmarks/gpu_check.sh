@@ -17,7 +17,8 @@
 #   install (wheels, DeepSpeed's among them: pure Python, its ops JIT-built if used) -> convert (clbd data cifar10)
 #   -> pytest -m gpu -> benchmarks/gpu_throughput.py (every speed setting against eager; picks the fastest)
 #   -> the experiment arms (benchmarks/gpu_arms.py: the highest-priority arms of configs/experiment/na_cifar10_gpu.yaml
-#   not yet in results/ that fit, with the fastest speed setting, one archive each in OUT/arms/)
+#   not yet in results/ that fit, with the fastest speed setting, one archive each in OUT/arms/; two at once when
+#   the throughput stage measured two at once paying, OUT/arms/arms_schedule.json says who ran when)
 #   -> [stage na, off by default: NA on CIFAR-10 SimCLR with the fastest setting for the epochs that fit -> clbd test]
 #
 # Settings (environment): CLBD_PYTHON (python3), CLBD_GPU_CHECK_WORK (scratch folder, /tmp/clbd_gpu_check),
@@ -29,7 +30,9 @@
 # CLBD_GPU_NA_ARGS (extra clbd fit arguments, last: they override), CLBD_GPU_CHECK_MAXCOUNT (samples per shard, 625),
 # CLBD_GPU_THROUGHPUT_S (the throughput stage's limit, 240), CLBD_GPU_THROUGHPUT_SETTINGS (its --simclr-settings;
 # default: all but compile_max_autotune, whose tuning alone can take minutes), CLBD_GPU_NA_FASTEST (1: the NA run
-# takes the fastest setting the throughput stage measured; 0: the GPU config as it is).
+# takes the fastest setting the throughput stage measured; 0: the GPU config as it is), CLBD_GPU_ARMS_PAIR_MIN (1.15:
+# the arms run two at once when the pair's views/s over one alone's measured above it), CLBD_GPU_ARMS_PARALLEL (N:
+# arms at once, whatever was measured).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
 set -uo pipefail
@@ -129,7 +132,8 @@ if has_stage throughput; then
     # and with CUDA graphs; about a minute of compilation each). The JSON is rewritten after each: a cut keeps the rest.
     throughput_limit=${CLBD_GPU_THROUGHPUT_S:-240}
     limit=$(( $(left) < throughput_limit ? $(left) : throughput_limit ))
-    bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json")
+    # --time-limit: "two at once" (the fastest setting in two processes vs one) runs only if it fits the rest.
+    bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json" --time-limit $((limit - 15)))
     if [[ $dry == 1 ]]; then
         bench+=(--device cpu --quick)
     else
@@ -148,6 +152,35 @@ print("\n".join(best["fit_args"]) if best else "")' "$out/gpu_throughput.json" |
     echo "fastest SimCLR setting's arguments: ${fastest_args[*]:-none}"
 fi
 
+# Two arms at once when the throughput stage measured it paying: the pair's views/s over one alone's above
+# CLBD_GPU_ARMS_PAIR_MIN (1.15: below that the gain is within what a short measurement and the arms' start-up and
+# evaluation, which it does not cover, can eat), with its measured slowdown for the estimates; else one at a time.
+# CLBD_GPU_ARMS_PARALLEL=N forces N (the measured slowdown if any, else gpu_arms.py's default).
+mapfile -t arms_parallel < <("$PY" - "$out/gpu_throughput.json" "${CLBD_GPU_ARMS_PAIR_MIN:-1.15}" \
+    "${CLBD_GPU_ARMS_PARALLEL:-}" <<'EOF'
+import json, sys
+path, least, forced = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+try:
+    pair = json.load(open(path)).get("two_at_once") or {}
+except (OSError, ValueError):
+    pair = {}
+ratio, slowdown = pair.get("ratio"), pair.get("slowdown")
+if ratio:
+    measured = f"two at once measured x{ratio:.2f} of one alone ({pair['setting']})"
+else:
+    measured = f"two at once not measured ({pair.get('skipped') or pair.get('error') or 'no throughput result'})"
+if forced:
+    parallel, why = int(forced), f"CLBD_GPU_ARMS_PARALLEL={forced}; {measured}"
+elif ratio and ratio > least:
+    parallel, why = 2, f"{measured} > {least}"
+else:
+    parallel, why = 1, measured + (f" <= {least}" if ratio else "")
+print(parallel, f"{slowdown:.3f}" if slowdown else "", why, sep="\n")
+EOF
+)
+parallel_args=(--parallel "${arms_parallel[0]:-1}" --parallel-why "${arms_parallel[2]:-}")
+[[ -n ${arms_parallel[1]:-} ]] && parallel_args+=(--slowdown "${arms_parallel[1]}")
+
 # ---- 3. the experiment arms ----------------------------------------------------------------------------------------
 # The CIFAR-10 comparison (configs/experiment/na_cifar10_gpu.yaml): the highest-priority arms not yet in
 # results/na_cifar10_gpu that fit the time left (estimates printed first), with the fastest setting's speed arguments;
@@ -158,8 +191,9 @@ if has_stage arms; then
     reserve=$(has_stage na && echo 200 || echo 15)
     seconds=$(( $(left) - reserve ))
     arms=(--plan "${CLBD_GPU_ARMS_PLAN:-configs/experiment/na_cifar10_gpu.yaml}" --seconds "$seconds"
-        --work "$work/arms" --out "$out/arms" --data "$data" --speed-args="${fastest_args[*]}")
+        --work "$work/arms" --out "$out/arms" --data "$data" --speed-args="${fastest_args[*]}" "${parallel_args[@]}")
     [[ $dry == 1 ]] && arms+=(--shrink --max-arms 3 --epoch-s 1)
+    echo "arms: ${arms_parallel[0]:-1} at a time: ${arms_parallel[2]:-}"
     timeout -k 15 $((seconds + 10)) "$PY" benchmarks/gpu_arms.py "${arms[@]}"
     echo "arms exit $?"
 fi

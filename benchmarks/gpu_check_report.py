@@ -98,7 +98,23 @@ def throughput_summary(path: Path) -> list[str]:
     fastest = data.get("fastest_simclr_setting")
     if fastest:
         lines.append(f"  fastest SimCLR setting: {fastest['setting']} ({' '.join(fastest['fit_args'])})")
+    pair = data.get("two_at_once")
+    if pair:
+        lines.append(f"  two at once ({pair['setting']}, {pair['steps']} steps per process): {two_at_once_text(pair)}")
     return lines
+
+
+def two_at_once_text(pair: dict[str, Any]) -> str:
+    """gpu_throughput.py's "two at once": the pair's views/s over one alone's and an arm's slowdown beside another."""
+    if pair.get("ratio") is None:
+        return pair.get("skipped") or f"FAILED {pair.get('error')}"
+    each = ", ".join(f"x{x:.2f}" for x in pair.get("per_process_slowdown", []))
+    return (
+        f"one alone {pair.get('alone_views_per_s', float('nan')):.0f} views/s, two together "
+        f"{pair.get('pair_views_per_s', float('nan')):.0f} views/s: x{pair['ratio']:.2f} "
+        f"({'pays' if pair['ratio'] > 1 else 'does not pay'}); an arm beside another takes x{pair['slowdown']:.2f} as "
+        f"long (each process {each or 'n/a'})"
+    )
 
 
 def write_profiles(path: Path, target: Path) -> None:
@@ -167,8 +183,16 @@ def na_summary(out: Path, work: Path | None) -> list[str]:
 
 
 def arms_summary(folder: Path) -> list[str]:
-    """One line per archived experiment arm: its id, the device, wall time and its headline numbers."""
-    lines = []
+    """How many arms ran at once and why (``arms_schedule.json``), then one line per archived experiment arm: its
+    id, the device, wall time, the arms it ran beside and its headline numbers."""
+    lines, beside = [], {}
+    schedule_file = folder / "arms_schedule.json"
+    if schedule_file.exists():
+        schedule = json.loads(schedule_file.read_text())
+        how = "one at a time" if schedule["parallel"] == 1 else f"up to {schedule['parallel']} at once"
+        slowdown = f", each estimated x{schedule['slowdown']:.2f} beside another" if schedule["parallel"] > 1 else ""
+        lines.append(f"experiment arms: {how}{slowdown} ({schedule.get('why') or 'no reason given'})")
+        beside = {entry["id"].replace("/", "_"): entry["beside"] for entry in schedule["arms"]}
     for archive in sorted(folder.glob("arm-*.tar.gz")):
         with tarfile.open(archive) as tar:
             files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
@@ -189,12 +213,14 @@ def arms_summary(folder: Path) -> list[str]:
             )
             wall = sum((provenance.get("wall_s") or {}).values())
             ca = probe.get("accuracy")
+            neighbours = beside.get(archive.name[4:-7])
             lines.append(
                 f"arm {archive.name[4:-7]}: {provenance.get('device', '?')}, {wall:.0f} s"
+                + (f" (beside {', '.join(neighbours)})" if neighbours else "")
                 + (f", CA {100 * ca:.1f}%" if ca is not None else "")
                 + (f", {numbers}" if numbers else "")
             )
-    return lines or ["experiment arms: none archived"]
+    return lines if any(line.startswith("arm ") for line in lines) else [*lines, "experiment arms: none archived"]
 
 
 def metrics_columns(path: Path) -> list[str]:

@@ -34,6 +34,16 @@ size (eval mode, no gradients, the setting's precision and layout), and the time
 and top-k per chunk of queries, bank on the device) for CIFAR-10's 50k bank and 3 x 10k queries, measured once;
 evaluation s = 80k images / forward rate + vote time.
 
+Two at once (``--two-at-once on``, the default): the fastest SimCLR setting measured by then (the compiled ones run
+later, after CLIP: a minute of compilation in each process would not fit the stage), trained by separate processes of
+this script (``--pair-worker``, the same model, batches, warm-up and Trainer as above, ``--pair-steps`` timed steps,
+3 x ``--steps`` by default): one alone, then two at once, in the same call. Each process does its warm-up, says it is
+ready and waits for the go, so the timed steps of the two overlap. Reported: the pair's aggregate views/s (both
+processes' views over the span from the first start to the last end of their timed steps) over the views/s of one
+alone (above 1: two at once pays), the slowdown (that span over the alone run's timed seconds: how much longer an arm
+takes beside another; 2 / the ratio) and each process's own slowdown. Skipped, with the reason in the JSON, when its
+estimate does not fit what is left of ``--time-limit``.
+
 The profiler (``--profile-settings``; default eager and all on CUDA, eager on a CPU) records ``--profile-steps``
 steps after the timed ones of that setting's last run (``benchmarks/step_profile.py``): top kernels and the share
 of GPU time in convolution, normalisation, matmul, optimiser, loss, copies; the host time between steps; written
@@ -57,9 +67,13 @@ Run on a GPU: ``python benchmarks/gpu_throughput.py``; here: ``python benchmarks
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import statistics
+import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,6 +83,7 @@ if __package__ in (None, ""):
 
 import time  # noqa: E402
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -282,11 +297,38 @@ def fit_arguments(values: dict[str, Any]) -> list[str]:
     return args
 
 
-def gpu_config_model() -> dict[str, Any]:
-    """The GPU config's model arguments (the optimiser and its settings the experiment arms train with)."""
+def simclr_builder(values: dict[str, Any], width: int | None, optimizer_args: dict[str, Any]):
+    """A function that builds the SimCLR module of a setting's knobs (seed 0), as every run of it does."""
+
+    def build_simclr() -> SimCLR:
+        torch.manual_seed(0)
+        return SimCLR(
+            backbone="resnet18",
+            width=width,
+            cifar_stem=True,
+            channels_last=values["channels_last"],
+            batchnorm_fp32=values["batchnorm_fp32"],
+            optimizer_impl=values["optimizer_impl"],
+            compile=values["compile_mode"] is not None,
+            compile_mode=values["compile_mode"] or "default",
+            **optimizer_args,
+        )
+
+    return build_simclr
+
+
+def simclr_sizes(quick: bool) -> tuple[int, int | None]:
+    """SimCLR's batch and ResNet width here: 512 at full width, or 32 at width 8 (``--quick``)."""
+    return (32, 8) if quick else (512, None)
+
+
+def gpu_config_optimizer() -> tuple[str, dict[str, Any]]:
+    """The GPU config's optimiser and its settings (what the experiment arms train with)."""
     import yaml
 
-    return yaml.safe_load(GPU_CONFIG.read_text())["model"]["init_args"]
+    model_args = yaml.safe_load(GPU_CONFIG.read_text())["model"]["init_args"]
+    optimizer_args = {k: model_args[k] for k in ("optimizer", "lr", "weight_decay", "momentum") if k in model_args}
+    return model_args["optimizer"], optimizer_args
 
 
 def eval_forward_rate(module, device: torch.device, values: dict[str, Any], batch: int, steps: int) -> float:
@@ -413,6 +455,164 @@ def measure(
     return result
 
 
+# ---- two at once -------------------------------------------------------------------------------------------------
+PAIR_WORKER_START_S = 30.0  # a fresh process's start before its first step: imports, CUDA context, batches, Trainer
+
+
+class PairBarrier(L.Callback):
+    """In a two-at-once process: after the warm-up (at the end of step ``first - 1``, before the timed steps'
+    clock reads), writes its ready file and waits for the go file, so both processes' timed steps overlap; records
+    the wall clock (shared by the processes) at the start of step ``first`` and of step ``last``."""
+
+    def __init__(self, first: int, last: int, ready: Path, go: Path, device: torch.device, wait_s: float):
+        self.first, self.last, self.ready, self.go, self.device, self.wait_s = first, last, ready, go, device, wait_s
+        self.start: float | None = None
+        self.end: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.first and self.start is None:
+            _sync(self.device)
+            self.ready.touch()
+            deadline = time.monotonic() + self.wait_s
+            while not self.go.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no go in {self.go.parent} within {self.wait_s:.0f} s")
+                time.sleep(0.002)
+            self.start = time.time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.last:
+            _sync(self.device)
+            self.end = time.time()
+
+
+def pair_worker(args, device: torch.device, precision: str) -> int:
+    """One two-at-once process: the setting's training as ``simclr_case`` runs it, on the same cached batches, its
+    timed steps started by the go file; writes ``PAIR_DIR/PAIR_NAME.json``."""
+    batch, width = simclr_sizes(args.quick)
+    index_file = cifar_like_shards(args, args.cache / "gpu_throughput", n=2 * batch, shards=1)
+    batches = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2)]
+    optimizer, optimizer_args = gpu_config_optimizer()
+    values = knobs(args.pair_worker, optimizer, precision)
+    views = [channels_last_views(b) for b in batches] if values["channels_last"] else batches
+    warmup = max(1, args.warmup + (args.compile_warmup if args.pair_worker in COMPILED else 0))
+    folder = args.pair_dir
+    barrier = PairBarrier(
+        warmup, warmup + args.pair_steps, folder / f"{args.pair_name}.ready", folder / "go", device, wait_s=600
+    )
+    run = lightning_run(
+        simclr_builder(values, width, optimizer_args),
+        views,
+        warmup,
+        args.pair_steps,
+        callbacks=(barrier,),
+        accelerator="cuda" if device.type == "cuda" else "cpu",
+        precision=values["precision"],
+        benchmark=values["benchmark"],
+    )
+    record = {"views_per_s": run["wall"] * 2 * batch, "start": barrier.start, "end": barrier.end}
+    (folder / f"{args.pair_name}.json").write_text(json.dumps(record))
+    return 0
+
+
+def run_pair_workers(names: list[str], setting: str, folder: Path, seconds: float) -> list[dict[str, Any]]:
+    """Starts one worker per name, gives the go when all are warm, waits for them (at most ``seconds`` in all);
+    returns their records in order. A worker that fails or is late stops them all (RuntimeError)."""
+    (folder / "go").unlink(missing_ok=True)
+    worker = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--pair-worker", setting]
+    logs, processes = {}, {}
+    deadline = time.monotonic() + seconds
+    try:
+        for name in names:
+            (folder / f"{name}.ready").unlink(missing_ok=True)
+            logs[name] = (folder / f"{name}.log").open("w")
+            command = [*worker, "--pair-dir", str(folder), "--pair-name", name]
+            processes[name] = subprocess.Popen(command, stdout=logs[name], stderr=subprocess.STDOUT)
+
+        def check() -> None:
+            for name, process in processes.items():
+                if process.poll() not in (None, 0):
+                    tail = (folder / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
+                    raise RuntimeError(f"process {name} exited {process.returncode}: {' '.join(tail)[:200]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cut after {seconds:.0f} s")
+
+        while not all((folder / f"{name}.ready").exists() for name in names):
+            check()
+            time.sleep(0.02)
+        (folder / "go").touch()
+        while any(process.poll() is None for process in processes.values()):
+            check()
+            time.sleep(0.02)
+        check()
+        return [json.loads((folder / f"{name}.json").read_text()) for name in names]
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for log in logs.values():
+            log.close()
+
+
+def two_at_once(fastest: dict[str, Any], args, seconds_left: float) -> dict[str, Any]:
+    """The setting ``fastest`` trained by one process alone, then by two at once (``run_pair_workers``); the pair's
+    aggregate views/s over one alone's, and the slowdown of an arm beside another."""
+    setting, views_per_step = fastest["setting"], fastest["images_per_step"]
+    step_s = views_per_step / fastest["images_per_s_median"]
+    warmup = args.warmup + (args.compile_warmup if setting in COMPILED else 0)
+    one = PAIR_WORKER_START_S + max(fastest["fit_overhead_s"]) + (warmup + args.pair_steps) * step_s
+    estimate = 2 * one + args.pair_steps * step_s  # alone, then two that start together and share the device
+    result: dict[str, Any] = {
+        "setting": setting,
+        "chosen": "the fastest SimCLR setting measured before it (the compiled ones are measured later)",
+        "steps": args.pair_steps,
+        "views_per_step": views_per_step,
+        "estimate_s": estimate,
+    }
+    print(f"  two at once: {setting}, {args.pair_steps} timed steps per process, ~{estimate:.0f} s", flush=True)
+    if estimate > seconds_left - 10:
+        result["skipped"] = f"~{estimate:.0f} s does not fit the {seconds_left:.0f} s left of --time-limit"
+        print(f"  two at once: skipped: {result['skipped']}", flush=True)
+        return result
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="two_at_once_") as folder:
+        try:
+            (alone,) = run_pair_workers(["alone"], setting, Path(folder), seconds_left - 10)
+            pair = run_pair_workers(["a", "b"], setting, Path(folder), seconds_left - 10 - (time.monotonic() - started))
+        except RuntimeError as error:
+            result["error"] = str(error)
+            print(f"  two at once: FAILED {error}", flush=True)
+            return result
+    alone_s = args.pair_steps * views_per_step / alone["views_per_s"]
+    span = max(p["end"] for p in pair) - min(p["start"] for p in pair)
+    result.update(
+        alone_views_per_s=alone["views_per_s"],
+        pair_process_views_per_s=[p["views_per_s"] for p in pair],
+        pair_span_s=span,
+        pair_start_skew_s=max(p["start"] for p in pair) - min(p["start"] for p in pair),
+        pair_views_per_s=2 * args.pair_steps * views_per_step / span,
+        slowdown=span / alone_s,
+        per_process_slowdown=[alone["views_per_s"] / p["views_per_s"] for p in pair],
+        wall_s=time.monotonic() - started,
+    )
+    result["ratio"] = result["pair_views_per_s"] / alone["views_per_s"]
+    print(f"  two at once: {pair_line(result)}", flush=True)
+    return result
+
+
+def pair_line(pair: dict[str, Any]) -> str:
+    """One line for a two-at-once result (also the report's)."""
+    if "ratio" not in pair:
+        return f"{pair['setting']}: {pair.get('skipped') or 'FAILED ' + str(pair.get('error'))}"
+    each = ", x".join(f"{x:.2f}" for x in pair["per_process_slowdown"])
+    return (
+        f"{pair['setting']}, {pair['steps']} steps each: one alone {pair['alone_views_per_s']:.0f} views/s, two at "
+        f"once {pair['pair_views_per_s']:.0f} views/s together (x{pair['ratio']:.2f}); beside the other an arm takes "
+        f"x{pair['slowdown']:.2f} as long (each process x{each})"
+    )
+
+
 def main() -> int:
     parser = base_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -444,7 +644,24 @@ def main() -> int:
         choices=["cpu", "device", "both"],
         help="also time SimCLR's views / CLIP's images made on the device (device/both; the step itself is the same)",
     )
+    parser.add_argument(
+        "--two-at-once",
+        default="on",
+        choices=["on", "off"],
+        help="also train the fastest SimCLR setting in two processes at once vs one alone (on, the default)",
+    )
+    parser.add_argument(
+        "--pair-steps", type=int, default=None, help="timed steps of each two-at-once process (3 x --steps)"
+    )
+    parser.add_argument(
+        "--time-limit", type=float, default=None, help="seconds this script may take: two at once only if it fits"
+    )
+    # a two-at-once process (started by this script): the setting, the folder of its ready/go files, its name
+    parser.add_argument("--pair-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pair-name", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    started = time.monotonic()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -474,6 +691,7 @@ def main() -> int:
     args.profile_steps = args.profile_steps or (2 if quick else 10)
     args.eval_batch = args.eval_batch or (64 if quick else 1024)
     repeats = args.repeats or (1 if quick else 3)
+    args.pair_steps = args.pair_steps or 3 * args.steps
     for name in ("lightning.pytorch", "lightning.fabric", "root"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (
@@ -484,6 +702,13 @@ def main() -> int:
         ".*LeafSpec.*",
     ):
         warnings.filterwarnings("ignore", pattern)
+    if args.pair_worker:
+        return pair_worker(args, device, precision)
+
+    def time_left() -> float:
+        return float("inf") if args.time_limit is None else args.time_limit - (time.monotonic() - started)
+
+    findings: dict[str, Any] = {}  # measurements beside the per-setting results: "two_at_once"
 
     info = machine()
     if device.type == "cuda":
@@ -496,7 +721,7 @@ def main() -> int:
     out = args.cache / "gpu_throughput"
     results = []
     if "simclr" not in args.skip:
-        batch, width = (32, 8) if quick else (512, None)
+        batch, width = simclr_sizes(quick)
         index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
         batches = [to_device(b, device) for b in make_batches("simclr", index_file, batch, 2)]
         name = f"SimCLR ResNet-18{f' width {width}' if width else ''} CIFAR 32 px, batch {batch}"
@@ -506,9 +731,7 @@ def main() -> int:
             view_rate = device_view_rate(raw, device, 32, args.steps)
             print(f"  device views: {view_rate:.0f} views/s alone", flush=True)
 
-        model_args = gpu_config_model()
-        optimizer = model_args["optimizer"]
-        optimizer_args = {k: model_args[k] for k in ("optimizer", "lr", "weight_decay", "momentum") if k in model_args}
+        optimizer, optimizer_args = gpu_config_optimizer()
         print(f"  SimCLR's optimiser as in {GPU_CONFIG.name}: {optimizer_args}", flush=True)
         bank, queries = (2048, 512) if quick else (50_000, 30_000)
         vote_s = knn_vote_seconds(device, bank, queries)
@@ -518,20 +741,7 @@ def main() -> int:
         def simclr_case(setting: str, flops: int | None = None) -> dict[str, Any] | None:
             values = knobs(setting, optimizer, precision)
 
-            def build_simclr() -> SimCLR:
-                torch.manual_seed(0)
-                return SimCLR(
-                    backbone="resnet18",
-                    width=width,
-                    cifar_stem=True,
-                    channels_last=values["channels_last"],
-                    batchnorm_fp32=values["batchnorm_fp32"],
-                    optimizer_impl=values["optimizer_impl"],
-                    compile=values["compile_mode"] is not None,
-                    compile_mode=values["compile_mode"] or "default",
-                    **optimizer_args,
-                )
-
+            build_simclr = simclr_builder(values, width, optimizer_args)
             views = [channels_last_views(b) for b in batches] if values["channels_last"] else batches
             compiled = setting in COMPILED
             try:
@@ -557,7 +767,7 @@ def main() -> int:
                 message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
                 print(f"  {name}, {setting}: FAILED {message}", flush=True)
                 results.append({"case": f"{name}, {setting}", "setting": setting, "error": message})
-                write_partial(args.json, info, device, precision, quick, results)
+                write_partial(args.json, info, device, precision, quick, results, findings)
                 return None
             finally:
                 if device.type == "cuda":
@@ -587,7 +797,9 @@ def main() -> int:
                 with args.profile_md.open("a") as file:
                     file.write(markdown(result["case"], result["profile"]) + "\n")
             results.append(result)
-            write_partial(args.json, info, device, precision, quick, results)  # kept if a later case is cut short
+            write_partial(
+                args.json, info, device, precision, quick, results, findings
+            )  # kept if a later case is cut short
             return result
 
         if args.profile_md:
@@ -596,6 +808,13 @@ def main() -> int:
         for setting in (s for s in SIMCLR_SETTINGS if s in settings and s not in COMPILED):
             done = simclr_case(setting, flops)
             flops = flops or (done or {}).get("flops_per_step")
+        measured = [r for r in results if r.get("setting") and "error" not in r]
+        if args.two_at_once == "on" and measured:
+            # Here, before CLIP and the compiled settings: the arms stage needs it more than those, and a compiled
+            # setting would compile for a minute in each process.
+            fastest = max(measured, key=lambda r: r["images_per_s_median"])
+            findings["two_at_once"] = two_at_once(fastest, args, time_left())
+            write_partial(args.json, info, device, precision, quick, results, findings)
     if "clip" not in args.skip:
         batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
         if quick:
@@ -612,7 +831,9 @@ def main() -> int:
         result = measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats)
         result.pop("module")
         results.append(result)
-        write_partial(args.json, info, device, precision, quick, results)  # the step's numbers kept whatever follows
+        write_partial(
+            args.json, info, device, precision, quick, results, findings
+        )  # the step's numbers kept whatever follows
         if args.views in ("device", "both"):
             raw = make_batches("clip", index_file, batch, 2, model_name=model_name, images_on_device=True)
             image_rate = device_image_rate([to_device(b, device) for b in raw], device, model_name, args.steps)
@@ -635,7 +856,7 @@ def main() -> int:
                 f"faster: {decode.get('faster', 'n/a')}",
                 flush=True,
             )
-        write_partial(args.json, info, device, precision, quick, results)
+        write_partial(args.json, info, device, precision, quick, results, findings)
     if "simclr" not in args.skip:
         # last: each compiles for a minute or more; max-autotune (the slowest to compile) after "all"
         for setting in ("compile", "compile_cudagraphs", "all", "compile_max_autotune"):
@@ -662,23 +883,42 @@ def main() -> int:
         )
         best = max(simclr_rows, key=lambda r: r["images_per_s_median"])
         print(f"fastest SimCLR setting: {best['setting']} ({' '.join(best['fit_args'])})")
+    pair = findings.get("two_at_once")
+    if pair:
+        print()
+        print(f"Two at once: {pair_line(pair)}")
+        if "ratio" in pair:
+            print_table(
+                ["setting", "steps each", "one alone views/s", "two at once views/s (sum)", "x one alone", "slowdown"],
+                [
+                    [
+                        pair["setting"],
+                        pair["steps"],
+                        f"{pair['alone_views_per_s']:.0f}",
+                        f"{pair['pair_views_per_s']:.0f}",
+                        f"{pair['ratio']:.2f}",
+                        f"{pair['slowdown']:.2f} ({', '.join(f'{x:.2f}' for x in pair['per_process_slowdown'])})",
+                    ]
+                ],
+            )
     print()
     print("images/s: median (min..max) over runs; FLOPs counted by FlopCounterMode (forward + backward)")
     print_table(
         ["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results if "row" in r]
     )
     load_at_end(info)
-    write_partial(args.json, info, device, precision, quick, results)
+    write_partial(args.json, info, device, precision, quick, results, findings)
     return 0
 
 
-def write_partial(path, info, device, precision, quick, results) -> None:
+def write_partial(path, info, device, precision, quick, results, findings) -> None:
     payload = {
         "machine": info,
         "device": str(device),
         "precision": precision,
         "quick": quick,
         "results": [{k: v for k, v in r.items() if k not in ("row", "module")} for r in results],
+        **findings,  # "two_at_once"
     }
     ok = [r for r in results if r.get("setting") and "error" not in r]
     if ok:  # what a run should take: the fastest SimCLR setting measured in this call

@@ -58,6 +58,16 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
                 "precision": "32-true",
                 "results": [],
                 "fastest_simclr_setting": {"setting": "all", "fit_args": fit_arguments(fastest)},
+                # ... and two at once measured paying: the arms stage runs two at once, each estimated 1.5x longer.
+                "two_at_once": {
+                    "setting": "all",
+                    "steps": 90,
+                    "alone_views_per_s": 20000.0,
+                    "pair_views_per_s": 26000.0,
+                    "ratio": 1.3,
+                    "slowdown": 1.5,
+                    "per_process_slowdown": [1.5, 1.5],
+                },
             }
         )
     )
@@ -96,7 +106,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert "optimizer_impl: fused" in config and "batchnorm_fp32: true" in config  # the fastest setting's
     assert metrics["last.ckpt"]["attack"]["target_name"] == "airplane"
     summary = (out / "summary.txt").read_text()
-    assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary
+    assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary, log[-4000:]
     assert "arm seed0_simclr-na: cpu" in summary and "arm seed0_mcldef: cpu" in summary
     assert (out / "gpu_check.log").read_text().count("=== [") >= 5
     # The experiment arms (the GPU plan shrunk): NA, then MCLDef and its control on that model, one archive each,
@@ -105,6 +115,21 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert archives == ["arm-seed0_finetune.tar.gz", "arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"], log[
         -4000:
     ]
+    # Two at once: the defenses started only after the NA model they start from had finished, then ran together,
+    # each its own process with its own log; the summary says how many ran at once and why.
+    assert "arms: 2 at a time: two at once measured x1.30 of one alone (all) > 1.15" in log
+    schedule = json.loads((out / "arms" / "arms_schedule.json").read_text())
+    assert schedule["parallel"] == 2 and schedule["slowdown"] == 1.5
+    ran = {entry["id"]: entry for entry in schedule["arms"]}
+    model, mcldef, finetune = ran["seed0/simclr-na"], ran["seed0/mcldef"], ran["seed0/finetune"]
+    assert all(entry["exit"] == 0 for entry in ran.values())
+    assert model["end_s"] <= mcldef["start_s"] and model["end_s"] <= finetune["start_s"] and model["beside"] == []
+    assert mcldef["beside"] == ["seed0/finetune"] and finetune["beside"] == ["seed0/mcldef"]
+    assert max(mcldef["start_s"], finetune["start_s"]) < min(mcldef["end_s"], finetune["end_s"])
+    for name in ("seed0_simclr-na", "seed0_mcldef", "seed0_finetune"):
+        assert "Exported" in (tmp_path / "work" / "arms" / "logs" / f"{name}.log").read_text()
+    assert "experiment arms: up to 2 at once, each estimated x1.50 beside another (two at once measured" in summary
+    assert "arm seed0_mcldef: cpu" in summary and "(beside seed0/finetune)" in summary
     results = tmp_path / "results"
     for archive in (out / "arms").glob("*.tar.gz"):
         with tarfile.open(archive) as tar:
@@ -173,14 +198,15 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
 
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     """The throughput stage's script with --device cpu --quick (SimCLR eager and the CPU-runnable speed settings, each
-    against eager, with device views and an evaluation estimate; eager profiled; CLIP and its device images) on the
-    tiny archive, then the report's reading of its JSON (nvjpeg, fp16 and the compiled settings: CUDA only)."""
+    against eager, with device views and an evaluation estimate; eager profiled; the fastest in two processes at once
+    vs one alone; CLIP and its device images) on the tiny archive, then the report's reading of its JSON (nvjpeg,
+    fp16 and the compiled settings: CUDA only)."""
     archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
     results = tmp_path / "gpu_throughput.json"
     profile_md = tmp_path / "gpu_profile.md"
     bench = [sys.executable, str(REPO / "benchmarks" / "gpu_throughput.py"), "--device", "cpu", "--quick"]
     bench += ["--data", str(archive), "--cache", str(tmp_path / "cache"), "--json", str(results)]
-    bench += ["--profile-md", str(profile_md)]
+    bench += ["--profile-md", str(profile_md), "--pair-steps", "2"]
     run = subprocess.run(bench, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     data = json.loads(results.read_text())
@@ -206,3 +232,9 @@ def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
         and "CLIP images made on the device" in summary
     )
     assert "profile (CPU op (self) time" in summary and "fastest SimCLR setting" in summary
+    # Two at once: the fastest setting in two processes at once vs one alone, their timed steps started together.
+    pair = data["two_at_once"]
+    assert pair["setting"] in settings and pair["steps"] == 2 and len(pair["per_process_slowdown"]) == 2, pair
+    assert pair["ratio"] > 0 and abs(pair["ratio"] * pair["slowdown"] - 2) < 1e-9
+    assert pair["pair_start_skew_s"] < 5 and pair["pair_span_s"] > 0
+    assert f"two at once ({pair['setting']}, 2 steps per process): one alone" in summary
