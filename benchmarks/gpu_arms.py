@@ -412,16 +412,22 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"\n=== gpu_arms: {arm['id']} (~{estimate(arm):.0f} s, {left:.0f} s left)", flush=True)
         t0 = time.monotonic()
-        done = subprocess.run(
-            arm_command(plan_file, runs, arm["id"], args.work / "export"),
-            cwd=tree,
-            env=clbd_env(),
-            timeout=max(left, 1),
-        )
+        try:
+            returncode = subprocess.run(
+                arm_command(plan_file, runs, arm["id"], args.work / "export"),
+                cwd=tree,
+                env=clbd_env(),
+                timeout=max(left, 1),
+            ).returncode
+        except subprocess.TimeoutExpired:  # the stage's time is up: this arm is lost, the archived ones stay
+            returncode = 124
         seconds = time.monotonic() - t0
-        print(f"gpu_arms: {arm['id']} exit {done.returncode} after {seconds:.0f} s", flush=True)
-        record(arm["id"], t0 - started, time.monotonic() - started, done.returncode, [])
-        if done.returncode != 0:
+        print(f"gpu_arms: {arm['id']} exit {returncode} after {seconds:.0f} s", flush=True)
+        record(arm["id"], t0 - started, time.monotonic() - started, returncode, [])
+        if returncode == 124:
+            print(f"gpu_arms: {arm['id']} stopped at the stage's time limit; no time left for another arm")
+            break
+        if returncode != 0:
             continue
         ran += 1
         finished_here.add(arm["id"])
