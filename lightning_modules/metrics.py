@@ -120,7 +120,8 @@ BACKDOOR_DEFINITIONS = {
     "target_accuracy": "share of clean target-class images predicted as the target class",
     "histograms": (
         "predicted-class counts over every evaluated image (target-class images included), clean / triggered / "
-        "control: a collapse onto one class shows as one tall bin"
+        "control: a collapse onto one class shows as one tall bin; clean_target_class: the same over the clean "
+        "target-class images alone (where a suppressed target's images go)"
     ),
 }
 
@@ -171,6 +172,8 @@ def backdoor_metrics(
         "histograms": {
             "clean": torch.bincount(clean, minlength=num_classes).tolist(),
             "triggered": torch.bincount(triggered, minlength=num_classes).tolist(),
+            # where clean target-class images go: the class a defense's suppression hands the target to
+            "clean_target_class": torch.bincount(clean[~others], minlength=num_classes).tolist(),
         },
         "definitions": dict(BACKDOOR_DEFINITIONS),
     }

@@ -127,6 +127,11 @@ def test_every_metric_on_stub_classifiers(stub, expected, triggered_histogram, c
         assert result[name]["images"] == N_OTHERS
     assert result["target_accuracy"]["images"] == PER_CLASS
     assert result["histograms"]["clean"] == torch.bincount(clean, minlength=4).tolist()
+    on_target = torch.bincount(clean[labels == TARGET], minlength=4).tolist()
+    assert (
+        result["histograms"]["clean_target_class"] == on_target
+        and on_target[TARGET] == PER_CLASS * values(result)["target_accuracy"]
+    )
     assert result["histograms"]["triggered"] == triggered_histogram
     assert result["histograms"]["control"] == control_histogram
     assert result["definitions"] == BACKDOOR_DEFINITIONS and "attributable_asr" in result["definitions"]

@@ -98,7 +98,8 @@ def test_metrics_json_for_simclr_and_clip(tmp_path, make_shards):
                 assert backdoor[key]["images"] == 48 and 0 <= backdoor[key]["value"] <= 1
             assert backdoor["target_accuracy"]["images"] == 16
             assert backdoor["attributable_asr"]["value"] == backdoor["asr"]["value"] - backdoor["control_asr"]["value"]
-            assert [sum(h) for h in backdoor["histograms"].values()] == [64, 64, 64]
+            assert [sum(backdoor["histograms"][h]) for h in ("clean", "triggered", "control")] == [64, 64, 64]
+            assert sum(backdoor["histograms"]["clean_target_class"]) == 16
             assert "attributable_asr" in backdoor["definitions"]
         probe_asr = results["linear_probe"]["asr"] if name == "simclr" else results["asr_top1"]
         assert blocks[-1]["asr"]["value"] == probe_asr  # one definition of ASR
