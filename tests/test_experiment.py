@@ -521,9 +521,12 @@ def test_a_defense_keeps_one_colour_and_none_is_drawn_in_the_suppression_marks_r
 
     from clbd.experiment.charts import PALETTE, defense_colours
 
-    rows = [{"role": "clean"}] + [{"role": "defense", "defense": name} for name in ("cleanclip", "finetune", "ubt")] * 2
+    names = ("ubt_cosine", "cleanclip", "finetune", "ubt")
+    rows = [{"role": "clean"}] + [{"role": "defense", "defense": name} for name in names] * 2
     colours = defense_colours({"rows": rows}, control="finetune")
-    assert colours == {"finetune": "black", "cleanclip": PALETTE[0], "ubt": PALETTE[1]}
+    assert colours == {"finetune": "black", "ubt_cosine": PALETTE[4], "cleanclip": PALETTE[0], "ubt": PALETTE[3]}
+    # a seed defense keeps its colour whatever else the plan holds
+    assert defense_colours({"rows": rows[4:5]}, control="finetune")["ubt"] == PALETTE[3]
     red = to_rgb("red")
     assert all(max(abs(a - b) for a, b in zip(to_rgb(c), red)) > 0.3 for c in PALETTE)
     assert len({to_rgb(c) for c in PALETTE}) == len(PALETTE)

@@ -24,11 +24,16 @@ PALETTE = tuple(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)) + (
 )
 
 
+SEED_DEFENSES = ("cleanclip", "tacleaner", "mcldef", "ubt")  # the same colour in every plan's pictures
+
+
 def defense_colours(table: dict[str, Any], control: str) -> dict[str, str]:
-    """Defense -> colour: the control black, the others in the table's order."""
+    """Defense -> colour: the control black, the seed defenses their own, the others (variants) the next free ones in
+    the table's order."""
     names = list(dict.fromkeys(row["defense"] for row in table["rows"] if row["role"] == "defense"))
-    others = [name for name in names if name != control]
-    return {control: "black", **{name: PALETTE[i % len(PALETTE)] for i, name in enumerate(others)}}
+    colours = {control: "black", **{name: PALETTE[i] for i, name in enumerate(SEED_DEFENSES)}}
+    free = iter(PALETTE[len(SEED_DEFENSES) :] * (1 + len(names) // len(PALETTE)))
+    return {name: colours[name] if name in colours else next(free) for name in [control, *names]}
 
 
 def pyplot():
