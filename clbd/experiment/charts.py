@@ -11,7 +11,7 @@ from typing import Any
 from .table import LABELS, SUPPRESSION_DROP
 
 # matplotlib's tab10 without red (the suppression mark) and grey (the front of best trade-offs), then tab20's light
-# shades: a defense's colour is its place in the table's order, the same in every picture.
+# shades; the same colour for a defense in every picture (defense_colours).
 PALETTE = tuple(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 8, 9)) + (
     "#aec7e8",
     "#ffbb78",
