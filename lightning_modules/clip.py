@@ -61,6 +61,13 @@ def clbd_clip_weights(path: str) -> dict[str, torch.Tensor] | None:
     return weights
 
 
+def clip_towers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """An open_clip model's image tower and the transformer of its text tower (``transformer`` in ``CLIP``,
+    ``text`` in ``CustomTextCLIP``): where nearly all of its compute is."""
+    text = getattr(model, "text", None) or getattr(model, "transformer", None)
+    return [model.visual] + ([text] if text is not None else [])
+
+
 class CLIP(ContrastiveModule):
     """Contrastive image-text pretraining / fine-tuning with open_clip models.
 
@@ -82,7 +89,8 @@ class CLIP(ContrastiveModule):
             weight decay 0.2 (not on norms, biases, logit scale), betas (0.9, 0.98), eps 1e-6, warm-up over 5% of the
             steps.
         **optim: the other optimiser settings (``ContrastiveModule``'s, with its defaults: momentum, warmup_steps,
-            min_lr_ratio, compile).
+            min_lr_ratio, optimizer_impl, compile). ``compile`` compiles the image tower and the text tower's
+            transformer (``clip_towers``), whatever calls them.
     """
 
     def __init__(
@@ -138,7 +146,11 @@ class CLIP(ContrastiveModule):
                     f"model.pretrained: {pretrained} does not fit {model_name} ({first}); was it trained with "
                     "another model_name?"
                 ) from None
-        self.model = self.maybe_compile(model)
+        # The towers, not the model: training, evaluation and the defenses call encode_image / encode_text, which
+        # never go through the model's forward (compiling the model alone compiled nothing).
+        for tower in clip_towers(model):
+            self.maybe_compile(tower)
+        self.model = model
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.tokenizer = open_clip.get_tokenizer(model_name)
