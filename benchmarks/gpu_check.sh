@@ -219,7 +219,7 @@ if has_stage na; then
             --trainer.max_time="$(printf '00:00:%02d:%02d' $((train_seconds / 60)) $((train_seconds % 60)))"
             --trainer.enable_progress_bar=false --trainer.log_every_n_steps=20
             --checkpoint.every_n_train_steps=0 --checkpoint.every_n_epochs=5 --checkpoint.save_top_k=1
-            --trainer.callbacks+=benchmarks.epoch_timer.EpochTimer --trainer.callbacks.path="$out/na_epochs.jsonl"
+            --trainer.callbacks+=lightning_modules.epoch_timer.EpochTimer --trainer.callbacks.path="$out/na_epochs.jsonl"
             --data.init_args.train_shards="$data/train.index.json" --data.init_args.val_shards="$data/test.index.json"
             "${fastest_args[@]}")
         if [[ $dry == 1 ]]; then

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from .optim import OPTIMIZER_IMPLS, build_optimizer, param_groups_no_decay, warmup_cosine
+from .epoch_timer import EpochTimer
 from .stream_bookkeeping import StreamBookkeeping
 
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
@@ -161,8 +162,10 @@ class ContrastiveModule(L.LightningModule):
 
     # ---- stream bookkeeping (a callback) and checkpoints ---------------------------------------------------
     def configure_callbacks(self) -> list[L.Callback]:
-        """Every run of a clbd module keeps its stream bookkeeping, whoever builds the Trainer."""
-        return [self.stream_bookkeeping]
+        """Every run of a clbd module keeps its stream bookkeeping and times its epochs, whoever builds the Trainer
+        (a timer the run was given stays: Lightning would replace it by the module's)."""
+        given = any(isinstance(callback, EpochTimer) for callback in self.trainer.callbacks)
+        return [self.stream_bookkeeping] + ([] if given else [EpochTimer()])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["clbd_run_config"] = self.run_config

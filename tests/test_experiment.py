@@ -402,6 +402,9 @@ def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shard
     assert provenance["device"].startswith("cpu") and provenance["precision"] == "32-true"
     assert provenance["wall_s"]["fit"] > 0 and provenance["wall_s"]["eval.json"] > 0 and provenance["epochs"] == 1
     assert set(provenance["versions"]) >= {"torch", "cuda", "cudnn", "lightning"}
+    # Every clbd run times its epochs (lightning_modules.epoch_timer): the training alone, not start-up and monitors.
+    assert provenance["epoch_s_source"] == "median of time/train_epoch_s (training only)"
+    assert 0 < provenance["epoch_s"] < provenance["wall_s"]["fit"]
 
     exported = tmp_path / "results"
     assert experiment_main([*run, "--export", str(exported)]) == 0

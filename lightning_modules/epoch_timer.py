@@ -1,11 +1,13 @@
-"""A Lightning callback that times each training epoch and each validation pass, for benchmarks/gpu_check.sh.
+"""Times each training epoch and each validation pass of a run: every clbd module attaches one (``configure_callbacks``).
 
-One JSON line per epoch goes to ``path`` as soon as the epoch ends (a run killed later keeps every finished epoch):
-epoch, train seconds (the epoch's wall time minus its validation), validation seconds, training images (both
-views for SimCLR count as two), images/s, and the ``val/`` metrics logged so far. The same times are logged as
-``time/train_epoch_s`` and ``time/val_s`` into the run's ``metrics.csv``.
+Logged as ``time/train_epoch_s`` (the epoch's wall time minus its validation) and ``time/val_s`` into the run's
+metrics (``metrics.csv``), where an experiment arm's provenance reads its seconds per epoch and per evaluation.
+With ``path``, one JSON line per epoch also goes there as soon as the epoch ends (a run killed later keeps every
+finished epoch): epoch, step, train and validation seconds, training images (both views of a SimCLR sample count
+as two), images/s and the ``val/`` metrics logged so far.
 
-Use: ``clbd fit ... --trainer.callbacks+=benchmarks.epoch_timer.EpochTimer --trainer.callbacks.path=epochs.jsonl``.
+A run given its own (``--trainer.callbacks+=lightning_modules.epoch_timer.EpochTimer --trainer.callbacks.path=...``)
+keeps it instead of the module's. The device is synchronised at the four boundaries only: nothing inside a step.
 """
 
 from __future__ import annotations
@@ -58,8 +60,12 @@ class EpochTimer(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         _synchronize(pl_module)
-        total = time.perf_counter() - self._epoch_start
-        train = total - self._val_seconds
+        train = time.perf_counter() - self._epoch_start - self._val_seconds
+        pl_module.log("time/train_epoch_s", train, sync_dist=False)
+        if self._val_seconds:
+            pl_module.log("time/val_s", self._val_seconds, sync_dist=False)
+        if self.path is None or not trainer.is_global_zero:
+            return
         images = self._samples * self.views_per_sample * trainer.world_size
         row: dict[str, Any] = {
             "epoch": trainer.current_epoch,
@@ -72,11 +78,6 @@ class EpochTimer(Callback):
         for name, value in trainer.callback_metrics.items():
             if name.startswith(("val/", "train/loss")) and isinstance(value, torch.Tensor) and value.numel() == 1:
                 row[name] = round(float(value), 5)
-        pl_module.log("time/train_epoch_s", train, sync_dist=False)
-        if self._val_seconds:
-            pl_module.log("time/val_s", self._val_seconds, sync_dist=False)
-        if self.path is not None and trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as file:
-                file.write(json.dumps(row) + "\n")
-        print(f"epoch {row['epoch']}: {json.dumps(row)}", flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps(row) + "\n")
