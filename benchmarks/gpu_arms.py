@@ -9,7 +9,7 @@ its estimate does not fit the seconds left (a smaller one further down may), and
 starts from is neither finished in this call's folder nor run earlier in it (its checkpoint lives on the machine
 that trained it). The estimate, printed before anything starts: epochs x seconds per epoch + monitors + start-up
 for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
-replace the guess. Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
+replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
 
 ``--parallel N`` (default 1: one after another, as always) runs up to N arms at once on the one GPU, each its own
 ``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``, its lines also printed
@@ -163,12 +163,28 @@ def arm_command(plan_file: Path, runs: Path, arm_id: str, export: Path) -> list[
     ]
 
 
-def archive_arm(folder: Path, out: Path, arm_id: str) -> float | None:
-    """The exported arm as ``OUT/arm-<id>.tar.gz``; returns its measured seconds per epoch when it recorded one."""
+def archive_arm(folder: Path, out: Path, arm_id: str) -> dict:
+    """The exported arm as ``OUT/arm-<id>.tar.gz``; returns its provenance (``epoch_s``, ``validation_s``: what it
+    measured), empty when it wrote none."""
     with tarfile.open(out / f"arm-{arm_id.replace('/', '_')}.tar.gz", "w:gz") as archive:
         archive.add(folder, arcname=arm_id)
     provenance = folder / "provenance.json"
-    return json.loads(provenance.read_text()).get("epoch_s") if provenance.exists() else None
+    return json.loads(provenance.read_text()) if provenance.exists() else {}
+
+
+def learn_from(args, provenance: dict, slowdown: float) -> None:
+    """A model arm's measured epoch and evaluation (divided by ``slowdown`` when it ran beside another) replace the
+    estimates' guesses from now on."""
+    epoch, evaluation = provenance.get("epoch_s"), provenance.get("validation_s")
+    if epoch:
+        args.epoch_s = epoch / slowdown
+    if evaluation:
+        args.eval_s = evaluation / slowdown
+    if epoch or evaluation:
+        say(
+            f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch and {args.eval_s:.2f} s per evaluation from now "
+            f"(measured {epoch or 0:.2f} s and {evaluation or 0:.2f} s{f', beside another: / {slowdown:.2f}' if slowdown != 1 else ''})"
+        )
 
 
 PRINT_LOCK = threading.Lock()
@@ -297,10 +313,9 @@ def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, 
                 ran += 1
                 finished_here.add(job.arm["id"])
                 name = job.arm["id"].replace("/", "_")
-                measured = archive_arm(args.work / "export" / name / job.arm["id"], args.out, job.arm["id"])
-                if not job.arm["needs"] and measured:  # a model arm: its measured epoch time from now on
-                    args.epoch_s = measured / slowdown if job.beside else measured
-                    say(f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch from now (measured {measured:.2f} s)")
+                provenance = archive_arm(args.work / "export" / name / job.arm["id"], args.out, job.arm["id"])
+                if not job.arm["needs"]:  # a model arm: its measured times from now on
+                    learn_from(args, provenance, slowdown if job.beside else 1.0)
     finally:
         stop_all()
 
@@ -431,9 +446,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ran += 1
         finished_here.add(arm["id"])
-        measured = archive_arm(args.work / "export" / arm["id"], args.out, arm["id"])
-        if not arm["needs"]:  # a model arm: its measured epoch time from now on
-            args.epoch_s = measured or args.epoch_s
+        provenance = archive_arm(args.work / "export" / arm["id"], args.out, arm["id"])
+        if not arm["needs"]:  # a model arm: its measured times from now on
+            learn_from(args, provenance, 1.0)
     print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
     return 0
 

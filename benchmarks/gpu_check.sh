@@ -62,10 +62,12 @@ left() { echo $((budget - $(date +%s) + started)); }
 stage() { echo; echo "=== [$(elapsed) s] $*"; }
 has_stage() { [[ ",$stages," == *",$1,"* ]]; }
 CLBD=("$PY" -c 'import sys; from clbd import main; sys.exit(main())')
+# What the arms stage is kept, whatever the stages before it would take: one 20-epoch arm at the first check's speed.
+arms_min=$(has_stage arms && echo "${CLBD_GPU_ARMS_MIN_S:-240}" || echo 0)
 
 rm -rf "$work" && mkdir -p "$work"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
-echo "gpu_check: budget ${budget} s, dry run ${dry}, stages ${stages}, archive ${archive}, work ${work}"
+echo "gpu_check: budget ${budget} s (the arms kept at least ${arms_min} s), dry run ${dry}, stages ${stages}, archive ${archive}, work ${work}"
 [[ -f $archive ]] || { echo "gpu_check: no CIFAR-10 archive at $archive"; exit 2; }
 
 # ---- install ---------------------------------------------------------------------------------------------------
@@ -113,8 +115,10 @@ ln -s "$data" "$bench_cache/cifar10-$(stat -c %s "$archive")-$(stat -c %Y "$arch
 if has_stage pytest; then
     stage "pytest -m gpu"
     # 180 s: DeepSpeed ZeRO-2/3, BadCLIP, the device transforms on CUDA, the GPU config's fit + test, a compiled encoder.
-    limit=$(( $(left) < 180 ? $(left) : 180 ))
+    # At most 180 s, and no more than leaves the throughput stage 120 s and the arms their CLBD_GPU_ARMS_MIN_S.
+    limit=$(( $(left) - arms_min - 120 )); (( limit > 180 )) && limit=180; (( limit < 60 )) && limit=60
     [[ $dry == 1 ]] && limit=60
+    echo "pytest: ${limit} s at most ($(left) s left, ${arms_min} s kept for the arms)"
     # Per-test limit (pytest-timeout, in the image): a hung test fails alone and the JUnit file is still written,
     # which a kill of the whole pytest by the stage's timeout would prevent.
     per_test=()
@@ -130,10 +134,16 @@ if has_stage throughput; then
     # SimCLR: eager, then each setting alone (channels-last, cuDNN autotuning, BatchNorm in fp32, fp16 + scaler, fused
     # optimiser; ~10 s each), CLIP and nvjpeg (~30 s), then the compiled ones (all together first, then compile alone
     # and with CUDA graphs; about a minute of compilation each). The JSON is rewritten after each: a cut keeps the rest.
+    # CLBD_GPU_THROUGHPUT_S (240) at most, and no more than leaves the arms CLBD_GPU_ARMS_MIN_S (at least 90 s).
     throughput_limit=${CLBD_GPU_THROUGHPUT_S:-240}
-    limit=$(( $(left) < throughput_limit ? $(left) : throughput_limit ))
+    limit=$(( $(left) - arms_min )); (( limit > throughput_limit )) && limit=$throughput_limit; (( limit < 90 )) && limit=90
+    (( limit > $(left) )) && limit=$(left)
+    echo "throughput: ${limit} s at most ($(left) s left, ${arms_min} s kept for the arms)"
     # --time-limit: "two at once" (the fastest setting in two processes vs one) runs only if it fits the rest.
     bench=(--data "$archive" --cache "$bench_cache" --json "$out/gpu_throughput.json" --time-limit $((limit - 15)))
+    # What earlier calls measured on this device is not measured again (the table grows call by call; eager always).
+    [[ ${CLBD_GPU_THROUGHPUT_REMEASURE:-0} == 1 ]] || bench+=(--measured "$repo/results/gpu_throughput")
+    [[ -n ${CLBD_GPU_THROUGHPUT_CLIP_SETTINGS:-} ]] && bench+=(--clip-settings "$CLBD_GPU_THROUGHPUT_CLIP_SETTINGS")
     if [[ $dry == 1 ]]; then
         bench+=(--device cpu --quick)
     else
@@ -156,14 +166,20 @@ fi
 # CLBD_GPU_ARMS_PAIR_MIN (1.15: below that the gain is within what a short measurement and the arms' start-up and
 # evaluation, which it does not cover, can eat), with its measured slowdown for the estimates; else one at a time.
 # CLBD_GPU_ARMS_PARALLEL=N forces N (the measured slowdown if any, else gpu_arms.py's default).
+# The arms' first estimate of an epoch: the fastest setting's measured step + device views, times
+# CLBD_GPU_ARMS_EPOCH_MARGIN (1.25: the first check's real epoch was 1.07x its step + views; loaders and start of
+# each epoch on top), when the arms take that setting; else gpu_arms.py's 6.1 s. The first arm's own epochs replace it.
 mapfile -t arms_parallel < <("$PY" - "$out/gpu_throughput.json" "${CLBD_GPU_ARMS_PAIR_MIN:-1.15}" \
-    "${CLBD_GPU_ARMS_PARALLEL:-}" <<'EOF'
+    "${CLBD_GPU_ARMS_PARALLEL:-}" "${#fastest_args[@]}" "${CLBD_GPU_ARMS_EPOCH_MARGIN:-1.25}" <<'EOF'
 import json, sys
-path, least, forced = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+path, least, forced, fastest_used, margin = sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 try:
-    pair = json.load(open(path)).get("two_at_once") or {}
+    data = json.load(open(path))
 except (OSError, ValueError):
-    pair = {}
+    data = {}
+pair = data.get("two_at_once") or {}
+fastest = data.get("fastest_simclr_setting") or {}
+epoch, compiling = fastest.get("epoch_s_with_device_views"), fastest.get("extra_start_s") or 0
 ratio, slowdown = pair.get("ratio"), pair.get("slowdown")
 if ratio:
     measured = f"two at once measured x{ratio:.2f} of one alone ({pair['setting']})"
@@ -175,7 +191,9 @@ elif ratio and ratio > least:
     parallel, why = 2, f"{measured} > {least}"
 else:
     parallel, why = 1, measured + (f" <= {least}" if ratio else "")
-print(parallel, f"{slowdown:.3f}" if slowdown else "", why, sep="\n")
+timed = epoch and fastest_used  # start-up: gpu_arms.py's 60 s + the setting's compilation in each arm
+print(parallel, f"{slowdown:.3f}" if slowdown else "", why, f"{epoch * margin:.2f}" if timed else "",
+      f"{60 + compiling:.0f}" if timed else "", sep="\n")
 EOF
 )
 parallel_args=(--parallel "${arms_parallel[0]:-1}" --parallel-why "${arms_parallel[2]:-}")
@@ -192,7 +210,11 @@ if has_stage arms; then
     seconds=$(( $(left) - reserve ))
     arms=(--plan "${CLBD_GPU_ARMS_PLAN:-configs/experiment/na_cifar10_gpu.yaml}" --seconds "$seconds"
         --work "$work/arms" --out "$out/arms" --data "$data" --speed-args="${fastest_args[*]}" "${parallel_args[@]}")
-    [[ $dry == 1 ]] && arms+=(--shrink --max-arms 3 --epoch-s 1)
+    if [[ -n ${arms_parallel[3]:-} ]]; then
+        arms+=(--epoch-s "${arms_parallel[3]}" --startup-s "${arms_parallel[4]}")
+        echo "arms: estimates at ${arms_parallel[3]} s per epoch (the fastest setting measured, x${CLBD_GPU_ARMS_EPOCH_MARGIN:-1.25}), ${arms_parallel[4]} s start-up and test each"
+    fi
+    [[ $dry == 1 ]] && arms+=(--shrink --max-arms 3 --epoch-s 1)  # last: argparse keeps the last --epoch-s
     echo "arms: ${arms_parallel[0]:-1} at a time: ${arms_parallel[2]:-}"
     timeout -k 15 $((seconds + 10)) "$PY" benchmarks/gpu_arms.py "${arms[@]}"
     echo "arms exit $?"

@@ -55,6 +55,10 @@ def throughput_summary(path: Path) -> list[str]:
         )
         if r.get("knobs", {}).get("compile_mode") and r.get("fit_overhead_s"):
             lines.append(f"    compilation + Trainer start and end: {max(r['fit_overhead_s']):.0f} s")
+        if r.get("model") == "clip" and r.get("ratio_vs_eager") is not None:
+            lines.append(f"    x{r['ratio_vs_eager']:.2f} CLIP's eager, batch {r.get('batch')}")
+        if r.get("peak_memory_gib") is not None:
+            lines.append(f"    peak memory {r['peak_memory_gib']:.1f} GiB")
         if r.get("epoch_s_median") is not None:
             ratio = f" (x{r['ratio_vs_eager']:.2f} eager)" if r.get("ratio_vs_eager") is not None else ""
             lines.append(f"    CIFAR-10 epoch (50k images, 2 views) at this rate: {r['epoch_s_median']:.2f} s{ratio}")
@@ -97,7 +101,15 @@ def throughput_summary(path: Path) -> list[str]:
             )
     fastest = data.get("fastest_simclr_setting")
     if fastest:
-        lines.append(f"  fastest SimCLR setting: {fastest['setting']} ({' '.join(fastest['fit_args'])})")
+        measured = fastest.get("measured_in", "this call")
+        run = (
+            f", a {fastest['run_epochs']}-epoch run ~{fastest['run_s_estimate']:.0f} s"
+            if fastest.get("run_s_estimate")
+            else ""
+        )
+        lines.append(
+            f"  fastest SimCLR setting: {fastest['setting']} ({measured}{run}; {' '.join(fastest['fit_args'])})"
+        )
     pair = data.get("two_at_once")
     if pair:
         lines.append(f"  two at once ({pair['setting']}, {pair['steps']} steps per process): {two_at_once_text(pair)}")

@@ -29,6 +29,22 @@ A compiled setting runs once, with ``--compile-warmup`` extra untimed steps, its
 overhead; compiled settings run after CLIP, slowest last. A setting that fails is reported as failed and the others
 go on. Default: all of them on CUDA; eager, channels_last, batchnorm_fp32 and optimizer on a CPU.
 
+CLIP's step under each speed setting (``--clip-settings``), each as a ratio to CLIP's ``eager`` in the same call
+(``CLIP_SETTINGS``): ``eager`` (the first check's step: AdamW by torch's rule, foreach on a GPU; batch 256; no
+compilation), ``fused_adamw`` (``model.optimizer_impl=fused``), ``double_batch`` (512 per GPU from pairs of the same
+batches; ``--quick``: 64; its FLOPs counted at that batch), ``compile`` (both towers, ``lightning_modules.clip``)
+and ``all`` (the three together); peak memory per case on CUDA. Default: all of them on CUDA; eager, fused_adamw
+and double_batch on a CPU. Compiled settings of both models run last: SimCLR's ``all``, CLIP's ``all``, then
+compile alone, CUDA graphs, CLIP's compile, max-autotune.
+
+The table grows call by call (``--measured results/gpu_throughput``): a setting that an earlier call's JSON there
+measured without failing, on a device of the same name at the same sizes, is not measured again (eager always
+is: every ratio is against eager in the same call), and two at once is taken from the earlier call that measured
+it. ``benchmarks/gpu_throughput_table.py`` makes the table of all calls. The JSON's ``fastest_simclr_setting`` is
+the setting, from this call or an earlier one, that trains a ``--run-epochs`` (20) epoch run soonest: epochs x its
+epoch (step + device views) + its compilation beyond eager's start-up; a run (the experiment arms) takes its
+``fit_args``. The JSON also records when (UTC), the code's commit and the library versions.
+
 Each setting also gets an evaluation estimate: the trained module's forward-only images/s at the evaluation batch
 size (eval mode, no gradients, the setting's precision and layout), and the time of the kNN vote (one matrix product
 and top-k per chunk of queries, bank on the device) for CIFAR-10's 50k bank and 3 x 10k queries, measured once;
@@ -101,6 +117,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.step_profile import ProfileWindow, markdown, summarise  # noqa: E402
 from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
+from clbd.experiment.runs import code_version, library_versions  # noqa: E402
 from datamodules.decode import decode_image  # noqa: E402
 from datamodules.device_clip import DeviceCLIPImagesHook  # noqa: E402
 from datamodules.device_views import DeviceViewsHook  # noqa: E402
@@ -158,6 +175,7 @@ def count_flops(build, loss_fn, batch: dict[str, Any], device: torch.device, pre
     return int(counter.get_total_flops())
 
 
+MEASURED_AT = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 CIFAR10_TRAIN_VIEWS = 2 * 50_000  # one SimCLR epoch: both views of every training image
 
 
@@ -262,6 +280,124 @@ SIMCLR_SETTINGS: dict[str, dict[str, Any]] = {
 CUDA_ONLY = {"fp16"}
 COMPILED = {name for name, knobs in SIMCLR_SETTINGS.items() if "compile_mode" in knobs}
 CPU_DEFAULT = ("eager", "channels_last", "batchnorm_fp32", "optimizer")
+
+# CLIP's: "eager" is the first check's step (AdamW by torch's rule: foreach on a GPU; batch 256; no compilation).
+CLIP_SETTINGS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "fused_adamw": {"optimizer_impl": "fused"},
+    "double_batch": {"batch_factor": 2},  # 512 per GPU (--quick: 64)
+    "compile": {"compile_mode": "default"},  # both towers (lightning_modules.clip.clip_towers)
+    "all": {"optimizer_impl": "fused", "batch_factor": 2, "compile_mode": "default"},
+}
+CLIP_COMPILED = {name for name, knobs in CLIP_SETTINGS.items() if "compile_mode" in knobs}
+CLIP_CPU_DEFAULT = ("eager", "fused_adamw", "double_batch")
+COMPILED_ORDER = [
+    ("simclr", "all"),
+    ("clip", "all"),
+    ("simclr", "compile"),
+    ("simclr", "compile_cudagraphs"),
+    ("clip", "compile"),
+    ("simclr", "compile_max_autotune"),
+]
+
+
+def clip_knobs(setting: str) -> dict[str, Any]:
+    """Every knob's value under CLIP's ``setting`` (eager's where the setting leaves it)."""
+    values: dict[str, Any] = dict(optimizer_impl="auto", batch_factor=1, compile_mode=None)
+    values.update(CLIP_SETTINGS[setting])
+    return values
+
+
+def clip_fit_arguments(values: dict[str, Any], batch: int) -> list[str]:
+    """The ``clbd fit`` arguments that give a CLIP run these knobs (``batch``: the per-GPU batch they train)."""
+    args = [
+        f"--model.init_args.optimizer_impl={values['optimizer_impl']}",
+        f"--data.init_args.batch_size={batch}",
+        f"--model.init_args.compile={'true' if values['compile_mode'] else 'false'}",
+    ]
+    if values["compile_mode"]:
+        args.append(f"--model.init_args.compile_mode={values['compile_mode']}")
+    return args
+
+
+def doubled(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Batches twice as large from pairs of the given ones (the same images, no new data to make)."""
+    pairs = [(batches[i], batches[(i + 1) % len(batches)]) for i in range(len(batches))]
+    out = []
+    for first, second in pairs:
+        merged = {}
+        for name, value in first.items():
+            if isinstance(value, torch.Tensor):
+                merged[name] = torch.cat([value, second[name]])
+            elif isinstance(value, list):
+                merged[name] = value + second[name]
+            else:
+                merged[name] = value
+        out.append(merged)
+    return out
+
+
+# ---- what earlier calls measured (the table grows call by call) ---------------------------------------------------
+def device_label(info: dict[str, Any]) -> str:
+    """The device a call measured: the GPU's name, else the CPU's model."""
+    return str(info.get("gpu") or info.get("cpu"))
+
+
+def earlier_calls(folder: Path | None, info: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    """The throughput JSONs in ``folder`` (``results/gpu_throughput``) measured on a device of the same name at the
+    same sizes (``--quick`` or not), each with ``file`` set; none for a missing folder."""
+    if folder is None or not folder.is_dir():
+        return []
+    calls = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as error:
+            raise SystemExit(f"--measured: {path} is not JSON ({error})") from None
+        if device_label(data.get("machine", {})) == device_label(info) and data.get("quick") == quick:
+            calls.append({**data, "file": path.name})
+    return calls
+
+
+def measured_before(calls: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """(model, setting) -> the file of the earliest call that measured it without failing."""
+    found: dict[tuple[str, str], str] = {}
+    for call in calls:
+        for r in call.get("results", []):
+            if r.get("model") and r.get("setting") and "error" not in r:
+                found.setdefault((r["model"], r["setting"]), call["file"])
+    return found
+
+
+def fastest_simclr(
+    results: list[dict[str, Any]], calls: list[dict[str, Any]], run_epochs: int
+) -> dict[str, Any] | None:
+    """The SimCLR setting that trains a run of ``run_epochs`` epochs soonest, among this call's results and earlier
+    calls' on the same device: epochs x its epoch (step + device views) + what its start costs beyond eager's in its
+    own call (a compilation: a minute a run, which a short run may not win back)."""
+    candidates = [(r, "this call", results) for r in results]
+    candidates += [(r, call["file"], call.get("results", [])) for call in calls for r in call.get("results", [])]
+    scored = []
+    for r, where, siblings in candidates:
+        if r.get("model", "simclr") != "simclr" or not r.get("setting") or "error" in r or not r.get("fit_args"):
+            continue
+        eager = next((e for e in siblings if e.get("model", "simclr") == "simclr" and e.get("setting") == "eager"), r)
+        epoch = r.get("epoch_s_with_device_views") or r["epoch_s_median"]
+        extra = max(0.0, max(r.get("fit_overhead_s") or [0]) - max(eager.get("fit_overhead_s") or [0]))
+        scored.append((run_epochs * epoch + extra, r, where, epoch, extra))
+    if not scored:
+        return None
+    run_s, best, where, epoch, extra = min(scored, key=lambda item: item[0])
+    return {
+        "setting": best["setting"],
+        "fit_args": best["fit_args"],
+        "ratio_vs_eager": best.get("ratio_vs_eager"),
+        "epoch_s_with_device_views": best.get("epoch_s_with_device_views"),
+        "extra_start_s": extra,
+        "run_epochs": run_epochs,
+        "run_s_estimate": run_s,
+        "measured_in": where,
+    }
 
 
 def knobs(setting: str, optimizer: str, precision: str) -> dict[str, Any]:
@@ -407,6 +543,8 @@ def measure(
     accelerator = "cuda" if device.type == "cuda" else "cpu"
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     runs, window = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if discard_first:  # the process's first fit pays one-time costs (kernels loaded, allocator, oneDNN/cuDNN handles)
         lightning_run(build, batches, args.warmup, 1, accelerator=accelerator, precision=precision, **trainer_options)
     for repeat in range(repeats):
@@ -441,6 +579,8 @@ def measure(
         "fit_overhead_s": [r["fit_overhead_s"] for r in runs],  # Trainer start-up and end (a compilation included)
         "module": runs[-1]["module"],  # the trained module (evaluation estimate); not written to the JSON
     }
+    if device.type == "cuda":  # what the step needs (a larger batch's cost): the most allocated at once, GiB
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if window is not None:
         result["profile"] = summarise(window, profile_steps)
     result["row"] = [
@@ -628,6 +768,24 @@ def main() -> int:
         help=f"comma list of {', '.join(SIMCLR_SETTINGS)} (default: all on cuda, {','.join(CPU_DEFAULT)} on cpu)",
     )
     parser.add_argument(
+        "--clip-settings",
+        default=None,
+        help=f"comma list of {', '.join(CLIP_SETTINGS)} (default: all on cuda, {','.join(CLIP_CPU_DEFAULT)} on cpu)",
+    )
+    parser.add_argument(
+        "--measured",
+        type=Path,
+        default=None,
+        help="a folder of earlier calls' JSONs (results/gpu_throughput): settings measured there on a device of "
+        "the same name are not measured again (eager always is)",
+    )
+    parser.add_argument(
+        "--run-epochs",
+        type=int,
+        default=20,
+        help="the runs the fastest setting is chosen for: epochs each (20: configs/experiment/na_cifar10_gpu.yaml)",
+    )
+    parser.add_argument(
         "--profile-settings",
         default=None,
         help="comma list of settings to profile (default: eager,all on cuda, eager on cpu; 'none': no profile)",
@@ -680,6 +838,19 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    clip_settings = (
+        args.clip_settings or (",".join(CLIP_SETTINGS) if device.type == "cuda" else ",".join(CLIP_CPU_DEFAULT))
+    ).split(",")
+    if set(clip_settings) - set(CLIP_SETTINGS) or "eager" not in clip_settings:
+        print(
+            f"--clip-settings: choose among {', '.join(CLIP_SETTINGS)}, eager included (the ratios' reference); "
+            f"got {args.clip_settings}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.measured is not None and args.measured.exists() and not args.measured.is_dir():
+        print(f"--measured: {args.measured} is not a folder", file=sys.stderr)
+        return 2
     if device.type != "cuda" and set(settings) & CUDA_ONLY:
         print(f"--simclr-settings: {', '.join(set(settings) & CUDA_ONLY)} needs CUDA (fp16 autocast)", file=sys.stderr)
         return 2
@@ -720,6 +891,20 @@ def main() -> int:
     )
     out = args.cache / "gpu_throughput"
     results = []
+    calls = earlier_calls(args.measured, info, quick)
+    before = measured_before(calls)
+    if calls:
+        print(f"measured before on this device ({', '.join(c['file'] for c in calls)}), not measured again:")
+        for (model, setting), where in sorted(before.items()):
+            if setting != "eager":
+                print(f"  {model} {setting} ({where})")
+
+    def save() -> None:  # after each case: a cut keeps what came before
+        write_partial(args.json, info, device, precision, quick, results, findings, calls, args.run_epochs)
+
+    def wanted(model: str, setting: str) -> bool:
+        return setting == "eager" or (model, setting) not in before
+
     if "simclr" not in args.skip:
         batch, width = simclr_sizes(quick)
         index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
@@ -766,12 +951,13 @@ def main() -> int:
             except Exception as error:  # a setting that fails is a result; the other settings still run
                 message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
                 print(f"  {name}, {setting}: FAILED {message}", flush=True)
-                results.append({"case": f"{name}, {setting}", "setting": setting, "error": message})
-                write_partial(args.json, info, device, precision, quick, results, findings)
+                results.append({"case": f"{name}, {setting}", "model": "simclr", "setting": setting, "error": message})
+                save()
                 return None
             finally:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            result["model"] = "simclr"
             result["setting"] = setting
             result["knobs"] = values
             result["fit_args"] = fit_arguments(values)
@@ -797,55 +983,107 @@ def main() -> int:
                 with args.profile_md.open("a") as file:
                     file.write(markdown(result["case"], result["profile"]) + "\n")
             results.append(result)
-            write_partial(
-                args.json, info, device, precision, quick, results, findings
-            )  # kept if a later case is cut short
+            save()
             return result
 
         if args.profile_md:
             args.profile_md.write_text(f"# Where the time goes ({info.get('gpu', 'CPU')}, {precision})\n\n")
         flops = None
-        for setting in (s for s in SIMCLR_SETTINGS if s in settings and s not in COMPILED):
+        for setting in (s for s in SIMCLR_SETTINGS if s in settings and s not in COMPILED and wanted("simclr", s)):
             done = simclr_case(setting, flops)
             flops = flops or (done or {}).get("flops_per_step")
-        measured = [r for r in results if r.get("setting") and "error" not in r]
-        if args.two_at_once == "on" and measured:
+        measured = [r for r in results if r.get("model") == "simclr" and "error" not in r]
+        pair_before = next((c for c in calls if (c.get("two_at_once") or {}).get("ratio")), None)
+        if args.two_at_once == "on" and pair_before is not None:
+            findings["two_at_once"] = {**pair_before["two_at_once"], "measured_in": pair_before["file"]}
+            print(f"  two at once: measured in {pair_before['file']}: {pair_line(findings['two_at_once'])}", flush=True)
+        elif args.two_at_once == "on" and measured:
             # Here, before CLIP and the compiled settings: the arms stage needs it more than those, and a compiled
             # setting would compile for a minute in each process.
             fastest = max(measured, key=lambda r: r["images_per_s_median"])
             findings["two_at_once"] = two_at_once(fastest, args, time_left())
-            write_partial(args.json, info, device, precision, quick, results, findings)
+            save()
+    clip_case = None
     if "clip" not in args.skip:
-        batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
+        clip_batch, model_name = (32, "clip-tiny-vit") if quick else (256, "ViT-B-32")
         if quick:
-            index_file = cifar_like_shards(args, out, n=2 * batch, shards=1)
+            index_file = cifar_like_shards(args, out, n=2 * clip_batch, shards=1)
         else:
-            index_file = large_image_shards(args, out, n=2 * batch, shards=1)
-        batches = [to_device(b, device) for b in make_batches("clip", index_file, batch, 2, model_name=model_name)]
-        label = f"CLIP {model_name}, batch {batch}"
+            index_file = large_image_shards(args, out, n=2 * clip_batch, shards=1)
+        clip_batches = [
+            to_device(b, device) for b in make_batches("clip", index_file, clip_batch, 2, model_name=model_name)
+        ]
+        clip_eager: dict[str, Any] = {}
+        flops_at: dict[int, int] = {}  # per batch size: the compiled settings reuse their uncompiled twin's count
 
-        def build_clip() -> CLIP:
-            torch.manual_seed(0)
-            return CLIP(model_name=model_name)
+        def clip_case(setting: str) -> dict[str, Any] | None:
+            values = clip_knobs(setting)
+            batch = clip_batch * values["batch_factor"]
+            batches = doubled(clip_batches) if values["batch_factor"] == 2 else clip_batches
+            compiled = setting in CLIP_COMPILED
+            label = f"CLIP {model_name}, batch {batch}, {setting}"
 
-        result = measure(label, build_clip, clip_loss, batches, batch, args, device, precision, repeats)
-        result.pop("module")
-        results.append(result)
-        write_partial(
-            args.json, info, device, precision, quick, results, findings
-        )  # the step's numbers kept whatever follows
-        if args.views in ("device", "both"):
-            raw = make_batches("clip", index_file, batch, 2, model_name=model_name, images_on_device=True)
+            def build_clip(compile_mode: str | None = values["compile_mode"]) -> CLIP:
+                torch.manual_seed(0)
+                return CLIP(
+                    model_name=model_name,
+                    optimizer_impl=values["optimizer_impl"],
+                    compile=compile_mode is not None,
+                    compile_mode=compile_mode or "default",
+                )
+
+            try:
+                if batch not in flops_at:
+                    flops_at[batch] = count_flops(lambda: build_clip(None), clip_loss, batches[0], device, precision)
+                result = measure(
+                    label,
+                    build_clip,
+                    clip_loss,
+                    batches,
+                    batch,
+                    args,
+                    device,
+                    precision,
+                    1 if compiled else repeats,
+                    flops=flops_at[batch],
+                    compiled=compiled,
+                    discard_first=setting == "eager" and "simclr" in args.skip,  # the process's first fit
+                )
+                result.pop("module")
+            except Exception as error:  # a setting that fails is a result; the other settings still run
+                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                print(f"  {label}: FAILED {message}", flush=True)
+                results.append({"case": label, "model": "clip", "setting": setting, "error": message})
+                save()
+                return None
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            result.update(model="clip", setting=setting, knobs=values, batch=batch)
+            result["fit_args"] = clip_fit_arguments(values, batch)
+            if setting == "eager":
+                clip_eager.update(result)
+            if clip_eager:
+                result["ratio_vs_eager"] = result["images_per_s_median"] / clip_eager["images_per_s_median"]
+            memory = f", peak memory {result['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in result else ""
+            print(f"    x{result.get('ratio_vs_eager', float('nan')):.2f} eager{memory}", flush=True)
+            results.append(result)
+            save()
+            return result
+
+        eager = clip_case("eager")
+        if eager is not None and args.views in ("device", "both"):
+            raw = make_batches("clip", index_file, clip_batch, 2, model_name=model_name, images_on_device=True)
             image_rate = device_image_rate([to_device(b, device) for b in raw], device, model_name, args.steps)
-            with_device_transform(result, image_rate, "images")
+            with_device_transform(eager, image_rate, "images")
             print(
                 f"  device images: {image_rate:.0f} images/s alone; step + images "
-                f"{result['images_per_s_with_device_images']:.0f} images/s",
+                f"{eager['images_per_s_with_device_images']:.0f} images/s",
                 flush=True,
             )
-        if device.type == "cuda":
+        if eager is not None and device.type == "cuda":
             jpegs = [members["jpg"] for _, members in iter_samples(resolve_shards(str(index_file)))]
-            decode = result["jpeg_decode"] = decode_rates(jpegs, device, batch, args.steps)
+            decode = eager["jpeg_decode"] = decode_rates(jpegs, device, clip_batch, args.steps)
             nvjpeg = (
                 f"{decode['nvjpeg_per_s']:.0f} images/s"
                 if "nvjpeg_per_s" in decode
@@ -856,13 +1094,18 @@ def main() -> int:
                 f"faster: {decode.get('faster', 'n/a')}",
                 flush=True,
             )
-        write_partial(args.json, info, device, precision, quick, results, findings)
-    if "simclr" not in args.skip:
-        # last: each compiles for a minute or more; max-autotune (the slowest to compile) after "all"
-        for setting in ("compile", "compile_cudagraphs", "all", "compile_max_autotune"):
-            if setting in settings:
-                simclr_case(setting, flops)
-    simclr_rows = [r for r in results if r.get("setting") and "error" not in r]
+        save()
+        for setting in (s for s in CLIP_SETTINGS if s in clip_settings and s != "eager" and s not in CLIP_COMPILED):
+            if wanted("clip", setting):
+                clip_case(setting)
+    # Last: each compiles for a minute or more. Both "all"s first (the settings the runs would take), then compile
+    # alone, CUDA graphs, and max-autotune (the slowest to compile).
+    for model, setting in COMPILED_ORDER:
+        if model == "simclr" and "simclr" not in args.skip and setting in settings and wanted(model, setting):
+            simclr_case(setting, flops)
+        if model == "clip" and clip_case is not None and setting in clip_settings and wanted(model, setting):
+            clip_case(setting)
+    simclr_rows = [r for r in results if r.get("model") == "simclr" and "error" not in r]
     if simclr_rows:
         print()
         print("SimCLR settings, each against eager in this call (epoch: 100k views at the step's rate, data ready):")
@@ -881,8 +1124,31 @@ def main() -> int:
                 for r in simclr_rows
             ],
         )
-        best = max(simclr_rows, key=lambda r: r["images_per_s_median"])
-        print(f"fastest SimCLR setting: {best['setting']} ({' '.join(best['fit_args'])})")
+    best = fastest_simclr(simclr_rows, calls, args.run_epochs)
+    if best:
+        print(
+            f"fastest SimCLR setting for a {best['run_epochs']}-epoch run: {best['setting']} (~{best['run_s_estimate']:.0f} s "
+            f"of training, {best['extra_start_s']:.0f} s of it compilation; {best['measured_in']}; {' '.join(best['fit_args'])})"
+        )
+    clip_rows = [r for r in results if r.get("model") == "clip" and "error" not in r]
+    if clip_rows:
+        print()
+        print("CLIP settings, each against eager in this call (images/s: image-text pairs):")
+        print_table(
+            ["setting", "batch", "images/s", "x eager", "MFU", "peak memory GiB", "compile + start s"],
+            [
+                [
+                    r["setting"],
+                    r["batch"],
+                    f"{r['images_per_s_median']:.0f}",
+                    f"{r.get('ratio_vs_eager', float('nan')):.2f}",
+                    f"{statistics.median(r['mfu']):.1%}" if r.get("mfu") else "n/a",
+                    f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "n/a",
+                    f"{max(r['fit_overhead_s']):.0f}",
+                ]
+                for r in clip_rows
+            ],
+        )
     pair = findings.get("two_at_once")
     if pair:
         print()
@@ -907,23 +1173,26 @@ def main() -> int:
         ["model", "GFLOPs/step", "images/s", "achieved TFLOP/s", "MFU"], [r["row"] for r in results if "row" in r]
     )
     load_at_end(info)
-    write_partial(args.json, info, device, precision, quick, results, findings)
+    save()
     return 0
 
 
-def write_partial(path, info, device, precision, quick, results, findings) -> None:
+def write_partial(path, info, device, precision, quick, results, findings, calls, run_epochs) -> None:
     payload = {
         "machine": info,
         "device": str(device),
         "precision": precision,
         "quick": quick,
+        "measured_at": MEASURED_AT,
+        "code": code_version(),
+        "versions": library_versions(),
         "results": [{k: v for k, v in r.items() if k not in ("row", "module")} for r in results],
         **findings,  # "two_at_once"
     }
-    ok = [r for r in results if r.get("setting") and "error" not in r]
-    if ok:  # what a run should take: the fastest SimCLR setting measured in this call
-        best = max(ok, key=lambda r: r["images_per_s_median"])
-        payload["fastest_simclr_setting"] = {"setting": best["setting"], "fit_args": best["fit_args"]}
+    # What a run should take: the SimCLR setting fastest against its own call's eager, this call's or an earlier one's.
+    best = fastest_simclr([r for r in results if r.get("model") == "simclr"], calls, run_epochs)
+    if best:
+        payload["fastest_simclr_setting"] = best
     write_json(path, payload)
 
 
