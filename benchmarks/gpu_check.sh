@@ -13,9 +13,10 @@
 # beyond those come as wheels in .whl/ (benchmarks/gpu_wheels.sh makes it), installed with pip --no-index
 # --no-deps into a folder of their own (torch is never reinstalled). Carry .whl and the archive's folder.
 #
-# Stages, each time-boxed (seconds from the start of the whole check, CLBD_GPU_CHECK_BUDGET_S in all, default 500):
+# Stages, each time-boxed (seconds from the start of the whole check, CLBD_GPU_CHECK_BUDGET_S in all, default 540):
 #   install (wheels, DeepSpeed's among them: pure Python, its ops JIT-built if used) -> convert (clbd data cifar10)
-#   -> pytest -m gpu -> benchmarks/gpu_throughput.py (every speed setting against eager; picks the fastest)
+#   -> pytest -m gpu -> benchmarks/gpu_throughput.py (eager and every speed setting no earlier call measured on this
+#   GPU, SimCLR's and CLIP's, each against eager in this call; picks the setting that trains a 20-epoch arm soonest)
 #   -> the experiment arms (benchmarks/gpu_arms.py: the highest-priority arms of configs/experiment/na_cifar10_gpu.yaml
 #   not yet in results/ that fit, with the fastest speed setting, one archive each in OUT/arms/; two at once when
 #   the throughput stage measured two at once paying, OUT/arms/arms_schedule.json says who ran when)
@@ -32,7 +33,11 @@
 # default: all but compile_max_autotune, whose tuning alone can take minutes), CLBD_GPU_NA_FASTEST (1: the NA run
 # takes the fastest setting the throughput stage measured; 0: the GPU config as it is), CLBD_GPU_ARMS_PAIR_MIN (1.15:
 # the arms run two at once when the pair's views/s over one alone's measured above it), CLBD_GPU_ARMS_PARALLEL (N:
-# arms at once, whatever was measured).
+# arms at once, whatever was measured), CLBD_GPU_ARMS_MIN_S (260: what the arms stage is kept; the pytest and
+# throughput stages get less when the budget is short), CLBD_GPU_ARMS_EPOCH_MARGIN (1.25: the arms' first epoch
+# estimate over the fastest setting's measured step + device views), CLBD_GPU_THROUGHPUT_CLIP_SETTINGS (its
+# --clip-settings; default all), CLBD_GPU_THROUGHPUT_REMEASURE=1 (measure every setting again; by default what
+# results/gpu_throughput/ holds for this GPU is not measured again, so the table grows call by call).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
 set -uo pipefail
@@ -62,8 +67,9 @@ left() { echo $((budget - $(date +%s) + started)); }
 stage() { echo; echo "=== [$(elapsed) s] $*"; }
 has_stage() { [[ ",$stages," == *",$1,"* ]]; }
 CLBD=("$PY" -c 'import sys; from clbd import main; sys.exit(main())')
-# What the arms stage is kept, whatever the stages before it would take: one 20-epoch arm at the first check's speed.
-arms_min=$(has_stage arms && echo "${CLBD_GPU_ARMS_MIN_S:-240}" || echo 0)
+# What the arms stage is kept, whatever the stages before it take: one 20-epoch arm at the first check's speed
+# (gpu_arms.py estimates ~232 s) and the stage's 15 s reserve.
+arms_min=$(has_stage arms && echo "${CLBD_GPU_ARMS_MIN_S:-260}" || echo 0)
 
 rm -rf "$work" && mkdir -p "$work"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$repo${PYTHONPATH:+:$PYTHONPATH}
