@@ -11,9 +11,9 @@ that trained it). The estimate, printed before anything starts: epochs x seconds
 for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
 replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
 
-``--parallel N`` (default 1: one after another, as always) runs up to N arms at once on the one GPU, each its own
-``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``, its lines also printed
-with the arm's id in front). Order and skips as above, and: an arm waiting for a model that is training here holds its
+Each arm is its own ``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``,
+its lines also printed with the arm's id in front). ``--parallel N`` (default 1: one after another) runs up to N of
+them at once on the one GPU, by the same schedule. Order and skips as above, and: an arm waiting for a model that is training here holds its
 place (arms further down do not start past it: the plan's priority holds); an arm beside another is estimated
 ``--slowdown`` times longer (two at once, each slower; measured by gpu_throughput.py's "two at once", else 2.0: no
 gain assumed), and it starts only if it and every arm already running, all so slowed, still end within
@@ -180,10 +180,14 @@ def learn_from(args, provenance: dict, slowdown: float) -> None:
         args.epoch_s = epoch / slowdown
     if evaluation:
         args.eval_s = evaluation / slowdown
-    if epoch or evaluation:
+    measured = [
+        f"{what} {value:.2f} s" for what, value in (("an epoch", epoch), ("an evaluation", evaluation)) if value
+    ]
+    if measured:
+        beside = f", beside another: / {slowdown:.2f}" if slowdown != 1 else ""
         say(
             f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch and {args.eval_s:.2f} s per evaluation from now "
-            f"(measured {epoch or 0:.2f} s and {evaluation or 0:.2f} s{f', beside another: / {slowdown:.2f}' if slowdown != 1 else ''})"
+            f"(measured {' and '.join(measured)}{beside})"
         )
 
 
@@ -235,7 +239,8 @@ class RunningArm:
 
 
 def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record) -> int:
-    """Up to ``args.parallel`` arms at once (the rules in the module's docstring); returns how many finished.
+    """Up to ``args.parallel`` arms at once (the rules in the module's docstring; 1: one after another); returns how
+    many finished.
     A model arm's measured epoch time replaces ``args.epoch_s`` (which ``estimate`` reads)."""
     slowdown = args.slowdown
     waiting, running, ran = list(pending), [], 0
@@ -411,44 +416,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.parallel > 1:
         print(f"gpu_arms: up to {args.parallel} arms at once, each ~{args.slowdown:.2f}x longer beside another")
-        ran = run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record)
-        print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
-        return 0
-    ran = 0
-    for arm in pending:
-        left = args.seconds - (time.monotonic() - started)
-        if args.max_arms is not None and ran >= args.max_arms:
-            break
-        if any(need not in finished_here for need in arm["needs"]):
-            print(f"gpu_arms: skip {arm['id']}: its model ({', '.join(arm['needs'])}) was not trained on this machine")
-            continue
-        if estimate(arm) > left:
-            print(f"gpu_arms: skip {arm['id']}: ~{estimate(arm):.0f} s does not fit the {left:.0f} s left")
-            continue
-        print(f"\n=== gpu_arms: {arm['id']} (~{estimate(arm):.0f} s, {left:.0f} s left)", flush=True)
-        t0 = time.monotonic()
-        try:
-            returncode = subprocess.run(
-                arm_command(plan_file, runs, arm["id"], args.work / "export"),
-                cwd=tree,
-                env=clbd_env(),
-                timeout=max(left, 1),
-            ).returncode
-        except subprocess.TimeoutExpired:  # the stage's time is up: this arm is lost, the archived ones stay
-            returncode = 124
-        seconds = time.monotonic() - t0
-        print(f"gpu_arms: {arm['id']} exit {returncode} after {seconds:.0f} s", flush=True)
-        record(arm["id"], t0 - started, time.monotonic() - started, returncode, [])
-        if returncode == 124:
-            print(f"gpu_arms: {arm['id']} stopped at the stage's time limit; no time left for another arm")
-            break
-        if returncode != 0:
-            continue
-        ran += 1
-        finished_here.add(arm["id"])
-        provenance = archive_arm(args.work / "export" / arm["id"], args.out, arm["id"])
-        if not arm["needs"]:  # a model arm: its measured times from now on
-            learn_from(args, provenance, 1.0)
+    ran = run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record)
     print(f"gpu_arms: {ran} arm(s) finished and archived in {args.out} after {time.monotonic() - started:.0f} s")
     return 0
 

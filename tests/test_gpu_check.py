@@ -205,6 +205,30 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert rows["simclr + na"]["devices"][0].startswith("cpu") and "seed0/simclr-clean" in table["missing"]
 
 
+def test_arms_one_after_another_learn_their_estimates_from_the_first(tmp_path):
+    """The arms stage as a first call most likely runs it (two at once not measured yet: --parallel 1): NA, then
+    MCLDef on that model, one after another, each archived; the model arm's measured epoch replaces the guess."""
+    archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
+    data = tmp_path / "data"
+    convert = [sys.executable, "-m", "clbd", "data", "cifar10", "--src", str(archive), "--out", str(data)]
+    subprocess.run([*convert, "--maxcount", "25", "--quiet"], check=True, cwd=REPO, timeout=120, capture_output=True)
+    out = tmp_path / "out"
+    arms = [sys.executable, str(REPO / "benchmarks" / "gpu_arms.py"), "--plan"]
+    arms += [str(REPO / "configs" / "experiment" / "na_cifar10_gpu.yaml"), "--seconds", "600", "--work"]
+    arms += [str(tmp_path / "work"), "--out", str(out), "--data", str(data), "--results", str(tmp_path / "none")]
+    run = subprocess.run([*arms, "--shrink", "--max-arms", "2"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    schedule = json.loads((out / "arms_schedule.json").read_text())
+    assert schedule["parallel"] == 1
+    model, defense = schedule["arms"]
+    assert (model["id"], defense["id"]) == ("seed0/simclr-na", "seed0/mcldef")
+    assert model["exit"] == defense["exit"] == 0 and model["end_s"] <= defense["start_s"]
+    assert model["beside"] == defense["beside"] == []
+    assert sorted(p.name for p in out.glob("*.tar.gz")) == ["arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"]
+    assert "estimates at 6.1 s per epoch" in run.stdout  # the guess, printed before anything starts
+    assert "gpu_arms: estimates at" in run.stdout and "(measured an epoch" in run.stdout  # then the NA arm's own
+
+
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     """The throughput stage's script with --device cpu --quick (SimCLR eager and the CPU-runnable speed settings, each
     against eager, with device views and an evaluation estimate; eager profiled; the fastest in two processes at once
