@@ -60,10 +60,11 @@ alone (above 1: two at once pays), the slowdown (that span over the alone run's 
 takes beside another; 2 / the ratio) and each process's own slowdown. Skipped, with the reason in the JSON, when its
 estimate does not fit what is left of ``--time-limit``.
 
-The profiler (``--profile-settings``; default eager and all on CUDA, eager on a CPU) records ``--profile-steps``
-steps after the timed ones of that setting's last run (``benchmarks/step_profile.py``): top kernels and the share
-of GPU time in convolution, normalisation, matmul, optimiser, loss, copies; the host time between steps; written
-into the JSON and, with ``--profile-md``, as markdown.
+The profiler (``--profile-settings``, names of either model's settings, each profiled in both models where it
+exists; default eager and all on CUDA, eager on a CPU) records ``--profile-steps`` steps after the timed ones of
+that setting's last run (``benchmarks/step_profile.py``): top kernels and the share of GPU time in convolution,
+normalisation, attention, matmul, optimiser, loss, copies; the host time between steps; written into the JSON and,
+with ``--profile-md``, as markdown.
 
 SimCLR's views made on the device (``--views device`` or ``both``; ``data.views_on_device``): the same real batches
 as uint8 images + view parameters, turned into views by ``datamodules.device_views.DeviceViews`` on the device, timed
@@ -1047,6 +1048,7 @@ def main() -> int:
                     1 if compiled else repeats,
                     flops=flops_at[batch],
                     compiled=compiled,
+                    profile_steps=args.profile_steps if setting in profiled else 0,
                     discard_first=setting == "eager" and "simclr" in args.skip,  # the process's first fit
                 )
                 result.pop("module")
@@ -1067,6 +1069,9 @@ def main() -> int:
                 result["ratio_vs_eager"] = result["images_per_s_median"] / clip_eager["images_per_s_median"]
             memory = f", peak memory {result['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in result else ""
             print(f"    x{result.get('ratio_vs_eager', float('nan')):.2f} eager{memory}", flush=True)
+            if "profile" in result and args.profile_md:
+                with args.profile_md.open("a") as file:
+                    file.write(markdown(result["case"], result["profile"]) + "\n")
             results.append(result)
             save()
             return result

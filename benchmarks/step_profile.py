@@ -5,7 +5,8 @@ kernels where there is a GPU) and clocks the host time between steps (Lightning'
 transfer hooks: what a loader-bound run waits on). ``summarise`` turns the trace into:
 
 * the top kernels (CUDA) or ops (CPU) by self time;
-* the share of that time by kind: convolution, normalisation, matmul, optimiser, loss, copies and casts, the rest
+* the share of that time by kind: convolution, normalisation (batch and layer norm), attention (scaled dot product,
+  flash, memory-efficient), matmul, optimiser, loss, copies and casts, the rest
   (elementwise, reductions, compiled Triton kernels that fuse several kinds are their own kind);
 * on a GPU, the busy share: kernel time over the window's wall time (well below 1: the step waits on the host,
   launches, or synchronisation).
@@ -30,7 +31,8 @@ from torch.profiler import ProfilerActivity, profile
 OP_KINDS = (
     ("optimiser", re.compile(r"_foreach_|_fused_(sgd|adam)|multi_tensor_apply", re.I)),
     ("compiled (Triton, fused)", re.compile(r"^triton_|CompiledFunction|Torch-Compiled", re.I)),
-    ("normalisation", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|welford", re.I)),
+    ("normalisation", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|welford|layer_norm|layernorm", re.I)),
+    ("attention", re.compile(r"scaled_dot_product|flash|efficient_attention|fmha|_attention", re.I)),
     ("convolution", re.compile(r"conv|cudnn|implicit_gemm|wgrad|dgrad|xmma", re.I)),
     ("loss", re.compile(r"nll_loss|log_softmax|cross_entropy|logsoftmax|nllloss", re.I)),
     ("matmul", re.compile(r"\bmm\b|addmm|bmm|matmul|gemm|linear|cutlass|sm\d\d_", re.I)),

@@ -265,6 +265,8 @@ def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     shares = eager["profile"]["shares"]
     assert abs(sum(shares.values()) - 1) < 1e-6 and shares["convolution"] > 0.1  # a ResNet's step is mostly convs
     assert "profile" not in optimizer and "| kind | share |" in profile_md.read_text()
+    clip_shares = clip["profile"]["shares"]  # CLIP's eager is profiled too: a transformer's step, attention in it
+    assert clip_shares["matmul"] > 0.1 and clip_shares["attention"] > 0 and clip_shares.get("convolution", 0) < 0.2
     assert data["fastest_simclr_setting"]["setting"] in settings
     from benchmarks.gpu_check_report import throughput_summary
 
