@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one call on one GPU machine (one H200, 16 cores), at most ~8.5 minutes, run from the
+# The prepared GPU check: one call on one GPU machine (one H100 or H200, 16 cores), ~9 minutes (540 s), run from the
 # repository root. Everything it measures lands as files in OUT as each stage ends, so a late failure loses nothing:
 #
 #   gpu_check.log        everything printed             env.txt          GPU, driver, python, package versions
