@@ -218,7 +218,13 @@ class Batches:
         return len(self.batches)
 
 
-def fit_tiny(module: SimCLR, steps: int, callbacks=(), **trainer_options) -> L.Trainer:
+def clip_batch(module, seed: int, n: int = 4) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 3, *module.model.visual.image_size, generator=generator)
+    return {"image": image, "text": module.tokenizer([f"a photo of thing {seed}-{i}" for i in range(n)])}
+
+
+def fit_tiny(module, steps: int, callbacks=(), batches=None, **trainer_options) -> L.Trainer:
     options = dict(
         accelerator="cpu",
         devices=1,
@@ -230,7 +236,7 @@ def fit_tiny(module: SimCLR, steps: int, callbacks=(), **trainer_options) -> L.T
     )
     options.update(trainer_options)
     trainer = L.Trainer(callbacks=list(callbacks), **options)
-    trainer.fit(module, train_dataloaders=Batches([tiny_batch(i) for i in range(steps)]))
+    trainer.fit(module, train_dataloaders=Batches(batches or [tiny_batch(i) for i in range(steps)]))
     return trainer
 
 
@@ -270,11 +276,12 @@ def test_bf16_with_batchnorm_fp32_trains_like_bf16():
 SYNCING = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
 
 
-def test_training_step_makes_no_host_synchronising_call_between_log_steps(monkeypatch, tmp_path):
+@pytest.mark.parametrize("method", ["simclr_lars_foreach", "clip_fused_adamw"])
+def test_training_step_makes_no_host_synchronising_call_between_log_steps(monkeypatch, tmp_path, method):
     """Python-level reads of a tensor's value (``.item()``, ``bool(t)``, ...) stall a GPU step until the device
-    catches up. Counted over the whole step (Lightning's loop, clbd's training step, LARS, the schedule) for steps
-    that neither log nor refresh a progress bar. Syncs made inside C++ ops are not seen here (on a GPU,
-    ``torch.cuda.set_sync_debug_mode`` sees those)."""
+    catches up. Counted over the whole step (Lightning's loop, clbd's training step, the optimiser (vectorised LARS;
+    CLIP's fused AdamW and its temperature clamp), the schedule) for steps that neither log nor refresh a progress
+    bar. Syncs made inside C++ ops are not seen here (on a GPU, ``torch.cuda.set_sync_debug_mode`` sees those)."""
     counts: dict[int, int] = {}
 
     class CountSyncs(L.Callback):
@@ -298,12 +305,20 @@ def test_training_step_makes_no_host_synchronising_call_between_log_steps(monkey
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    module = SimCLR(width=4, proj_hidden_dim=16, proj_output_dim=8, optimizer="lars", optimizer_impl="foreach")
+    if method == "clip_fused_adamw":
+        from lightning_modules.clip import CLIP
+
+        torch.manual_seed(0)
+        module = CLIP(model_name="clip-tiny-vit", optimizer_impl="fused")
+        batches = [clip_batch(module, i) for i in range(6)]
+    else:
+        module = SimCLR(width=4, proj_hidden_dim=16, proj_output_dim=8, optimizer="lars", optimizer_impl="foreach")
+        batches = None
     logger = CSVLogger(tmp_path)  # a logger as a run has one: it reads the logged values every 50 steps
     # a progress bar as the GPU config advises (TQDM_MINITERS=50; Lightning's default reads the loss every step)
     monkeypatch.setenv("TQDM_MINITERS", "50")
     assert "TQDM_MINITERS=50" in GPU_CONFIG.read_text()
-    fit_tiny(module, 6, callbacks=[counter], logger=logger, log_every_n_steps=50, enable_progress_bar=True)
+    fit_tiny(module, 6, [counter], batches, logger=logger, log_every_n_steps=50, enable_progress_bar=True)
     assert sorted(counts) == list(range(6))
     # the last step refreshes the bar at the epoch's end
     assert all(count == 0 for step, count in counts.items() if 0 < step < 5), counts
