@@ -64,7 +64,8 @@ def clbd_clip_weights(path: str) -> dict[str, torch.Tensor] | None:
 def clip_towers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """An open_clip model's image tower and the transformer of its text tower (``transformer`` in ``CLIP``,
     ``text`` in ``CustomTextCLIP``): where nearly all of its compute is."""
-    text = getattr(model, "text", None) or getattr(model, "transformer", None)
+    text = getattr(model, "text", None)
+    text = getattr(model, "transformer", None) if text is None else text  # no truth test: a Module may define len
     return [model.visual] + ([text] if text is not None else [])
 
 
