@@ -116,6 +116,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
+from benchmarks.gpu_throughput_table import load_calls  # noqa: E402
 from benchmarks.step_profile import ProfileWindow, markdown, summarise  # noqa: E402
 from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
 from clbd.experiment.runs import code_version, library_versions  # noqa: E402
@@ -349,15 +350,11 @@ def earlier_calls(folder: Path | None, info: dict[str, Any], quick: bool) -> lis
     same sizes (``--quick`` or not), each with ``file`` set; none for a missing folder."""
     if folder is None or not folder.is_dir():
         return []
-    calls = []
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as error:
-            raise SystemExit(f"--measured: {path} is not JSON ({error})") from None
-        if device_label(data.get("machine", {})) == device_label(info) and data.get("quick") == quick:
-            calls.append({**data, "file": path.name})
-    return calls
+    return [
+        call
+        for call in load_calls(folder)
+        if device_label(call.get("machine", {})) == device_label(info) and call.get("quick") == quick
+    ]
 
 
 def measured_before(calls: list[dict[str, Any]]) -> dict[tuple[str, str], str]:

@@ -36,18 +36,24 @@ BLOCK = "gpu_throughput"
 
 
 def load_calls(folder: Path) -> list[dict[str, Any]]:
+    """Every call's JSON in ``folder``, oldest name first, each with ``file`` (its file name) set; a clear error for
+    a file that is not a gpu_throughput.json (gpu_throughput.py's --measured reads them the same way)."""
     if not folder.is_dir():
-        raise SystemExit(f"gpu_throughput_table: {folder} is not a folder")
+        raise SystemExit(f"{folder} is not a folder")
     calls = []
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())
         except ValueError as error:
-            raise SystemExit(f"gpu_throughput_table: {path} is not JSON ({error})") from None
+            raise SystemExit(f"{path} is not JSON ({error})") from None
         if "results" not in data:
-            raise SystemExit(f"gpu_throughput_table: {path} has no 'results' (not a gpu_throughput.json?)")
-        calls.append({**data, "file": path.stem})
+            raise SystemExit(f"{path} has no 'results' (not a gpu_throughput.json?)")
+        calls.append({**data, "file": path.name})
     return calls
+
+
+def call_name(call: dict[str, Any]) -> str:
+    return Path(call["file"]).stem
 
 
 def device(call: dict[str, Any]) -> str:
@@ -83,10 +89,10 @@ def simclr_table(calls: list[dict[str, Any]]) -> list[str]:
     ]
     for call, r in rows(calls, "simclr"):
         if "error" in r:
-            lines.append(f"| {r['setting']} | {call['file']} | {device(call)} | failed: {r['error'][:80]} |||||||||")
+            lines.append(f"| {r['setting']} | {call_name(call)} | {device(call)} | failed: {r['error'][:80]} |||||||||")
             continue
         lines.append(
-            f"| {r['setting']} | {call['file']} | {device(call)} | {r['images_per_s_median']:,.0f} | "
+            f"| {r['setting']} | {call_name(call)} | {device(call)} | {r['images_per_s_median']:,.0f} | "
             f"{number(r.get('ratio_vs_eager'))} | {mfu(r)} | {number(r.get('epoch_s_median'))} | "
             f"{number(r.get('epoch_s_with_device_views'))} | {number(r.get('eval_s_estimate'))} | "
             f"{number(r.get('peak_memory_gib'), 1)} | {max(r.get('fit_overhead_s') or [0]):.0f} |"
@@ -102,10 +108,10 @@ def clip_table(calls: list[dict[str, Any]]) -> list[str]:
     for call, r in rows(calls, "clip"):
         setting = r.get("setting", "eager")
         if "error" in r:
-            lines.append(f"| {setting} | {call['file']} | {device(call)} | failed: {r['error'][:80]} |||||||")
+            lines.append(f"| {setting} | {call_name(call)} | {device(call)} | failed: {r['error'][:80]} |||||||")
             continue
         lines.append(
-            f"| {setting} | {call['file']} | {device(call)} | {r.get('batch', r['images_per_step'])} | "
+            f"| {setting} | {call_name(call)} | {device(call)} | {r.get('batch', r['images_per_step'])} | "
             f"{r['images_per_s_median']:,.0f} | {number(r.get('ratio_vs_eager', 1.0 if setting == 'eager' else None))} "
             f"| {mfu(r)} | {number(r.get('peak_memory_gib'), 1)} | {max(r.get('fit_overhead_s') or [0]):.0f} |"
         )
@@ -118,7 +124,7 @@ def pair_table(calls: list[dict[str, Any]]) -> list[str]:
         pair = call.get("two_at_once") or {}
         if pair.get("ratio") and not pair.get("measured_in"):  # a copy of an earlier call's is not a measurement
             lines.append(
-                f"| {call['file']} | {device(call)} | {pair['setting']} | {pair['steps']} | "
+                f"| {call_name(call)} | {device(call)} | {pair['setting']} | {pair['steps']} | "
                 f"{pair['alone_views_per_s']:,.0f} | {pair['pair_views_per_s']:,.0f} | {pair['ratio']:.2f} | "
                 f"{pair['slowdown']:.2f} |"
             )
@@ -199,7 +205,7 @@ def verdict(calls: list[dict[str, Any]], arms: list[dict[str, Any]]) -> list[str
 def table(calls: list[dict[str, Any]], arms: list[dict[str, Any]]) -> str:
     if not calls:
         return "No GPU call has measured the speed settings yet (results/gpu_throughput/ is empty)."
-    names = ", ".join(f"{c['file']} ({device(c)}, {c.get('precision')})" for c in calls)
+    names = ", ".join(f"{call_name(c)} ({device(c)}, {c.get('precision')})" for c in calls)
     parts = [f"From {len(calls)} call(s): {names}. Each ratio is against eager in the same call.", ""]
     parts += ["SimCLR ResNet-18 (CIFAR stem, batch 512, ready batches on the device):", "", *simclr_table(calls), ""]
     parts += ["CLIP ViT-B-32 (224 px, ready batches on the device):", "", *clip_table(calls), ""]
