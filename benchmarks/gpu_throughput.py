@@ -87,7 +87,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,7 +115,8 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from benchmarks.gpu_throughput_table import load_calls  # noqa: E402
+from benchmarks.gpu_throughput_table import load_calls, number  # noqa: E402
+from benchmarks.gpu_throughput_table import mfu as mfu_text  # noqa: E402
 from benchmarks.step_profile import ProfileWindow, markdown, summarise  # noqa: E402
 from benchmarks.training_step import clip_loss, lightning_run, make_batches, simclr_loss  # noqa: E402
 from clbd.experiment.runs import code_version, library_versions  # noqa: E402
@@ -1108,49 +1108,27 @@ def main() -> int:
         if model == "clip" and clip_case is not None and setting in clip_settings and wanted(model, setting):
             clip_case(setting)
     simclr_rows = [r for r in results if r.get("model") == "simclr" and "error" not in r]
-    if simclr_rows:
-        print()
-        print("SimCLR settings, each against eager in this call (epoch: 100k views at the step's rate, data ready):")
-        print_table(
-            ["setting", "views/s", "x eager", "MFU", "epoch s", "evaluation s (est.)", "compile + start s"],
-            [
-                [
-                    r["setting"],
-                    f"{r['images_per_s_median']:.0f}",
-                    f"{r.get('ratio_vs_eager', float('nan')):.2f}",
-                    f"{statistics.median(r['mfu']):.1%}" if r.get("mfu") else "n/a",
-                    f"{r['epoch_s_median']:.2f}",
-                    f"{r['eval_s_estimate']:.2f}",
-                    f"{max(r['fit_overhead_s']):.0f}",
-                ]
-                for r in simclr_rows
-            ],
-        )
+    print_settings(
+        "SimCLR settings, each against eager in this call (epoch: 100k views at the step's rate, data ready):",
+        "views/s",
+        simclr_rows,
+        {
+            "epoch s": lambda r: f"{r['epoch_s_median']:.2f}",
+            "evaluation s (est.)": lambda r: f"{r['eval_s_estimate']:.2f}",
+        },
+    )
     best = fastest_simclr(simclr_rows, calls, args.run_epochs)
     if best:
         print(
             f"fastest SimCLR setting for a {best['run_epochs']}-epoch run: {best['setting']} (~{best['run_s_estimate']:.0f} s "
             f"of training, {best['extra_start_s']:.0f} s of it compilation; {best['measured_in']}; {' '.join(best['fit_args'])})"
         )
-    clip_rows = [r for r in results if r.get("model") == "clip" and "error" not in r]
-    if clip_rows:
-        print()
-        print("CLIP settings, each against eager in this call (images/s: image-text pairs):")
-        print_table(
-            ["setting", "batch", "images/s", "x eager", "MFU", "peak memory GiB", "compile + start s"],
-            [
-                [
-                    r["setting"],
-                    r["batch"],
-                    f"{r['images_per_s_median']:.0f}",
-                    f"{r.get('ratio_vs_eager', float('nan')):.2f}",
-                    f"{statistics.median(r['mfu']):.1%}" if r.get("mfu") else "n/a",
-                    f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "n/a",
-                    f"{max(r['fit_overhead_s']):.0f}",
-                ]
-                for r in clip_rows
-            ],
-        )
+    print_settings(
+        "CLIP settings, each against eager in this call (images/s: image-text pairs):",
+        "images/s",
+        [r for r in results if r.get("model") == "clip" and "error" not in r],
+        {"batch": lambda r: r["batch"], "peak memory GiB": lambda r: number(r.get("peak_memory_gib"), 1) or "n/a"},
+    )
     pair = findings.get("two_at_once")
     if pair:
         print()
@@ -1177,6 +1155,29 @@ def main() -> int:
     load_at_end(info)
     save()
     return 0
+
+
+def print_settings(title: str, rate: str, rows: list[dict[str, Any]], columns: dict[str, Any]) -> None:
+    """One model's settings as a table: setting, rate, ratio to eager, MFU, the model's own ``columns`` (header ->
+    cell of a result), compile + start seconds."""
+    if not rows:
+        return
+    print()
+    print(title)
+    print_table(
+        ["setting", rate, "x eager", "MFU", *columns, "compile + start s"],
+        [
+            [
+                r["setting"],
+                f"{r['images_per_s_median']:.0f}",
+                f"{r.get('ratio_vs_eager', float('nan')):.2f}",
+                mfu_text(r),
+                *(cell(r) for cell in columns.values()),
+                f"{max(r['fit_overhead_s']):.0f}",
+            ]
+            for r in rows
+        ],
+    )
 
 
 def write_partial(path, info, device, precision, quick, results, findings, calls, run_epochs) -> None:
