@@ -9,7 +9,8 @@ its estimate does not fit the seconds left (a smaller one further down may), and
 starts from is neither finished in this call's folder nor run earlier in it (its checkpoint lives on the machine
 that trained it). The estimate, printed before anything starts: epochs x seconds per epoch + monitors + start-up
 for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
-replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home: unpack the archives into ``results/<plan>/`` and assemble (the plan's header says how).
+replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home, ``benchmarks/gpu_collect.py OUT``
+unpacks the archives into ``results/<plan>/`` and assembles the plan's table.
 
 Each arm is its own ``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``,
 its lines also printed with the arm's id in front). ``--parallel N`` (default 1: one after another) runs up to N of
@@ -401,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.schedule_only:
         return 0
     finished_here = {arm["id"] for arm in arms if arm["state"] == "done" and str(runs) in arm["where"]}
+    plan_path = args.plan.resolve()
     schedule = {
+        # The plan as given (not the speed-argument copy in --work): gpu_collect.py unpacks the arms for it.
+        "plan": str(plan_path.relative_to(REPO)) if plan_path.is_relative_to(REPO) else str(plan_path),
+        "shrunk": args.shrink,
         "parallel": args.parallel,
         "slowdown": args.slowdown,
         "why": args.parallel_why,

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -139,19 +140,51 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
         assert "Exported" in (tmp_path / "work" / "arms" / "logs" / f"{name}.log").read_text()
     assert "experiment arms: up to 2 at once, each estimated x1.50 beside another (two at once measured" in summary
     assert "arm seed0_mcldef: cpu" in summary and "(beside seed0/finetune)" in summary
-    results = tmp_path / "results"
     for archive in (out / "arms").glob("*.tar.gz"):
         with tarfile.open(archive) as tar:
             assert not any(n.endswith(".ckpt") for n in tar.getnames())
-            tar.extractall(results)
-    assert "optimizer_impl: fused" in (results / "seed0" / "simclr-na" / "config.yaml").read_text()
-    assert {"provenance.json", "eval.json", "experiment_command.json", "poison_summary.json", "metrics.csv"} <= {
-        p.name for p in (results / "seed0" / "simclr-na").iterdir()
-    }
-    assert json.loads((results / "seed0" / "mcldef" / "defense_metrics.json").read_text())["defense"] == "mcldef"
-    # Unpacked as results/, the next call skips them and starts with the next arm of the plan's priority list.
+    schedule_record = json.loads((out / "arms" / "arms_schedule.json").read_text())
+    assert schedule_record["plan"] == "configs/experiment/na_cifar10_gpu.yaml" and schedule_record["shrunk"]
+    # Back home: benchmarks/gpu_collect.py keeps what the call left under results/ and makes the tables again.
     work = tmp_path / "work" / "arms"
     plan = REPO / "configs" / "experiment" / "na_cifar10_gpu.yaml"
+    results = tmp_path / "results"
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text("# r\n<!-- clbd-table: na_cifar10_gpu -->\nnone\n<!-- /clbd-table: na_cifar10_gpu -->\n")
+    docs.write_text("# d\n<!-- clbd-table: gpu_throughput -->\nnone\n<!-- /clbd-table: gpu_throughput -->\n")
+    collect = [sys.executable, str(REPO / "benchmarks" / "gpu_collect.py"), str(out), "--results", str(results)]
+    collect += ["--readme", str(readme), "--docs", str(docs)]
+    refused = subprocess.run(collect, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert refused.returncode != 0 and "shrunk rehearsal plan; name it with --plan" in refused.stderr
+    assert not results.exists()  # refused before anything was written
+    collect += ["--plan", str(work / plan.name)]  # the shrunk plan the rehearsal's arms ran
+    collected = subprocess.run(collect, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert collected.returncode == 0, (collected.stdout + collected.stderr)[-4000:]
+    assert "3 arm(s) unpacked, 0 already there" in collected.stdout
+    name = f"{date.today().isoformat()}-cpu"
+    assert (results / "gpu_throughput" / f"{name}.json").read_bytes() == (out / "gpu_throughput.json").read_bytes()
+    call_files = {p.name for p in (results / "gpu_calls" / name).iterdir()}
+    assert {"summary.txt", "gpu_check.log", "arms_schedule.json", "na_epochs.jsonl", "na_run.tar.gz"} <= call_files
+    arms = results / "na_cifar10_gpu"
+    assert "optimizer_impl: fused" in (arms / "seed0" / "simclr-na" / "config.yaml").read_text()
+    assert {"provenance.json", "eval.json", "experiment_command.json", "poison_summary.json", "metrics.csv"} <= {
+        p.name for p in (arms / "seed0" / "simclr-na").iterdir()
+    }
+    assert json.loads((arms / "seed0" / "mcldef" / "defense_metrics.json").read_text())["defense"] == "mcldef"
+    # ... the plan's table, each row saying its seeds and device, in results/ and in the README's block ...
+    table = json.loads((arms / "table.json").read_text())
+    rows = {row["name"]: row for row in table["rows"]}
+    assert rows["simclr + na"]["seeds"] == [0] and rows["mcldef"]["seeds"] == rows["finetune"]["seeds"] == [0]
+    assert rows["simclr + na"]["devices"][0].startswith("cpu") and "seed0/simclr-clean" in table["missing"]
+    assert "simclr + na" in readme.read_text() and "none" not in readme.read_text()
+    assert "From 1 call(s)" in docs.read_text()
+    # Collected again (a session unsure whether it did): nothing duplicated, nothing overwritten.
+    (arms / "seed0" / "mcldef" / "note.txt").write_text("mine")
+    again = subprocess.run(collect, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert again.returncode == 0 and "0 arm(s) unpacked, 3 already there" in again.stdout, again.stderr[-3000:]
+    assert len(list((results / "gpu_throughput").glob("*.json"))) == 1
+    assert (arms / "seed0" / "mcldef" / "note.txt").read_text() == "mine"
+    # Unpacked as results/, the next call skips them and starts with the next arm of the plan's priority list.
     schedule = subprocess.run(
         [
             sys.executable,
@@ -165,7 +198,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
             "--out",
             str(tmp_path / "out2"),
             "--results",
-            str(results),
+            str(arms),
             "--shrink",
             "--schedule-only",
         ],
@@ -177,32 +210,6 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert schedule.returncode == 0 and "3 already in" in schedule.stdout, schedule.stdout + schedule.stderr
     pending = [line.split()[0] for line in schedule.stdout.splitlines() if line.startswith("  seed")]
     assert pending[0] == "seed0/simclr-clean" and "seed0/simclr-na" not in pending
-    # ... and they assemble into the (shrunk) plan's table on their own, each row saying its seeds and device.
-    assembled = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clbd",
-            "experiment",
-            "--config",
-            str(work / plan.name),
-            "--out",
-            str(tmp_path / "table"),
-            "--assemble",
-            "--from",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=work / "tree",
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert assembled.returncode == 0, assembled.stderr[-3000:]
-    table = json.loads((tmp_path / "table" / "table.json").read_text())
-    rows = {row["name"]: row for row in table["rows"]}
-    assert rows["simclr + na"]["seeds"] == [0] and rows["mcldef"]["seeds"] == rows["finetune"]["seeds"] == [0]
-    assert rows["simclr + na"]["devices"][0].startswith("cpu") and "seed0/simclr-clean" in table["missing"]
 
 
 def test_arms_one_after_another_learn_their_estimates_from_the_first(tmp_path):

@@ -1,0 +1,202 @@
+"""Back home after a GPU call: what ``benchmarks/gpu_check.sh OUT`` left, kept under ``results/`` and the tables made
+again from it, in one command (the steps a session otherwise types by hand at the end of its time).
+
+    python benchmarks/gpu_collect.py OUT
+
+- ``OUT/gpu_throughput.json`` -> ``results/gpu_throughput/<date>-<gpu>.json`` (the date it was measured, the GPU's
+  short name: ``2026-12-06-h100``; a second call that day gets ``-2``), never over an earlier call's file;
+- the call's small files (summary, log, environment, pytest's JUnit file, the arms' schedule, the NA stage's files)
+  -> ``results/gpu_calls/<same name>/`` (a file over ``--max-file-mb`` is left out, and said);
+- each ``OUT/arms/arm-<id>.tar.gz`` -> ``results/<plan>/<id>/`` (the plan the arms stage ran, from
+  ``arms_schedule.json``); an arm already there is kept unless ``--replace``; an archive holding a checkpoint, a
+  link or a path outside its arm is refused before anything is unpacked;
+- then ``clbd experiment --assemble`` writes the plan's table into ``results/<plan>/`` and the README's block, and
+  ``gpu_throughput_table.py`` the speed table and its verdict into docs/benchmarks.md.
+
+It prints what it wrote, for ``git add``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from datetime import date
+from pathlib import Path, PurePosixPath
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PLAN = "configs/experiment/na_cifar10_gpu.yaml"
+CALL_FILES = (
+    "summary.txt",
+    "gpu_check.log",
+    "env.txt",
+    "pytest_gpu.xml",
+    "arms/arms_schedule.json",
+    "na_epochs.jsonl",
+    "na_metrics.csv",
+    "na_run.tar.gz",
+)
+
+
+def gpu_short_name(machine: dict, device: str) -> str:
+    """``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA H200`` -> ``h200``; ``cpu`` for a CPU rehearsal."""
+    name = str(machine.get("gpu") or device or "unknown").lower()
+    model = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", name)
+    if model:
+        return model.group(1)
+    name = re.sub(r"\b(nvidia|geforce|tesla)\b", "", name)
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+def call_name(out: Path, throughput: dict | None) -> str:
+    if throughput is not None:
+        day = str(throughput.get("measured_at") or "")[:10] or date.today().isoformat()
+        return f"{day}-{gpu_short_name(throughput.get('machine') or {}, str(throughput.get('device') or ''))}"
+    env = out / "env.txt"  # a call whose throughput stage wrote nothing: the GPU from nvidia-smi's lines
+    text = env.read_text(errors="replace").lower() if env.exists() else ""
+    model = re.search(r"nvidia ([a-z]{1,2}\d{2,4})", text)
+    return f"{date.today().isoformat()}-{model.group(1) if model else 'unknown'}"
+
+
+def free_name(folder: Path, name: str, suffix: str, same_bytes: bytes | None = None) -> tuple[str, bool]:
+    """``name``, or ``name-2``, ``name-3``... where a file of that name holds something else; True when a file with
+    exactly ``same_bytes`` is already there (collected before)."""
+    candidate, n = name, 1
+    while (folder / f"{candidate}{suffix}").exists():
+        if same_bytes is not None and (folder / f"{candidate}{suffix}").read_bytes() == same_bytes:
+            return candidate, True
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate, False
+
+
+def arm_members(archive: Path) -> tuple[str, list[tarfile.TarInfo]]:
+    """The arm id an archive holds (``seed0/simclr-na``) and its members; SystemExit naming the archive for anything
+    that is not an exported arm's plain files."""
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+    ids = set()
+    for member in members:
+        path = PurePosixPath(member.name)
+        if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
+            raise SystemExit(f"{archive}: {member.name} is not a plain file inside the arm's folder; nothing unpacked")
+        if member.name.endswith(".ckpt"):
+            raise SystemExit(f"{archive}: holds a checkpoint ({member.name}); results/ keeps small files only")
+        if len(path.parts) >= 2:
+            ids.add("/".join(path.parts[:2]))
+    if len(ids) != 1:
+        raise SystemExit(f"{archive}: expected one arm's folder (seedN/<arm>), found {sorted(ids) or 'none'}")
+    return ids.pop(), members
+
+
+def collect_arms(out: Path, results: Path, replace: bool) -> tuple[list[str], list[str]]:
+    unpacked, kept = [], []
+    archives = sorted((out / "arms").glob("arm-*.tar.gz"))
+    checked = [(archive, *arm_members(archive)) for archive in archives]  # every archive checked before any unpacks
+    for archive, arm_id, members in checked:
+        target = results / arm_id
+        if target.exists() and not replace:
+            kept.append(arm_id)
+            continue
+        if target.exists():
+            shutil.rmtree(target)
+        results.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(results, members=members, filter="data")
+        unpacked.append(arm_id)
+    return unpacked, kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="the folder gpu_check.sh wrote (the run tool's files_at)")
+    parser.add_argument("--results", type=Path, default=REPO / "results", help="where the repository keeps results")
+    parser.add_argument("--plan", type=Path, help=f"the arms' plan (default: the call's, else {DEFAULT_PLAN})")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md", help="holds the plan's table block")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md", help="holds the speed table")
+    parser.add_argument("--replace", action="store_true", help="unpack arms over ones already in results/")
+    parser.add_argument("--max-file-mb", type=float, default=2.0, help="the call's files above this are left out")
+    args = parser.parse_args(argv)
+    out = args.out
+    if not out.is_dir():
+        raise SystemExit(f"{out}: no such folder (the GPU call's output)")
+    schedule_file = out / "arms" / "arms_schedule.json"
+    schedule = json.loads(schedule_file.read_text()) if schedule_file.exists() else {}
+    plan = args.plan or REPO / schedule.get("plan", DEFAULT_PLAN)
+    if not plan.is_file():
+        raise SystemExit(f"--plan: {plan} is not a file")
+    if schedule.get("shrunk") and args.plan is None:
+        raise SystemExit(f"{schedule_file}: the arms ran a shrunk rehearsal plan; name it with --plan")
+    arms_results = args.results / plan.stem
+    for document in (args.readme, args.docs):
+        if not document.is_file():
+            raise SystemExit(f"{document}: no such file (it holds a table block)")
+
+    throughput_file = out / "gpu_throughput.json"
+    throughput = json.loads(throughput_file.read_text()) if throughput_file.exists() else None
+    if throughput is not None and "results" not in throughput:
+        raise SystemExit(f"{throughput_file} has no 'results' (not a gpu_throughput.json?)")
+    name = call_name(out, throughput)
+    written: list[Path] = []
+
+    calls = args.results / "gpu_throughput"
+    if throughput is not None:
+        calls.mkdir(parents=True, exist_ok=True)
+        name, seen = free_name(calls, name, ".json", throughput_file.read_bytes())
+        if seen:
+            print(f"gpu_collect: {throughput_file} is already kept as {calls / name}.json")
+        else:
+            shutil.copyfile(throughput_file, calls / f"{name}.json")
+            written.append(calls / f"{name}.json")
+    else:
+        print(f"gpu_collect: {out} has no gpu_throughput.json (the throughput stage wrote none)")
+
+    call_folder = args.results / "gpu_calls" / name
+    for relative in CALL_FILES:
+        source = out / relative
+        if not source.is_file():
+            continue
+        size_mb = source.stat().st_size / 2**20
+        if size_mb > args.max_file_mb:
+            print(f"gpu_collect: left out {source} ({size_mb:.1f} MB > --max-file-mb {args.max_file_mb})")
+            continue
+        target = call_folder / source.name
+        if target.exists() and target.read_bytes() == source.read_bytes():
+            continue
+        if target.exists():
+            raise SystemExit(f"{target} exists and differs from {source}: not overwritten")
+        call_folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        written.append(target)
+
+    unpacked, kept = collect_arms(out, arms_results, args.replace)
+    for arm_id in kept:
+        print(f"gpu_collect: {arm_id} is already in {arms_results} (kept; --replace unpacks over it)")
+    written += [arms_results / arm_id for arm_id in unpacked]
+
+    if any(arms_results.glob("seed*/*")):
+        assemble = [sys.executable, "-m", "clbd", "experiment", "--config", str(plan.resolve()), "--out"]
+        assemble += [str(arms_results.resolve()), "--assemble", "--from", str(arms_results.resolve())]
+        assemble += ["--readme", str(args.readme.resolve())]
+        print("gpu_collect: " + " ".join(assemble[1:]))
+        if subprocess.run(assemble, cwd=REPO).returncode != 0:
+            raise SystemExit("gpu_collect: assembling the plan's table failed (above); the files are unpacked")
+        written += [arms_results / "table.md", arms_results / "table.json", args.readme]
+    if any(calls.glob("*.json")):
+        table = [sys.executable, str(REPO / "benchmarks" / "gpu_throughput_table.py"), str(calls)]
+        table += ["--arms", str(arms_results), "--docs", str(args.docs)]
+        if subprocess.run(table, cwd=REPO, stdout=subprocess.DEVNULL).returncode != 0:
+            raise SystemExit("gpu_collect: the speed table failed (above)")
+        written.append(args.docs)
+    print(f"gpu_collect: {len(unpacked)} arm(s) unpacked, {len(kept)} already there; written:")
+    for path in dict.fromkeys(written):
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
