@@ -9,7 +9,7 @@ again from it, in one command (the steps a session otherwise types by hand at th
   -> ``results/gpu_calls/<same name>/`` (a file over ``--max-file-mb`` is left out, and said);
 - each ``OUT/arms/arm-<id>.tar.gz`` -> ``results/<plan>/<id>/`` (the plan the arms stage ran, from
   ``arms_schedule.json``); an arm already there is kept unless ``--replace``; an archive holding a checkpoint, a
-  link or a path outside its arm is refused before anything is unpacked;
+  link or a path outside its arm is refused before anything is written;
 - then ``clbd experiment --assemble`` writes the plan's table into ``results/<plan>/`` and the README's block, and
   ``gpu_throughput_table.py`` the speed table and its verdict into docs/benchmarks.md.
 
@@ -83,7 +83,7 @@ def arm_members(archive: Path) -> tuple[str, list[tarfile.TarInfo]]:
     for member in members:
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
-            raise SystemExit(f"{archive}: {member.name} is not a plain file inside the arm's folder; nothing unpacked")
+            raise SystemExit(f"{archive}: {member.name} is not a plain file inside the arm's folder; nothing written")
         if member.name.endswith(".ckpt"):
             raise SystemExit(f"{archive}: holds a checkpoint ({member.name}); results/ keeps small files only")
         if len(path.parts) >= 2:
@@ -93,10 +93,9 @@ def arm_members(archive: Path) -> tuple[str, list[tarfile.TarInfo]]:
     return ids.pop(), members
 
 
-def collect_arms(out: Path, results: Path, replace: bool) -> tuple[list[str], list[str]]:
+def unpack_arms(checked: list[tuple[Path, str, list[tarfile.TarInfo]]], results: Path, replace: bool):
+    """Each checked archive into ``results/<arm id>/``; returns the arm ids unpacked and those kept as they were."""
     unpacked, kept = [], []
-    archives = sorted((out / "arms").glob("arm-*.tar.gz"))
-    checked = [(archive, *arm_members(archive)) for archive in archives]  # every archive checked before any unpacks
     for archive, arm_id, members in checked:
         target = results / arm_id
         if target.exists() and not replace:
@@ -136,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if not document.is_file():
             raise SystemExit(f"{document}: no such file (it holds a table block)")
 
+    # Every archive checked before anything is written.
+    checked = [(archive, *arm_members(archive)) for archive in sorted((out / "arms").glob("arm-*.tar.gz"))]
     throughput_file = out / "gpu_throughput.json"
     throughput = json.loads(throughput_file.read_text()) if throughput_file.exists() else None
     if throughput is not None and "results" not in throughput:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(source, target)
         written.append(target)
 
-    unpacked, kept = collect_arms(out, arms_results, args.replace)
+    unpacked, kept = unpack_arms(checked, arms_results, args.replace)
     for arm_id in kept:
         print(f"gpu_collect: {arm_id} is already in {arms_results} (kept; --replace unpacks over it)")
     written += [arms_results / arm_id for arm_id in unpacked]

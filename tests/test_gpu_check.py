@@ -331,3 +331,49 @@ def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     pair_rows = [line for line in text.splitlines() if line.startswith("| 2026-12-0")]  # the call comes first there
     assert len(pair_rows) == 1 and pair_rows[0].startswith("| 2026-12-05-cpu |")
     assert "Verdict:" in text and "per CIFAR-10 epoch** against the goal's 1.5 s" in text
+
+
+def test_collector_refuses_an_archive_that_is_not_an_exported_arm_before_unpacking_any(tmp_path):
+    """gpu_collect.py checks every archive first: a checkpoint, a path leaving the arm's folder or two arms in one
+    archive stop it with the archive's name, and no other arm is unpacked either."""
+    from benchmarks.gpu_collect import gpu_short_name
+
+    assert gpu_short_name({"gpu": "NVIDIA H100 80GB HBM3"}, "cuda") == "h100"
+    assert gpu_short_name({"gpu": "NVIDIA H200"}, "cuda") == "h200"
+    assert gpu_short_name({}, "cpu") == "cpu"
+    readme, docs = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    readme.write_text("<!-- clbd-table: na_cifar10_gpu -->\n<!-- /clbd-table: na_cifar10_gpu -->\n")
+    docs.write_text("<!-- clbd-table: gpu_throughput -->\n<!-- /clbd-table: gpu_throughput -->\n")
+
+    def archive(path: Path, members: dict[str, bytes]) -> None:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+    bad = {
+        "holds a checkpoint (seed0/simclr-na/last.ckpt)": {"seed0/simclr-na/last.ckpt": b"weights"},
+        "../escape.txt is not a plain file inside the arm's folder": {"../escape.txt": b"x"},
+        "expected one arm's folder (seedN/<arm>), found ['seed0/a', 'seed0/b']": {
+            "seed0/a/metrics.json": b"{}",
+            "seed0/b/metrics.json": b"{}",
+        },
+    }
+    for n, (message, members) in enumerate(bad.items()):
+        out = tmp_path / f"out{n}"
+        (out / "arms").mkdir(parents=True)
+        archive(out / "arms" / "arm-seed0_good.tar.gz", {"seed0/good/metrics.json": b"{}"})
+        archive(out / "arms" / "arm-seed0_zbad.tar.gz", members)
+        (out / "summary.txt").write_text("the call's summary")
+        results = tmp_path / f"results{n}"
+        run = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "gpu_collect.py"), str(out), "--results", str(results)]
+            + ["--readme", str(readme), "--docs", str(docs)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert run.returncode != 0 and "arm-seed0_zbad.tar.gz" in run.stderr and message in run.stderr, run.stderr
+        assert not results.exists()  # not the good arm, not the call's files either
