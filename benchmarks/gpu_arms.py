@@ -1,5 +1,6 @@
 """The experiment stage of a GPU call: the highest-priority arms of a plan not yet in ``results/`` that fit the time
-left, each run with ``clbd experiment --arm`` and exported as one small archive (no checkpoint) into the call's output.
+left, each run with ``clbd experiment --arm`` and exported as one small archive (no checkpoint) appended to the call's
+``OUT/arms.tar`` (benchmarks/arm_bundle.py: one file, whatever the number of arms).
 
     python benchmarks/gpu_arms.py --plan configs/experiment/na_cifar10_gpu.yaml --seconds 420 \
         --data /tmp/clbd_gpu_check/data/cifar10 --work /tmp/clbd_gpu_check/arms --out OUT
@@ -10,7 +11,7 @@ starts from is neither finished in this call's folder nor run earlier in it (its
 that trained it). The estimate, printed before anything starts: epochs x seconds per epoch + monitors + start-up
 for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
 replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home, ``benchmarks/gpu_collect.py OUT``
-unpacks the archives into ``results/<plan>/`` and assembles the plan's table.
+unpacks the arms into ``results/<plan>/`` and assembles the plan's table.
 
 Each arm is its own ``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``,
 its lines also printed with the arm's id in front). ``--parallel N`` (default 1: one after another) runs up to N of
@@ -36,7 +37,6 @@ import os
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -45,6 +45,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.arm_bundle import BUNDLE, append_arm  # noqa: E402
 from clbd.experiment.runs import without_speed_settings  # noqa: E402
 
 CLBD = [sys.executable, "-c", "import sys; from clbd import main; sys.exit(main())"]
@@ -165,10 +166,9 @@ def arm_command(plan_file: Path, runs: Path, arm_id: str, export: Path) -> list[
 
 
 def archive_arm(folder: Path, out: Path, arm_id: str) -> dict:
-    """The exported arm as ``OUT/arm-<id>.tar.gz``; returns its provenance (``epoch_s``, ``validation_s``: what it
-    measured), empty when it wrote none."""
-    with tarfile.open(out / f"arm-{arm_id.replace('/', '_')}.tar.gz", "w:gz") as archive:
-        archive.add(folder, arcname=arm_id)
+    """The exported arm appended to ``OUT/arms.tar`` (benchmarks/arm_bundle.py); returns its provenance
+    (``epoch_s``, ``validation_s``: what it measured), empty when it wrote none."""
+    append_arm(out / BUNDLE, folder, arm_id)
     provenance = folder / "provenance.json"
     return json.loads(provenance.read_text()) if provenance.exists() else {}
 
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="time this stage may take")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for the runs (checkpoints stay here)")
-    parser.add_argument("--out", type=Path, required=True, help="the call's output: one archive per finished arm")
+    parser.add_argument("--out", type=Path, required=True, help="the call's output: arms.tar, arms_schedule.json")
     parser.add_argument("--data", type=Path, help="CIFAR-10 shards, seen as data/cifar10 where the plan reads them")
     parser.add_argument("--results", type=Path, help="finished arms to skip (default results/<plan name>)")
     parser.add_argument("--epoch-s", type=float, default=6.1, help="seconds per epoch until one is measured")

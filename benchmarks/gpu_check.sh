@@ -4,8 +4,11 @@
 #
 #   gpu_check.log        everything printed             env.txt          GPU, driver, python, package versions
 #   pytest_gpu.xml       the gpu-marked tests (JUnit)   gpu_throughput.json   SimCLR's speed settings vs eager, profile, CLIP
-#   na_epochs.jsonl      NA run: one line per epoch     na_metrics.csv   NA run: Lightning's metrics.csv
-#   na_run.tar.gz        NA run: config, poison summary, test metrics.json      summary.txt   the table printed last
+#   arms/arms.tar        one archive per finished experiment arm (benchmarks/arm_bundle.py)
+#   arms/arms_schedule.json  which arm ran when          summary.txt      the table printed last
+#   na_run.tar.gz        stage na: config, poison summary, test metrics.json, one line per epoch, metrics.csv
+# At most 8 files: the device tool brings back no more (the check says so at the end if a call left more).
+# Back home: python benchmarks/gpu_collect.py OUT.
 #
 # Usage:  benchmarks/gpu_check.sh OUT [CIFAR10_JPG_TAR_GZ]     (default archive: .gpu_data/cifar10-jpg.tar.gz)
 #
@@ -208,8 +211,8 @@ parallel_args=(--parallel "${arms_parallel[0]:-1}" --parallel-why "${arms_parall
 # ---- 3. the experiment arms ----------------------------------------------------------------------------------------
 # The CIFAR-10 comparison (configs/experiment/na_cifar10_gpu.yaml): the highest-priority arms not yet in
 # results/na_cifar10_gpu that fit the time left (estimates printed first), with the fastest setting's speed arguments;
-# each finished arm is archived as OUT/arms/arm-<id>.tar.gz (no checkpoint). Back home: unpack them into
-# results/na_cifar10_gpu/ and assemble (the plan's header). In the dry run: the plan shrunk, its first three arms.
+# each finished arm is appended to OUT/arms/arms.tar (no checkpoint). Back home: benchmarks/gpu_collect.py OUT
+# unpacks them into results/na_cifar10_gpu/ and assembles. In the dry run: the plan shrunk, its first three arms.
 if has_stage arms; then
     stage "experiment arms (configs/experiment/na_cifar10_gpu.yaml)"
     reserve=$(has_stage na && echo 200 || echo 15)
@@ -305,11 +308,17 @@ if has_stage na; then
         else
             echo "gpu_check: no last.ckpt in $run/checkpoints: nothing to test"
         fi
-        (cd "$run" && tar czf "$out/na_run.tar.gz" --exclude='*.ckpt' --exclude=metrics.csv . 2>/dev/null)
+        # The epoch lines and metrics go into the archive too (the loose copies are removed after the summary).
+        (cd "$run" && tar czf "$out/na_run.tar.gz" --exclude='*.ckpt' --exclude=metrics.csv . \
+            -C "$out" $(cd "$out" && ls na_epochs.jsonl na_metrics.csv 2>/dev/null) 2>/dev/null)
     fi
 fi
 
 # ---- summary ---------------------------------------------------------------------------------------------------
 stage "summary"
 "$PY" benchmarks/gpu_check_report.py "$out" --work "$work" | tee "$out/summary.txt"
-echo "gpu_check: done in $(elapsed) s"
+[[ -f $out/na_run.tar.gz ]] && rm -f "$out/na_epochs.jsonl" "$out/na_metrics.csv"  # both inside the archive
+# The device tool brings back at most 8 files, two folders down at most.
+mapfile -t files_back < <(cd "$out" && find . -type f | sort)
+(( ${#files_back[@]} <= 8 )) || echo "gpu_check: WARNING: ${#files_back[@]} files in $out; only 8 come back: ${files_back[*]}"
+echo "gpu_check: done in $(elapsed) s, ${#files_back[@]} files in $out"

@@ -1,8 +1,8 @@
 """The summary benchmarks/gpu_check.sh prints last: what each stage left in OUT, as one short table per stage.
 
 Reads only files (any of them may be missing: a stage that failed or ran out of time is reported as such):
-``pytest_gpu.xml``, ``gpu_throughput.json``, ``na_epochs.jsonl``, ``na_metrics.csv`` and the NA run's test
-``metrics.json`` (in WORK's run folder, else inside ``na_run.tar.gz``).
+``pytest_gpu.xml``, ``gpu_throughput.json``, ``arms/arms.tar`` and ``arms/arms_schedule.json``, ``na_epochs.jsonl``,
+``na_metrics.csv`` and the NA run's test ``metrics.json`` (in WORK's run folder, else inside ``na_run.tar.gz``).
 
 Run: ``python benchmarks/gpu_check_report.py OUT [--work WORK]``.
 """
@@ -18,6 +18,9 @@ import tarfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.arm_bundle import BUNDLE, arms_in, open_arm  # noqa: E402
 
 
 def pytest_summary(path: Path) -> list[str]:
@@ -205,8 +208,9 @@ def arms_summary(folder: Path) -> list[str]:
         slowdown = f", each estimated x{schedule['slowdown']:.2f} beside another" if schedule["parallel"] > 1 else ""
         lines.append(f"experiment arms: {how}{slowdown} ({schedule.get('why') or 'no reason given'})")
         beside = {entry["id"].replace("/", "_"): entry["beside"] for entry in schedule["arms"]}
-    for archive in sorted(folder.glob("arm-*.tar.gz")):
-        with tarfile.open(archive) as tar:
+    for member, data in arms_in(folder / BUNDLE):
+        arm_name = member[4:-7]  # arm-<id>.tar.gz
+        with open_arm(data) as tar:
             files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
             provenance = (
                 json.loads(tar.extractfile(files["provenance.json"]).read()) if "provenance.json" in files else {}
@@ -225,9 +229,9 @@ def arms_summary(folder: Path) -> list[str]:
             )
             wall = sum((provenance.get("wall_s") or {}).values())
             ca = probe.get("accuracy")
-            neighbours = beside.get(archive.name[4:-7])
+            neighbours = beside.get(arm_name)
             lines.append(
-                f"arm {archive.name[4:-7]}: {provenance.get('device', '?')}, {wall:.0f} s"
+                f"arm {arm_name}: {provenance.get('device', '?')}, {wall:.0f} s"
                 + (f" (beside {', '.join(neighbours)})" if neighbours else "")
                 + (f", CA {100 * ca:.1f}%" if ca is not None else "")
                 + (f", {numbers}" if numbers else "")

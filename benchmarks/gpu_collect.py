@@ -5,11 +5,11 @@ again from it, in one command (the steps a session otherwise types by hand at th
 
 - ``OUT/gpu_throughput.json`` -> ``results/gpu_throughput/<date>-<gpu>.json`` (the date it was measured, the GPU's
   short name: ``2026-12-06-h100``; a second call that day gets ``-2``), never over an earlier call's file;
-- the call's small files (summary, log, environment, pytest's JUnit file, the arms' schedule, the NA stage's files)
+- the call's small files (summary, log, environment, pytest's JUnit file, the arms' schedule, the NA stage's archive)
   -> ``results/gpu_calls/<same name>/`` (a file over ``--max-file-mb`` is left out, and said);
-- each ``OUT/arms/arm-<id>.tar.gz`` -> ``results/<plan>/<id>/`` (the plan the arms stage ran, from
-  ``arms_schedule.json``); an arm already there is kept unless ``--replace``; an archive holding a checkpoint, a
-  link or a path outside its arm is refused before anything is written;
+- each arm in ``OUT/arms/arms.tar`` (benchmarks/arm_bundle.py) -> ``results/<plan>/<id>/`` (the plan the arms stage
+  ran, from ``arms_schedule.json``); an arm already there is kept unless ``--replace``; an arm holding a checkpoint,
+  a link or a path outside its folder is refused before anything is written (an arm cut short is left out, and said);
 - then ``clbd experiment --assemble`` writes the plan's table into ``results/<plan>/`` and the README's block, and
   ``gpu_throughput_table.py`` the speed table and its verdict into docs/benchmarks.md.
 
@@ -29,6 +29,9 @@ from datetime import date
 from pathlib import Path, PurePosixPath
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.arm_bundle import BUNDLE, arms_in, open_arm  # noqa: E402
+
 DEFAULT_PLAN = "configs/experiment/na_cifar10_gpu.yaml"
 CALL_FILES = (
     "summary.txt",
@@ -36,8 +39,6 @@ CALL_FILES = (
     "env.txt",
     "pytest_gpu.xml",
     "arms/arms_schedule.json",
-    "na_epochs.jsonl",
-    "na_metrics.csv",
     "na_run.tar.gz",
 )
 
@@ -74,29 +75,30 @@ def free_name(folder: Path, name: str, suffix: str, same_bytes: bytes | None = N
     return candidate, False
 
 
-def arm_members(archive: Path) -> tuple[str, list[tarfile.TarInfo]]:
-    """The arm id an archive holds (``seed0/simclr-na``) and its members; SystemExit naming the archive for anything
-    that is not an exported arm's plain files."""
-    with tarfile.open(archive) as tar:
+def arm_members(bundle: Path, name: str, data: bytes) -> tuple[str, list[tarfile.TarInfo]]:
+    """The arm id an archive in the bundle holds (``seed0/simclr-na``) and its members; SystemExit naming it for
+    anything that is not an exported arm's plain files."""
+    where = f"{bundle}: {name}"
+    with open_arm(data) as tar:
         members = tar.getmembers()
     ids = set()
     for member in members:
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
-            raise SystemExit(f"{archive}: {member.name} is not a plain file inside the arm's folder; nothing written")
+            raise SystemExit(f"{where}: {member.name} is not a plain file inside the arm's folder; nothing written")
         if member.name.endswith(".ckpt"):
-            raise SystemExit(f"{archive}: holds a checkpoint ({member.name}); results/ keeps small files only")
+            raise SystemExit(f"{where}: holds a checkpoint ({member.name}); results/ keeps small files only")
         if len(path.parts) >= 2:
             ids.add("/".join(path.parts[:2]))
     if len(ids) != 1:
-        raise SystemExit(f"{archive}: expected one arm's folder (seedN/<arm>), found {sorted(ids) or 'none'}")
+        raise SystemExit(f"{where}: expected one arm's folder (seedN/<arm>), found {sorted(ids) or 'none'}")
     return ids.pop(), members
 
 
-def unpack_arms(checked: list[tuple[Path, str, list[tarfile.TarInfo]]], results: Path, replace: bool):
-    """Each checked archive into ``results/<arm id>/``; returns the arm ids unpacked and those kept as they were."""
+def unpack_arms(checked: list[tuple[bytes, str, list[tarfile.TarInfo]]], results: Path, replace: bool):
+    """Each checked arm into ``results/<arm id>/``; returns the arm ids unpacked and those kept as they were."""
     unpacked, kept = [], []
-    for archive, arm_id, members in checked:
+    for data, arm_id, members in checked:
         target = results / arm_id
         if target.exists() and not replace:
             kept.append(arm_id)
@@ -104,7 +106,7 @@ def unpack_arms(checked: list[tuple[Path, str, list[tarfile.TarInfo]]], results:
         if target.exists():
             shutil.rmtree(target)
         results.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
+        with open_arm(data) as tar:
             tar.extractall(results, members=members, filter="data")
         unpacked.append(arm_id)
     return unpacked, kept
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{document}: no such file (it holds a table block)")
 
     # Every archive checked before anything is written.
-    checked = [(archive, *arm_members(archive)) for archive in sorted((out / "arms").glob("arm-*.tar.gz"))]
+    bundle = out / "arms" / BUNDLE
+    checked = [(data, *arm_members(bundle, name, data)) for name, data in arms_in(bundle)]
     throughput_file = out / "gpu_throughput.json"
     throughput = json.loads(throughput_file.read_text()) if throughput_file.exists() else None
     if throughput is not None and "results" not in throughput:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.arm_bundle import arms_in, open_arm
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -98,13 +100,29 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
-    epochs = [json.loads(line) for line in (out / "na_epochs.jsonl").read_text().splitlines()]
+    # At most 8 files come back from a device call: the check leaves no more, the arms bundled in one.
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "arms/arms.tar",
+        "arms/arms_schedule.json",
+        "env.txt",
+        "gpu_check.log",
+        "gpu_throughput.json",
+        "na_run.tar.gz",
+        "summary.txt",
+    ], files
+    assert "gpu_check: done in" in log and "7 files in" in log and "only 8 come back" not in log
+    with tarfile.open(out / "na_run.tar.gz") as tar:
+        na = {
+            Path(n).name: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith((".jsonl", ".csv"))
+        }
+    epochs = [json.loads(line) for line in na["na_epochs.jsonl"].splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1]
     for e in epochs:
         assert e["train_s"] > 0 and e["val_s"] > 0
         assert e["train_images"] == 2 * 2 * 32  # 2 batches (limit_train_batches) x 32 x 2 views
         assert 0 <= e["val/knn_acc"] <= 1 and 0 <= e["val/knn_asr"] <= 1
-    assert "val/knn_acc" in (out / "na_metrics.csv").read_text().splitlines()[0]
+    assert "val/knn_acc" in na["na_metrics.csv"].splitlines()[0]
     with tarfile.open(out / "na_run.tar.gz") as tar:
         names = tar.getnames()
         assert "./poison_summary.json" in names and not any(n.endswith(".ckpt") for n in names)
@@ -118,7 +136,8 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert (out / "gpu_check.log").read_text().count("=== [") >= 5
     # The experiment arms (the GPU plan shrunk): NA, then MCLDef and its control on that model, one archive each,
     # trained with the fastest setting's speed arguments.
-    archives = sorted(p.name for p in (out / "arms").glob("*.tar.gz"))
+    arms_bundled = arms_in(out / "arms" / "arms.tar")
+    archives = sorted(name for name, _ in arms_bundled)
     assert archives == ["arm-seed0_finetune.tar.gz", "arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"], log[
         -4000:
     ]
@@ -140,8 +159,8 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
         assert "Exported" in (tmp_path / "work" / "arms" / "logs" / f"{name}.log").read_text()
     assert "experiment arms: up to 2 at once, each estimated x1.50 beside another (two at once measured" in summary
     assert "arm seed0_mcldef: cpu" in summary and "(beside seed0/finetune)" in summary
-    for archive in (out / "arms").glob("*.tar.gz"):
-        with tarfile.open(archive) as tar:
+    for _, data in arms_bundled:
+        with open_arm(data) as tar:
             assert not any(n.endswith(".ckpt") for n in tar.getnames())
     schedule_record = json.loads((out / "arms" / "arms_schedule.json").read_text())
     assert schedule_record["plan"] == "configs/experiment/na_cifar10_gpu.yaml" and schedule_record["shrunk"]
@@ -164,7 +183,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     name = f"{date.today().isoformat()}-cpu"
     assert (results / "gpu_throughput" / f"{name}.json").read_bytes() == (out / "gpu_throughput.json").read_bytes()
     call_files = {p.name for p in (results / "gpu_calls" / name).iterdir()}
-    assert {"summary.txt", "gpu_check.log", "arms_schedule.json", "na_epochs.jsonl", "na_run.tar.gz"} <= call_files
+    assert call_files == {"summary.txt", "gpu_check.log", "env.txt", "arms_schedule.json", "na_run.tar.gz"}
     arms = results / "na_cifar10_gpu"
     assert "optimizer_impl: fused" in (arms / "seed0" / "simclr-na" / "config.yaml").read_text()
     assert {"provenance.json", "eval.json", "experiment_command.json", "poison_summary.json", "metrics.csv"} <= {
@@ -231,7 +250,7 @@ def test_arms_one_after_another_learn_their_estimates_from_the_first(tmp_path):
     assert (model["id"], defense["id"]) == ("seed0/simclr-na", "seed0/mcldef")
     assert model["exit"] == defense["exit"] == 0 and model["end_s"] <= defense["start_s"]
     assert model["beside"] == defense["beside"] == []
-    assert sorted(p.name for p in out.glob("*.tar.gz")) == ["arm-seed0_mcldef.tar.gz", "arm-seed0_simclr-na.tar.gz"]
+    assert [name for name, _ in arms_in(out / "arms.tar")] == ["arm-seed0_simclr-na.tar.gz", "arm-seed0_mcldef.tar.gz"]
     assert "estimates at 6.1 s per epoch" in run.stdout  # the guess, printed before anything starts
     assert "gpu_arms: estimates at" in run.stdout and "(measured an epoch" in run.stdout  # then the NA arm's own
 
@@ -333,9 +352,10 @@ def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     assert "Verdict:" in text and "per CIFAR-10 epoch** against the goal's 1.5 s" in text
 
 
-def test_collector_refuses_an_archive_that_is_not_an_exported_arm_before_unpacking_any(tmp_path):
-    """gpu_collect.py checks every archive first: a checkpoint, a path leaving the arm's folder or two arms in one
-    archive stop it with the archive's name, and no other arm is unpacked either."""
+def test_collector_refuses_an_arm_that_is_not_an_exported_arm_before_writing_anything(tmp_path):
+    """gpu_collect.py checks every arm in the bundle first: a checkpoint, a path leaving the arm's folder or two arms
+    in one archive stop it, naming the arm; nothing is written, not the good arm nor the call's files. An arm cut
+    short (the call stopped while appending it) is left out, and the complete ones before it are kept."""
     from benchmarks.gpu_collect import gpu_short_name
 
     assert gpu_short_name({"gpu": "NVIDIA H100 80GB HBM3"}, "cuda") == "h100"
@@ -345,12 +365,23 @@ def test_collector_refuses_an_archive_that_is_not_an_exported_arm_before_unpacki
     readme.write_text("<!-- clbd-table: na_cifar10_gpu -->\n<!-- /clbd-table: na_cifar10_gpu -->\n")
     docs.write_text("<!-- clbd-table: gpu_throughput -->\n<!-- /clbd-table: gpu_throughput -->\n")
 
-    def archive(path: Path, members: dict[str, bytes]) -> None:
-        with tarfile.open(path, "w:gz") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+    def add(bundle: Path, name: str, members: dict[str, bytes]) -> None:
+        data = io.BytesIO()
+        with tarfile.open(fileobj=data, mode="w:gz") as arm:
+            for member, content in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(content)
+                arm.addfile(info, io.BytesIO(content))
+        info = tarfile.TarInfo(name)
+        info.size = data.tell()
+        data.seek(0)
+        with tarfile.open(bundle, "a") as tar:
+            tar.addfile(info, data)
+
+    def collect(out: Path, results: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "benchmarks" / "gpu_collect.py"), str(out), "--results", str(results)]
+        command += ["--readme", str(readme), "--docs", str(docs)]
+        return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
 
     bad = {
         "holds a checkpoint (seed0/simclr-na/last.ckpt)": {"seed0/simclr-na/last.ckpt": b"weights"},
@@ -363,17 +394,26 @@ def test_collector_refuses_an_archive_that_is_not_an_exported_arm_before_unpacki
     for n, (message, members) in enumerate(bad.items()):
         out = tmp_path / f"out{n}"
         (out / "arms").mkdir(parents=True)
-        archive(out / "arms" / "arm-seed0_good.tar.gz", {"seed0/good/metrics.json": b"{}"})
-        archive(out / "arms" / "arm-seed0_zbad.tar.gz", members)
+        add(out / "arms" / "arms.tar", "arm-seed0_good.tar.gz", {"seed0/good/metrics.json": b"{}"})
+        add(out / "arms" / "arms.tar", "arm-seed0_zbad.tar.gz", members)
         (out / "summary.txt").write_text("the call's summary")
         results = tmp_path / f"results{n}"
-        run = subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "gpu_collect.py"), str(out), "--results", str(results)]
-            + ["--readme", str(readme), "--docs", str(docs)],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            timeout=60,
-        )
-        assert run.returncode != 0 and "arm-seed0_zbad.tar.gz" in run.stderr and message in run.stderr, run.stderr
-        assert not results.exists()  # not the good arm, not the call's files either
+        run = collect(out, results)
+        assert run.returncode != 0 and "arms.tar: arm-seed0_zbad.tar.gz" in run.stderr, run.stderr
+        assert message in run.stderr and not results.exists(), run.stderr
+
+    out = tmp_path / "cut"
+    (out / "arms").mkdir(parents=True)
+    bundle = out / "arms" / "arms.tar"
+    add(bundle, "arm-seed0_good.tar.gz", {"seed0/good/metrics.json": b"{}"})
+    complete = bundle.stat().st_size
+    add(bundle, "arm-seed0_next.tar.gz", {"seed0/next/metrics.json": np.random.default_rng(0).bytes(50_000)})
+    with tarfile.open(bundle) as tar:
+        second = tar.getmember("arm-seed0_next.tar.gz")
+    bundle.write_bytes(bundle.read_bytes()[: second.offset_data + second.size // 2])
+    assert [name for name, _ in arms_in(bundle)] == ["arm-seed0_good.tar.gz"] and complete > 0
+    run = collect(out, tmp_path / "results_cut")
+    assert run.returncode == 0 and "1 arm(s) unpacked" in run.stdout, run.stderr
+    assert "left out what follows its 1 complete arm(s), cut short" in run.stderr, run.stderr
+    assert (tmp_path / "results_cut" / "na_cifar10_gpu" / "seed0" / "good" / "metrics.json").exists()
+    assert not (tmp_path / "results_cut" / "na_cifar10_gpu" / "seed0" / "next").exists()
