@@ -68,6 +68,33 @@ class StreamLoader(StatefulDataLoader):
         self.dataset.set_epoch(epoch)
         return super().__iter__()
 
+    # An iterator's workers stop when the loader lets go of it. torchdata leaves that to the iterator's __del__, but
+    # iterators sit in reference cycles, so the workers lived until a garbage collection, and loaders forked later
+    # inherited the live iterator: their workers printed "AssertionError: can only test a child process" when they
+    # collected it. Lightning stops the workers of torch's iterators when it drops them, not of torchdata's.
+    @property
+    def _iterator(self):
+        return self.__dict__.get("_live_iterator")
+
+    @_iterator.setter
+    def _iterator(self, iterator) -> None:  # Lightning sets None at the end of a loop
+        current = self.__dict__.get("_live_iterator")
+        if current is not None and current is not iterator:
+            _stop_workers(current)
+        self.__dict__["_live_iterator"] = iterator
+
+    def _get_iterator(self):
+        """A new iterator replaces the current one: its workers stop before the new ones are forked."""
+        if self.__dict__.get("_live_iterator") is not None and not self.persistent_workers:
+            _stop_workers(self.__dict__["_live_iterator"])
+        return super()._get_iterator()
+
+
+def _stop_workers(iterator: Any) -> None:
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+    if shutdown is not None:
+        shutdown()
+
 
 # What a loader hands over for the training device to make views or images from (views_on_device, images_on_device).
 RAW_DEVICE_FIELDS = ("image_u8", "image_hw", "view_params", "image_params")

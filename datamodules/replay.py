@@ -33,11 +33,27 @@ class ReplayLoader:
         if self.complete:
             return
         held = len(self.batches)
-        for number, batch in enumerate(self.loader):
-            if number < held:
-                continue
-            self.batches.append(batch)
-            # Lightning takes len() batches and stops without asking for another: that pass is complete too.
-            self.complete = len(self.batches) >= len(self)
-            yield batch
-        self.complete = True
+        try:
+            for number, batch in enumerate(self.loader):
+                if number < held:
+                    continue
+                self.batches.append(batch)
+                # Lightning takes len() batches and stops without asking for another: that pass is complete too,
+                # and the loader is let go of before the last batch is handed out (Lightning will not come back).
+                self.complete = len(self.batches) >= len(self)
+                if self.complete:
+                    release(self.loader)
+                yield batch
+                if self.complete:
+                    return
+            self.complete = True
+        finally:  # the pass ended or was dropped (a stopped pass is read afresh next time)
+            release(self.loader)
+
+
+def release(loader: Iterable[Any]) -> None:
+    """Lets go of a loader's current iterator as Lightning does at the end of a loop (``_iterator = None``): a
+    ``StreamLoader`` stops its worker processes then. Left running, they lasted as long as the run, and a later step's
+    workers forked beside them printed "can only test a child process"."""
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from datamodules.modalities import CLIPDataModule, SimCLRDataModule
+from datamodules.replay import ReplayLoader
 from datamodules.shards import ShardSink, ShardSpecError, resolve_shards
 from tests.conftest import jpeg_bytes, png_bytes, solid_class_image, truncate
 
@@ -245,3 +246,53 @@ def test_raw_reads_counts_the_samples_a_stream_reads(make_shards):
     urls = resolve_shards(str(shards)).urls
     keys = [raw["__key__"] for raw in stream.raw_samples(urls[:1])]
     assert len(keys) == 16 and stream.raw_reads == 64
+
+
+def test_loader_workers_stop_when_their_iterator_is_let_go_of(make_shards):
+    """Lightning shuts down the workers of torch's loader iterators when it drops them (``loader._iterator = None``
+    at the end of a loop), not those of torchdata's StatefulDataLoader; and a loader replaces its iterator only after
+    the new one's workers were forked. Left to the garbage collector (iterators sit in reference cycles), the old
+    workers outlived the loop, and the next loader's forked workers inherited the live iterator and printed
+    "AssertionError: can only test a child process" when they collected it (seen in every `clbd experiment` arm's
+    test step on CIFAR-10). With the collector off, so only an explicit shutdown passes."""
+    import gc
+    import multiprocessing
+
+    folder = make_shards(n=240, per_shard=40)
+    dm = SimCLRDataModule(train_shards=str(folder), val_shards=None, batch_size=20, num_workers=2)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        first = iter(loader)
+        next(first)  # not exhausted: its workers are alive
+        workers = list(first._workers)
+        assert len(workers) == 2 and all(w.is_alive() for w in workers)
+        second = iter(loader)  # a new epoch's iterator replaces it
+        assert first._shutdown and not any(w.is_alive() for w in workers)
+        next(second)
+        loader._iterator = None  # what Lightning's CombinedLoader does at the end of a loop
+        assert second._shutdown and not any(w.is_alive() for w in second._workers)
+        del first, second
+        assert set(multiprocessing.active_children()) <= before
+
+        # The cached evaluation loaders: Lightning takes len() batches of a pass and never asks for another, so the
+        # replay lets go of its loader as it hands out the last one; a pass dropped early lets go when dropped.
+        replay = ReplayLoader(dm.train_dataloader())
+        stopped_early = iter(replay)
+        next(stopped_early)
+        inner = replay.loader._iterator
+        assert all(w.is_alive() for w in inner._workers)
+        del stopped_early
+        assert inner._shutdown and replay.loader._iterator is None
+        full = iter(replay)
+        batches = [next(full), next(full)]  # the batch the early pass kept, then one read afresh
+        inner = replay.loader._iterator
+        batches += [next(full) for _ in range(len(replay) - 2)]
+        assert len(batches) == 12 and replay.complete and replay.loader._iterator is None and inner._shutdown
+        assert set(multiprocessing.active_children()) <= before
+        assert [b["key"] for b in replay] == [b["key"] for b in batches]  # replayed, no loader started
+        assert set(multiprocessing.active_children()) <= before
+    finally:
+        gc.enable()
