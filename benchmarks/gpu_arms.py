@@ -8,10 +8,11 @@ left, each run with ``clbd experiment --arm`` and exported as one small archive 
 Order: the plan's ``priority`` (shell patterns over arm ids), then the rest in plan order. An arm is skipped when
 its estimate does not fit the seconds left (a smaller one further down may), and a defense arm when the model it
 starts from is neither finished in this call's folder nor run earlier in it (its checkpoint lives on the machine
-that trained it). The estimate, printed before anything starts: epochs x seconds per epoch + monitors + start-up
-for a model arm, ``--defense-s`` for a defense arm; after the first model arm, its measured seconds per epoch
-replace the guess (and its measured evaluation the ``--eval-s`` guess). Back home, ``benchmarks/gpu_collect.py OUT``
-unpacks the arms into ``results/<plan>/`` and assembles the plan's table.
+that trained it). So a model arm starts only when the defense arms that start from it fit after it too (else that
+seed's defenses could never run; ``--model-alone`` starts it anyway). The estimate, printed before anything starts:
+epochs x seconds per epoch + monitors + start-up for a model arm, ``--defense-s`` for a defense arm; after the first
+model arm, its measured seconds per epoch replace the guess (and its measured evaluation the ``--eval-s`` guess).
+Back home, ``benchmarks/gpu_collect.py OUT`` unpacks the arms into ``results/<plan>/`` and assembles the plan's table.
 
 Each arm is its own ``clbd experiment --arm`` process with its own export folder and log (``WORK/logs/<arm>.log``,
 its lines also printed with the arm's id in front). ``--parallel N`` (default 1: one after another) runs up to N of
@@ -239,6 +240,16 @@ class RunningArm:
             pass
 
 
+def defenses_s(defenses: list[dict], estimate, parallel: int, slowdown: float) -> float:
+    """The time the defense arms of one model take after it: one after another, or ``parallel`` at once."""
+    if not defenses:
+        return 0.0
+    if parallel == 1:
+        return sum(estimate(arm) for arm in defenses)
+    rounds = -(-len(defenses) // parallel)
+    return rounds * max(estimate(arm) for arm in defenses) * (slowdown if len(defenses) > 1 else 1.0)
+
+
 def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, started, record) -> int:
     """Up to ``args.parallel`` arms at once (the rules in the module's docstring; 1: one after another); returns how
     many finished.
@@ -274,6 +285,16 @@ def run_parallel(args, pending, finished_here, estimate, plan_file, runs, tree, 
                 if alone > left:
                     waiting.remove(arm)
                     say(f"gpu_arms: skip {arm['id']}: ~{alone:.0f} s does not fit the {left:.0f} s left")
+                    continue
+                defenses = [other for other in waiting if arm["id"] in other["needs"]]
+                with_defenses = alone + defenses_s(defenses, estimate, args.parallel, slowdown)
+                if defenses and not args.model_alone and with_defenses > left:
+                    waiting.remove(arm)
+                    say(
+                        f"gpu_arms: skip {arm['id']}: with the defense arms that start from its checkpoint "
+                        f"({', '.join(d['id'] for d in defenses)}) ~{with_defenses:.0f} s does not fit the {left:.0f} s "
+                        "left, and they can run only where it trained (--model-alone runs it without them)"
+                    )
                     continue
                 if running:
                     beside = alone * slowdown
@@ -356,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"how much longer an arm takes beside another (default {DEFAULT_SLOWDOWN}: no gain from two at once)",
     )
     parser.add_argument("--parallel-why", default="", help="why this --parallel (recorded in arms_schedule.json)")
+    parser.add_argument(
+        "--model-alone",
+        action="store_true",
+        help="start a model arm even when the defense arms that start from it would not fit after it (they are then "
+        "lost to this plan's table for that seed: its checkpoint stays on this machine)",
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel: at least 1, got {args.parallel}")
@@ -395,9 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.seconds:.0f} s for this stage; estimates at {args.epoch_s} s per epoch, {epochs} epochs:"
     )
     for arm in pending:
+        defenses = [other for other in pending if arm["id"] in other["needs"]]
+        group = estimate(arm) + defenses_s(defenses, estimate, args.parallel, args.slowdown)
         print(
             f"  {arm['id']:<34} ~{estimate(arm):5.0f} s"
             + (f"  (needs {', '.join(arm['needs'])})" if arm["needs"] else "")
+            + (f"  (~{group:.0f} s with its {len(defenses)} defense arm(s))" if defenses else "")
         )
     if args.schedule_only:
         return 0

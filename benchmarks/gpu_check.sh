@@ -39,7 +39,8 @@
 # arms at once, whatever was measured), CLBD_GPU_ARMS_MIN_S (260: what the arms stage is kept; the pytest and
 # throughput stages get less when the budget is short), CLBD_GPU_ARMS_EPOCH_MARGIN (1.25: the arms' first epoch
 # estimate over the fastest setting's measured step + device views), CLBD_GPU_THROUGHPUT_CLIP_SETTINGS (its
-# --clip-settings; default all), CLBD_GPU_THROUGHPUT_REMEASURE=1 (measure every setting again; by default what
+# --clip-settings; default all), CLBD_GPU_ARMS_MODEL_ALONE=1 (start a model arm even when the defense arms that
+# start from it would not fit after it: they then never run for that seed), CLBD_GPU_THROUGHPUT_REMEASURE=1 (measure every setting again; by default what
 # results/gpu_throughput/ holds for this GPU is not measured again, so the table grows call by call).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
@@ -223,6 +224,7 @@ if has_stage arms; then
         arms+=(--epoch-s "${arms_parallel[3]}" --startup-s "${arms_parallel[4]}")
         echo "arms: estimates at ${arms_parallel[3]} s per epoch (the fastest setting measured, x${CLBD_GPU_ARMS_EPOCH_MARGIN:-1.25}), ${arms_parallel[4]} s start-up and test each"
     fi
+    [[ ${CLBD_GPU_ARMS_MODEL_ALONE:-0} == 1 ]] && arms+=(--model-alone)
     [[ $dry == 1 ]] && arms+=(--shrink --max-arms 3 --epoch-s 1)  # last: argparse keeps the last --epoch-s
     echo "arms: ${arms_parallel[0]:-1} at a time: ${arms_parallel[2]:-}"
     timeout -k 15 $((seconds + 10)) "$PY" benchmarks/gpu_arms.py "${arms[@]}"

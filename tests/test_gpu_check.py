@@ -255,6 +255,50 @@ def test_arms_one_after_another_learn_their_estimates_from_the_first(tmp_path):
     assert "gpu_arms: estimates at" in run.stdout and "(measured an epoch" in run.stdout  # then the NA arm's own
 
 
+def test_a_model_arm_waits_for_a_call_that_also_fits_its_defenses(tmp_path):
+    """A defense arm can run only where its model trained (the checkpoint stays on that machine), so the NA model
+    does not start when MCLDef and the control would not fit after it: the call runs the clean reference instead,
+    and NA with its defenses wait for a call with room for all three (--model-alone overrides)."""
+    archive = _tiny_cifar_archive(tmp_path / "cifar10-jpg.tar.gz")
+    data = tmp_path / "data"
+    convert = [sys.executable, "-m", "clbd", "data", "cifar10", "--src", str(archive), "--out", str(data)]
+    subprocess.run([*convert, "--maxcount", "25", "--quiet"], check=True, cwd=REPO, timeout=120, capture_output=True)
+    arms = [sys.executable, str(REPO / "benchmarks" / "gpu_arms.py"), "--plan"]
+    arms += [str(REPO / "configs" / "experiment" / "na_cifar10_gpu.yaml"), "--work", str(tmp_path / "work")]
+    arms += ["--data", str(data), "--results", str(tmp_path / "none"), "--shrink", "--max-arms", "1"]
+    # A model arm ~61 s (1 epoch x 1 s + 60 s start-up), a defense arm 90 s: NA with both ~241 s > 200 s.
+    arms += ["--seconds", "200", "--epoch-s", "1"]
+    listed = subprocess.run(
+        [*arms, "--out", str(tmp_path / "o0"), "--schedule-only"], capture_output=True, text=True, cwd=REPO
+    )
+    assert "seed0/simclr-na" in listed.stdout and "(~241 s with its 2 defense arm(s))" in listed.stdout, listed.stdout
+    run = subprocess.run([*arms, "--out", str(tmp_path / "o1")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert (
+        "skip seed0/simclr-na: with the defense arms that start from its checkpoint (seed0/mcldef, seed0/finetune) "
+        "~241 s does not fit the" in run.stdout
+    )
+    assert "skip seed0/mcldef: its model (seed0/simclr-na) was not trained on this machine" in run.stdout
+    schedule = json.loads((tmp_path / "o1" / "arms_schedule.json").read_text())
+    assert [arm["id"] for arm in schedule["arms"]] == ["seed0/simclr-clean"]
+    # --model-alone: NA starts anyway (its defenses then cannot follow in this call).
+    alone = subprocess.run(
+        [*arms, "--out", str(tmp_path / "o2"), "--model-alone"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert alone.returncode == 0, (alone.stdout + alone.stderr)[-4000:]
+    schedule = json.loads((tmp_path / "o2" / "arms_schedule.json").read_text())
+    assert [arm["id"] for arm in schedule["arms"]] == ["seed0/simclr-na"]
+    from benchmarks.gpu_arms import defenses_s
+
+    def estimate(arm):
+        return {"a": 90.0, "b": 90.0, "c": 30.0}[arm["id"]]
+
+    arms_ = [{"id": "a"}, {"id": "b"}, {"id": "c"}]
+    assert defenses_s(arms_, estimate, 1, 1.5) == 210.0  # one after another
+    assert defenses_s(arms_, estimate, 2, 1.5) == 2 * 90 * 1.5  # two rounds of two at once, each slowed
+    assert defenses_s(arms_[:1], estimate, 2, 1.5) == 90.0 and defenses_s([], estimate, 1, 1.5) == 0.0
+
+
 def test_throughput_benchmark_and_its_summary_run_on_the_cpu(tmp_path):
     """The throughput stage's script with --device cpu --quick (SimCLR eager and the CPU-runnable speed settings, each
     against eager, with device views and an evaluation estimate; eager profiled; the fastest in two processes at once
