@@ -18,8 +18,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from .optim import OPTIMIZER_IMPLS, build_optimizer, param_groups_no_decay, warmup_cosine
 from .epoch_timer import EpochTimer
+from .optim import OPTIMIZER_IMPLS, build_optimizer, param_groups_no_decay, warmup_cosine
 from .stream_bookkeeping import StreamBookkeeping
 
 OPTIMIZERS = ("sgd", "lars", "adam", "adamw")
