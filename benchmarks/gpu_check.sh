@@ -40,8 +40,9 @@
 # throughput stages get less when the budget is short), CLBD_GPU_ARMS_EPOCH_MARGIN (1.25: the arms' first epoch
 # estimate over the fastest setting's measured step + device views), CLBD_GPU_THROUGHPUT_CLIP_SETTINGS (its
 # --clip-settings; default all), CLBD_GPU_ARMS_MODEL_ALONE=1 (start a model arm even when the defense arms that
-# start from it would not fit after it: they then never run for that seed), CLBD_GPU_THROUGHPUT_REMEASURE=1 (measure every setting again; by default what
-# results/gpu_throughput/ holds for this GPU is not measured again, so the table grows call by call).
+# start from it would not fit after it: they then never run for that seed), CLBD_GPU_THROUGHPUT_REMEASURE=1
+# (measure every setting again; by default what results/gpu_throughput/ holds for this GPU is not measured again, so
+# the table grows call by call).
 # CLBD_GPU_CHECK_CPU_DRYRUN=1 rehearses every stage on a CPU with tiny sizes (seconds, not minutes): a narrow
 # ResNet, 2 batches per epoch, a small poison budget, the quick throughput run.
 set -uo pipefail

@@ -85,8 +85,8 @@ class StreamLoader(StatefulDataLoader):
 
     def _get_iterator(self):
         """A new iterator replaces the current one: its workers stop before the new ones are forked."""
-        if self.__dict__.get("_live_iterator") is not None and not self.persistent_workers:
-            _stop_workers(self.__dict__["_live_iterator"])
+        if self._iterator is not None and not self.persistent_workers:
+            _stop_workers(self._iterator)
         return super()._get_iterator()
 
 
