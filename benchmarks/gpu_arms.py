@@ -178,17 +178,24 @@ def learn_from(args, provenance: dict, slowdown: float) -> None:
     """A model arm's measured epoch and evaluation (divided by ``slowdown`` when it ran beside another) replace the
     estimates' guesses from now on."""
     epoch, evaluation = provenance.get("epoch_s"), provenance.get("validation_s")
+    tests = [seconds for name, seconds in (provenance.get("wall_s") or {}).items() if name != "fit"]
+    test = sum(tests) / len(tests) if tests else None
     if epoch:
         args.epoch_s = epoch / slowdown
     if evaluation:
         args.eval_s = evaluation / slowdown
+    if test:
+        args.test_s = test / slowdown
     measured = [
-        f"{what} {value:.2f} s" for what, value in (("an epoch", epoch), ("an evaluation", evaluation)) if value
+        f"{what} {value:.2f} s"
+        for what, value in (("an epoch", epoch), ("an evaluation", evaluation), ("a clbd test", test))
+        if value
     ]
     if measured:
         beside = f", beside another: / {slowdown:.2f}" if slowdown != 1 else ""
         say(
-            f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch and {args.eval_s:.2f} s per evaluation from now "
+            f"gpu_arms: estimates at {args.epoch_s:.2f} s per epoch, {args.eval_s:.2f} s per evaluation and "
+            f"{args.test_s:.2f} s per further clbd test from now "
             f"(measured {' and '.join(measured)}{beside})"
         )
 
@@ -358,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-s", type=float, default=6.1, help="seconds per epoch until one is measured")
     parser.add_argument("--eval-s", type=float, default=12.4, help="seconds per monitor pass")
     parser.add_argument("--startup-s", type=float, default=60.0, help="start-up and the final clbd test per model arm")
+    parser.add_argument(
+        "--test-s", type=float, default=30.0, help="seconds per clbd test beyond the first (the clean reference's)"
+    )
     parser.add_argument("--defense-s", type=float, default=90.0, help="seconds per defense arm")
     parser.add_argument("--max-arms", type=int, default=None, help="run at most this many arms")
     parser.add_argument("--shrink", action="store_true", help="tiny sizes on a CPU (the rehearsal)")
@@ -414,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     def estimate(arm: dict) -> float:  # args.epoch_s: the guess, then a model arm's measured epoch time
         if arm["kind"] == "defense":
             return args.defense_s
-        return epochs * args.epoch_s + (epochs // every) * args.eval_s + args.startup_s
+        # The start-up holds one clbd test; the clean reference has one per attack of the plan (its ASR under each
+        # attack's trigger).
+        tests = len(arm.get("evaluations") or [None])
+        return epochs * args.epoch_s + (epochs // every) * args.eval_s + args.startup_s + (tests - 1) * args.test_s
 
     pending = [arm for arm in arms if arm["state"] != "done"]
     print(

@@ -379,6 +379,7 @@ def test_arms_run_anywhere_and_assemble_into_the_same_table(tmp_path, make_shard
         ("seed0/finetune@2x16x0.0001", 1, "pending"),
     ]
     assert listed[2]["needs"] == ["seed0/poisoned"]
+    assert listed[1]["evaluations"] == ["eval.json"] and listed[2]["evaluations"] == []  # each a clbd test
     # A defense arm runs only where its poisoned model's checkpoint is.
     assert experiment_main([*run, "--arm", "seed0/finetune@1x16"]) == 2
     assert "starts from seed0/poisoned, not finished" in capsys.readouterr().err

@@ -272,6 +272,9 @@ def test_a_model_arm_waits_for_a_call_that_also_fits_its_defenses(tmp_path):
         [*arms, "--out", str(tmp_path / "o0"), "--schedule-only"], capture_output=True, text=True, cwd=REPO
     )
     assert "seed0/simclr-na" in listed.stdout and "(~241 s with its 2 defense arm(s))" in listed.stdout, listed.stdout
+    # The clean reference runs a clbd test per attack of the plan (4): 61 s + 3 further tests x 30 s.
+    clean = next(line for line in listed.stdout.splitlines() if line.strip().startswith("seed0/simclr-clean"))
+    assert clean.split("~")[1].split()[0] == "151", clean
     run = subprocess.run([*arms, "--out", str(tmp_path / "o1")], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (

@@ -170,7 +170,7 @@ def list_arms(arms: list[Arm], by_id: dict[str, Arm], args: argparse.Namespace) 
         state = "done" if where is not None else "pending"
         if args.json:
             record = {"id": arm.id, "kind": arm.kind, "stage": stage(arm, by_id), "needs": list(arm.needs)}
-            record["state"] = state
+            record.update(state=state, evaluations=list(arm.evaluations))  # each a clbd test of the arm's model
             print(json.dumps({**record, "where": str(where or arm.run_dir)}))
         else:
             needs = f" (needs {', '.join(arm.needs)})" if arm.needs else ""
