@@ -75,6 +75,20 @@ def free_name(folder: Path, name: str, suffix: str, same_bytes: bytes | None = N
     return candidate, False
 
 
+def call_files_folder(parent: Path, name: str, sources: list[Path]) -> Path:
+    """``parent/name``, or ``name-2``... where that folder holds another call's file of the same name (a call
+    collected before keeps its folder: its files are the same)."""
+    candidate, n = name, 1
+
+    def other_call(folder: Path) -> bool:
+        return any((folder / s.name).exists() and (folder / s.name).read_bytes() != s.read_bytes() for s in sources)
+
+    while other_call(parent / candidate):
+        n += 1
+        candidate = f"{name}-{n}"
+    return parent / candidate
+
+
 def arm_members(bundle: Path, name: str, data: bytes) -> tuple[str, list[tarfile.TarInfo]]:
     """The arm id an archive in the bundle holds (``seed0/simclr-na``) and its members; SystemExit naming it for
     anything that is not an exported arm's plain files."""
@@ -159,23 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"gpu_collect: {out} has no gpu_throughput.json (the throughput stage wrote none)")
 
-    call_folder = args.results / "gpu_calls" / name
-    for relative in CALL_FILES:
-        source = out / relative
-        if not source.is_file():
-            continue
-        size_mb = source.stat().st_size / 2**20
-        if size_mb > args.max_file_mb:
-            print(f"gpu_collect: left out {source} ({size_mb:.1f} MB > --max-file-mb {args.max_file_mb})")
-            continue
+    sources = []
+    for source in (out / relative for relative in CALL_FILES):
+        if source.is_file() and source.stat().st_size / 2**20 > args.max_file_mb:
+            print(f"gpu_collect: left out {source} ({source.stat().st_size / 2**20:.1f} MB > --max-file-mb)")
+        elif source.is_file():
+            sources.append(source)
+    call_folder = call_files_folder(args.results / "gpu_calls", name, sources)
+    for source in sources:
         target = call_folder / source.name
-        if target.exists() and target.read_bytes() == source.read_bytes():
-            continue
-        if target.exists():
-            raise SystemExit(f"{target} exists and differs from {source}: not overwritten")
-        call_folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        written.append(target)
+        if not target.exists():
+            call_folder.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            written.append(target)
 
     unpacked, kept = unpack_arms(checked, arms_results, args.replace)
     for arm_id in kept:

@@ -464,3 +464,16 @@ def test_collector_refuses_an_arm_that_is_not_an_exported_arm_before_writing_any
     assert "left out what follows its 1 complete arm(s), cut short" in run.stderr, run.stderr
     assert (tmp_path / "results_cut" / "na_cifar10_gpu" / "seed0" / "good" / "metrics.json").exists()
     assert not (tmp_path / "results_cut" / "na_cifar10_gpu" / "seed0" / "next").exists()
+    # Two calls of one day without a throughput JSON (named from the date and env.txt): the second call's files go to
+    # a folder of their own, never over the first's; collecting the first again changes nothing.
+    calls = tmp_path / "results_cut" / "gpu_calls"
+    (out / "summary.txt").write_text("call A")
+    assert collect(out, tmp_path / "results_cut").returncode == 0
+    other = tmp_path / "other"
+    (other / "arms").mkdir(parents=True)
+    (other / "summary.txt").write_text("call B")
+    assert collect(other, tmp_path / "results_cut").returncode == 0
+    assert collect(out, tmp_path / "results_cut").returncode == 0
+    kept = {folder.name: (folder / "summary.txt").read_text() for folder in calls.iterdir()}
+    today = f"{date.today().isoformat()}-unknown"
+    assert kept == {today: "call A", f"{today}-2": "call B"}, kept
