@@ -63,30 +63,17 @@ def call_name(out: Path, throughput: dict | None) -> str:
     return f"{date.today().isoformat()}-{model.group(1) if model else 'unknown'}"
 
 
-def free_name(folder: Path, name: str, suffix: str, same_bytes: bytes | None = None) -> tuple[str, bool]:
-    """``name``, or ``name-2``, ``name-3``... where a file of that name holds something else; True when a file with
-    exactly ``same_bytes`` is already there (collected before)."""
+def first_free(name: str, taken_by_another_call) -> str:
+    """``name``, or ``name-2``, ``name-3``... the first that ``taken_by_another_call`` says is not another call's."""
     candidate, n = name, 1
-    while (folder / f"{candidate}{suffix}").exists():
-        if same_bytes is not None and (folder / f"{candidate}{suffix}").read_bytes() == same_bytes:
-            return candidate, True
+    while taken_by_another_call(candidate):
         n += 1
         candidate = f"{name}-{n}"
-    return candidate, False
+    return candidate
 
 
-def call_files_folder(parent: Path, name: str, sources: list[Path]) -> Path:
-    """``parent/name``, or ``name-2``... where that folder holds another call's file of the same name (a call
-    collected before keeps its folder: its files are the same)."""
-    candidate, n = name, 1
-
-    def other_call(folder: Path) -> bool:
-        return any((folder / s.name).exists() and (folder / s.name).read_bytes() != s.read_bytes() for s in sources)
-
-    while other_call(parent / candidate):
-        n += 1
-        candidate = f"{name}-{n}"
-    return parent / candidate
+def differs(path: Path, source: Path) -> bool:
+    return path.exists() and path.read_bytes() != source.read_bytes()
 
 
 def arm_members(bundle: Path, name: str, data: bytes) -> tuple[str, list[tarfile.TarInfo]]:
@@ -164,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     calls = args.results / "gpu_throughput"
     if throughput is not None:
         calls.mkdir(parents=True, exist_ok=True)
-        name, seen = free_name(calls, name, ".json", throughput_file.read_bytes())
-        if seen:
+        name = first_free(name, lambda candidate: differs(calls / f"{candidate}.json", throughput_file))
+        if (calls / f"{name}.json").exists():  # the same file: collected before
             print(f"gpu_collect: {throughput_file} is already kept as {calls / name}.json")
         else:
             shutil.copyfile(throughput_file, calls / f"{name}.json")
@@ -179,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_collect: left out {source} ({source.stat().st_size / 2**20:.1f} MB > --max-file-mb)")
         elif source.is_file():
             sources.append(source)
-    call_folder = call_files_folder(args.results / "gpu_calls", name, sources)
+    calls_files = args.results / "gpu_calls"
+    name = first_free(name, lambda candidate: any(differs(calls_files / candidate / s.name, s) for s in sources))
+    call_folder = calls_files / name
     for source in sources:
         target = call_folder / source.name
         if not target.exists():
