@@ -12,7 +12,7 @@ import io
 import sys
 import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 BUNDLE = "arms.tar"
 
@@ -52,6 +52,12 @@ def arms_in(bundle: Path) -> list[tuple[str, bytes]]:
     except (tarfile.TarError, EOFError, OSError) as error:
         print(f"{bundle}: left out what follows its {len(arms)} complete arm(s), cut short ({error})", file=sys.stderr)
     return arms
+
+
+def arm_ids(members: list[tarfile.TarInfo]) -> set[str]:
+    """The arm folders (``seed0/simclr-na``) an arm archive's members lie in: one for an archive ``append_arm``
+    made (its file name flattens the id, so the id is read from here)."""
+    return {"/".join(PurePosixPath(m.name).parts[:2]) for m in members if len(PurePosixPath(m.name).parts) >= 2}
 
 
 def open_arm(data: bytes) -> tarfile.TarFile:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.arm_bundle import BUNDLE, arms_in, open_arm  # noqa: E402
+from benchmarks.arm_bundle import BUNDLE, arm_ids, arms_in, open_arm  # noqa: E402
 
 
 def pytest_summary(path: Path) -> list[str]:
@@ -207,11 +207,12 @@ def arms_summary(folder: Path) -> list[str]:
         how = "one at a time" if schedule["parallel"] == 1 else f"up to {schedule['parallel']} at once"
         slowdown = f", each estimated x{schedule['slowdown']:.2f} beside another" if schedule["parallel"] > 1 else ""
         lines.append(f"experiment arms: {how}{slowdown} ({schedule.get('why') or 'no reason given'})")
-        beside = {entry["id"].replace("/", "_"): entry["beside"] for entry in schedule["arms"]}
+        beside = {entry["id"]: entry["beside"] for entry in schedule["arms"]}
     for member, data in arms_in(folder / BUNDLE):
-        arm_name = member[4:-7]  # arm-<id>.tar.gz
         with open_arm(data) as tar:
-            files = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            members = tar.getmembers()
+            arm_name = ", ".join(sorted(arm_ids(members))) or member
+            files = {Path(m.name).name: m for m in members if m.isfile()}
             provenance = (
                 json.loads(tar.extractfile(files["provenance.json"]).read()) if "provenance.json" in files else {}
             )

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.arm_bundle import BUNDLE, arms_in, open_arm  # noqa: E402
+from benchmarks.arm_bundle import BUNDLE, arm_ids, arms_in, open_arm  # noqa: E402
 
 DEFAULT_PLAN = "configs/experiment/na_cifar10_gpu.yaml"
 CALL_FILES = (
@@ -82,15 +82,13 @@ def arm_members(bundle: Path, name: str, data: bytes) -> tuple[str, list[tarfile
     where = f"{bundle}: {name}"
     with open_arm(data) as tar:
         members = tar.getmembers()
-    ids = set()
     for member in members:
         path = PurePosixPath(member.name)
         if path.is_absolute() or ".." in path.parts or not (member.isfile() or member.isdir()):
             raise SystemExit(f"{where}: {member.name} is not a plain file inside the arm's folder; nothing written")
         if member.name.endswith(".ckpt"):
             raise SystemExit(f"{where}: holds a checkpoint ({member.name}); results/ keeps small files only")
-        if len(path.parts) >= 2:
-            ids.add("/".join(path.parts[:2]))
+    ids = arm_ids(members)
     if len(ids) != 1:
         raise SystemExit(f"{where}: expected one arm's folder (seedN/<arm>), found {sorted(ids) or 'none'}")
     return ids.pop(), members

@@ -132,7 +132,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     assert metrics["last.ckpt"]["attack"]["target_name"] == "airplane"
     summary = (out / "summary.txt").read_text()
     assert "NA run: 2 epochs" in summary and "clbd test (last.ckpt): kNN acc" in summary, log[-4000:]
-    assert "arm seed0_simclr-na: cpu" in summary and "arm seed0_mcldef: cpu" in summary
+    assert "arm seed0/simclr-na: cpu" in summary and "arm seed0/mcldef: cpu" in summary
     assert (out / "gpu_check.log").read_text().count("=== [") >= 5
     # The experiment arms (the GPU plan shrunk): NA, then MCLDef and its control on that model, one archive each,
     # trained with the fastest setting's speed arguments.
@@ -158,7 +158,7 @@ def test_gpu_check_cpu_dry_run_converts_trains_tests_and_summarises(tmp_path):
     for name in ("seed0_simclr-na", "seed0_mcldef", "seed0_finetune"):
         assert "Exported" in (tmp_path / "work" / "arms" / "logs" / f"{name}.log").read_text()
     assert "experiment arms: up to 2 at once, each estimated x1.50 beside another (two at once measured" in summary
-    assert "arm seed0_mcldef: cpu" in summary and "(beside seed0/finetune)" in summary
+    assert "arm seed0/mcldef: cpu" in summary and "(beside seed0/finetune)" in summary
     for _, data in arms_bundled:
         with open_arm(data) as tar:
             assert not any(n.endswith(".ckpt") for n in tar.getnames())
