@@ -14,6 +14,7 @@ import csv
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import sys
 import warnings
@@ -34,6 +35,18 @@ from lightning_modules.safe_checkpoint import check_checkpoint
 
 from .logs import configure_logging
 from .run_dir import check_run_dir, consolidate_deepspeed, resolve_checkpoint, write_finished_marker
+
+log = logging.getLogger("clbd.runner")
+
+# Lightning warnings that mislead in what clbd runs, by subcommand; clbd says what is true instead where it matters.
+MISLEADING_WARNINGS = {
+    # ``--ckpt_path last`` is how a requeued job or an experiment step resumes; on its first start there is nothing
+    # yet, and Lightning's hint to set save_last=True is wrong here (clbd sets it). before_fit says so itself.
+    "fit": [r'\.fit\(ckpt_path="last"\) is set, but there is no last checkpoint available'],
+    # An evaluation restores the checkpoint's ModelCheckpoint state, which names the training run's folder, and
+    # writes no checkpoint: that the evaluation's folder differs says nothing.
+    **{command: ["The dirpath has changed from"] for command in ("validate", "test", "predict")},
+}
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -151,11 +164,19 @@ class ClbdCLI(LightningCLI):
                 "data": _plain(section.get("data")),
             }
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        with warnings.catch_warnings():
+            for message in MISLEADING_WARNINGS.get(subcommand, []):
+                warnings.filterwarnings("ignore", message=message)
+            super()._run_subcommand(subcommand)
+
     def before_fit(self) -> None:
         run_dir = Path(self.trainer.default_root_dir)
         ckpt_path = self.config["fit"].get("ckpt_path")
         resolved = resolve_checkpoint(ckpt_path, run_dir)
         check_run_dir(run_dir, resolved, ckpt_path, self.model.run_config)
+        if ckpt_path == "last" and resolved is None and self.trainer.is_global_zero:
+            log.info("--ckpt_path last: no checkpoint in %s yet; a new run starts", run_dir / "checkpoints")
         self.trainer.callbacks[:0] = [ContinueMetrics(), FinalCheckpoint()]
         prepare_deepspeed(self.trainer, self.datamodule, resolved)
 

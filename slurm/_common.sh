@@ -299,7 +299,7 @@ clbd_choose_run_dir() {
 # clbd_resume_args DIR: sets CLBD_RESUME_ARGS for `clbd fit` in run directory DIR. A finished run ends the job
 # (nothing is started or written); a run with checkpoints resumes from the newest one (the hpc_ckpt_N.ckpt
 # Lightning saves on SIGUSR1, or checkpoints/*.ckpt after a crash); a run that began but saved no checkpoint
-# starts at step 0 again in the same directory (--ckpt_path last finds nothing: Lightning warns and starts).
+# starts at step 0 again in the same directory (--ckpt_path last finds nothing: clbd says so and starts).
 clbd_resume_args() {
     local dir=$1
     CLBD_RESUME_ARGS=()

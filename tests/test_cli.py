@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -139,6 +141,23 @@ def test_unknown_clip_model_and_eval_set_without_class_names(tmp_path, make_shar
     assert main(["fit", *simclr_args(unnamed, run)]) == 2
     assert "no class names" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
+
+
+def test_no_misleading_lightning_warning_on_a_first_start_or_an_evaluation(tmp_path, make_shards, caplog):
+    """``--ckpt_path last`` on a new run (how experiment steps and requeued jobs start) drew Lightning's hint to set
+    save_last=True, which clbd does; every evaluation of a checkpoint drew a warning that its folder differs from the
+    training run's. Neither says anything true here."""
+    shards = make_shards(n=32, per_shard=16)
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="clbd"):
+        warnings.simplefilter("always")
+        assert main(["fit", *simclr_args(shards, run), "--ckpt_path=last"]) == 0
+        ckpt = run / "checkpoints" / "last.ckpt"
+        assert main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={ckpt}"]) == 0
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "no last checkpoint available" in m or "dirpath has changed" in m], messages
+    assert f"no checkpoint in {run / 'checkpoints'} yet; a new run starts" in caplog.text
+    assert (ckpt.parent / "metrics.json").exists()
 
 
 def test_test_set_with_other_classes_than_the_val_set(tmp_path, make_shards, capsys):
